@@ -1,0 +1,106 @@
+"""`atoll`: one command, shaped by role.
+
+  atoll demo        anyone: a local three-hospital consortium on embedded chest X-rays
+  atoll site ...    hospital site admin: check data, create the site identity, approve runs
+  atoll run ...     consortium lead: start and watch training runs
+  atoll audit ...   auditor: verify the signed privacy ledgers, render a report
+
+Each room registers its own sub-commands (``add_parser``); this module only composes them.
+Expected failures print a one-line reason and exit non-zero; no traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from atoll.demo import run_demo
+
+    overrides = {k: v for k, v in {"local_steps": args.local_steps, "noise_multiplier": args.noise_multiplier,
+                                   "model": args.model}.items() if v is not None}
+    summary = run_demo(Path(args.out), rounds=args.rounds, dp=not args.no_dp, verbose=args.verbose,
+                       overrides=overrides)
+    return 0 if summary["status"] == "completed" else 1
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="run a local three-hospital consortium on embedded chest X-rays",
+                       description="Writes three hospitals' DICOM folders from the embedded PneumoniaMNIST "
+                                   "chest X-rays (if absent), trains a MONAI network across them in Flower's "
+                                   "simulation engine with patient-level DP-SGD, scores the global model on the "
+                                   "official held-out test split and writes DIR/summary.json.")
+    p.add_argument("--out", default="atoll-demo", help="demo folder (default: ./atoll-demo)")
+    p.add_argument("--rounds", type=_positive_int, default=3, help="federated rounds (default: 3)")
+    p.add_argument("--no-dp", action="store_true", help="train without DP-SGD (the demo sites allow it)")
+    p.add_argument("--local-steps", type=_positive_int, default=None, help="local steps per round per site")
+    p.add_argument("--noise-multiplier", type=float, default=None, help="DP-SGD noise multiplier sigma")
+    p.add_argument("--model", default=None, help="network name (see models.MODEL_NAMES)")
+    p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
+    p.set_defaults(func=_demo)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="atoll",
+        description="Atoll: federated learning for hospitals. Images stay in each hospital; "
+                    "every site's privacy spend is signed and auditable.")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,site,run,audit,consortium}")
+    _add_demo(sub)
+    _add_rooms(sub)
+    from server.run_cli import add_parser as add_run
+
+    add_run(sub)
+    return parser
+
+
+def _add_rooms(sub: argparse._SubParsersAction) -> None:
+    """Role commands, each defined in its own room."""
+    site = sub.add_parser("site", help="hospital site admin: check data, site identity, run approvals")
+    site_sub = site.add_subparsers(dest="site_command", metavar="COMMAND")
+    site.set_defaults(func=lambda a: _usage(site))
+    from client.site_check import add_parser as add_site_check
+
+    add_site_check(site_sub)
+    from privacy.cli import add_audit_parser, add_site_init_parser
+
+    add_site_init_parser(site_sub)
+    audit = sub.add_parser("audit", help="auditor: verify signed privacy ledgers, render reports")
+    audit_sub = audit.add_subparsers(dest="audit_command", metavar="COMMAND")
+    audit.set_defaults(func=lambda a: _usage(audit))
+    add_audit_parser(audit_sub)
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as exc:
+        # Config, settings and file problems carry messages written for the user.
+        print(f"atoll: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""A consortium on one machine with Flower's deployment engine: one SuperLink, one SuperNode per site.
+
+Used by the deployment tests and benchmarks, and a faithful miniature of a real deployment: the
+same `flower-superlink` / `flower-supernode` processes, the app submitted as a FAB with `flwr run`,
+each SuperNode pointed at its own hospital's site config. Everything is isolated (own FLWR_HOME,
+free ports, own working directory) and every process is killed on exit, also after a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+@dataclass
+class LocalConsortium(AbstractContextManager):
+    """`with LocalConsortium(app_dir, site_configs, insecure=True) as net: net.run(...)`.
+
+    TLS material and node authentication keys can be given (tls_dir with ca.crt/server.pem/server.key;
+    node_keys one private key path per site); insecure mode must be asked for explicitly.
+    """
+
+    app_dir: Path
+    site_configs: list[Path]
+    insecure: bool = False
+    tls: dict[str, Path] | None = None            # {"ca": ..., "cert": ..., "key": ...}
+    node_keys: list[Path] | None = None           # per-site node-auth private keys (OpenSSH ECDSA)
+    workdir: Path | None = None
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    logs: dict[str, Path] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.insecure and not self.tls:
+            raise ValueError("a deployment needs TLS material (tls=...) or an explicit insecure=True")
+        self._own_workdir = self.workdir is None
+        self.workdir = Path(self.workdir or tempfile.mkdtemp(prefix="atoll-net-"))
+        self.home = self.workdir / "flwr-home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.env = flower_env(self.home)
+
+    # -- processes -------------------------------------------------------------------------------
+    def _spawn(self, name: str, cmd: list[str], **kw) -> subprocess.Popen:
+        log = self.workdir / f"{name}.log"
+        self.logs[name] = log
+        fh = open(log, "w")
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
+                                start_new_session=True, **kw)
+        self.procs.append(proc)
+        return proc
+
+    def _transport_args(self, server: bool) -> list[str]:
+        if self.insecure:
+            return ["--insecure"]
+        assert self.tls
+        if server:
+            return ["--ssl-ca-certfile", str(self.tls["ca"]), "--ssl-certfile", str(self.tls["cert"]),
+                    "--ssl-keyfile", str(self.tls["key"])]
+        return ["--root-certificates", str(self.tls["ca"])]
+
+    def start(self) -> "LocalConsortium":
+        args = [str(BIN / "flower-superlink"), *self._transport_args(True), "--host", "127.0.0.1",
+                "--port", str(self.port), "--disable-runtime-dependency-installation"]
+        if self.node_keys:
+            args.append("--enable-supernode-auth")
+        self._spawn("superlink", args)
+        self._wait_port(self.port, "superlink")
+        self._write_cli_config()
+        if self.node_keys:
+            for pub in self.node_keys:
+                self.flwr(["supernode", "register", str(Path(str(pub) + ".pub")), "local"], check=True)
+        for i, cfg in enumerate(self.site_configs):
+            self.start_supernode(i, cfg)
+        return self
+
+    def start_supernode(self, i: int, cfg: Path, key: Path | None = None) -> subprocess.Popen:
+        args = [str(BIN / "flower-supernode"), *self._transport_args(False),
+                "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1", "--port", str(free_port()),
+                "--node-config", f'site-config="{Path(cfg).resolve()}"']
+        key = key or (self.node_keys[i] if self.node_keys else None)
+        if key:
+            args += ["--auth-supernode-private-key", str(key)]
+        return self._spawn(f"supernode-{i}", args)
+
+    def _write_cli_config(self) -> None:
+        lines = ["[superlink]", 'default = "local"', "", "[superlink.local]",
+                 f'address = "127.0.0.1:{self.port}"']
+        lines.append("insecure = true" if self.insecure else f'root-certificates = "{self.tls["ca"]}"')
+        (self.home / "config.toml").write_text("\n".join(lines) + "\n")
+
+    def _wait_port(self, port: int, name: str, timeout: float = 60) -> None:
+        end = time.time() + timeout
+        while time.time() < end:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            if self.procs and self.procs[-1].poll() is not None:
+                raise RuntimeError(f"{name} exited early:\n{self.tail(name)}")
+            time.sleep(0.2)
+        raise TimeoutError(f"{name} did not listen on {port} within {timeout}s:\n{self.tail(name)}")
+
+    # -- Flower CLI --------------------------------------------------------------------------------
+    def flwr(self, args: list[str], *, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess:
+        res = subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.workdir, capture_output=True,
+                             text=True, timeout=timeout)
+        if check and res.returncode != 0:
+            raise RuntimeError(f"flwr {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+        return res
+
+    def submit(self, run_config: dict) -> int:
+        """`flwr run APP local --run-config ...`; returns the Flower run id."""
+        overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+        res = self.flwr(["run", str(self.app_dir), "local", "--run-config", overrides, "--format", "json"],
+                        check=True)
+        return int(json.loads(res.stdout)["run-id"])
+
+    def wait(self, run_id: int, timeout: float = 600) -> str:
+        """Poll `flwr ls` until the run is finished; returns its status string."""
+        end = time.time() + timeout
+        status = ""
+        while time.time() < end:
+            res = self.flwr(["ls", "--run-id", str(run_id), "--format", "json"])
+            if res.returncode == 0 and res.stdout.strip():
+                try:
+                    runs = json.loads(res.stdout).get("runs", [])
+                except json.JSONDecodeError:
+                    runs = []
+                if runs:
+                    status = str(runs[0].get("status", ""))
+                    if status.startswith("finished"):
+                        return status
+            time.sleep(1.0)
+        raise TimeoutError(f"run {run_id} not finished after {timeout}s (last status {status!r})")
+
+    def tail(self, name: str, n: int = 60) -> str:
+        path = self.logs.get(name)
+        if not path or not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+
+    # -- teardown ----------------------------------------------------------------------------------
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.time() + 10
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(timeout=5)
+
+    def __enter__(self) -> "LocalConsortium":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        if self._own_workdir and not exc[0]:
+            shutil.rmtree(self.workdir, ignore_errors=True)

@@ -1,0 +1,136 @@
+"""The hospital side of Atoll: a Flower ClientApp.
+
+One round at a site, in order (DESIGN.md "One round, as data"):
+1. load the site (config, cached preprocessed data, ledger) — all from the site's own disk;
+2. ask the budget guard to check the request against the hospital's policy and lifetime budget and
+   write a reservation to the ledger BEFORE any data is touched (write-ahead);
+3. train with DP-SGD (patient-level) on the site's device;
+4. reply with the update, the released metrics and the signed ledger record — nothing else.
+
+Anything that goes wrong is logged in full on the site only; what crosses the wire is a refusal
+code and a message free of identifiers, paths and stack traces.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import secrets
+from collections.abc import Callable
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from atoll import wire
+from client.evaluation import evaluate_model
+from client.runtime import SiteRuntime, SiteSetupError, site_runtime
+from models import build_model, state_dict_sha256
+from privacy.dpsgd import DPConfig, train_local
+from privacy.guard import BudgetRefused, RoundRequest
+
+log = logging.getLogger("atoll.site")
+
+app = ClientApp()
+
+
+def _refuse(msg: Message, code: str, message: str, site: str | None = None) -> Message:
+    content = RecordDict({wire.REFUSAL: wire.refusal_record(code, message)})
+    if site:
+        content[wire.SITE] = wire.site_record(site)
+    return Message(content, reply_to=msg)
+
+
+def site_errors_stay_local(handler: Callable[[Message, Context], Message]):
+    """Turn any exception into a sanitised refusal; the details go to the site's own log.
+
+    Flower would otherwise ship `str(exception)` (which may hold a file path or a UID) to the
+    server as the error reason. The incident id lets the site admin find the full trace locally.
+    """
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except SiteSetupError as exc:
+            log.error("site setup failed: %s", exc)
+            return _refuse(msg, wire.NO_SITE_CONFIG,
+                           "the site is not configured for Atoll; its administrator must check the site log")
+        except Exception:  # noqa: BLE001 - deliberately broad: nothing may leak as a traceback
+            incident = secrets.token_hex(4)
+            log.exception("incident %s: round handler failed", incident)
+            return _refuse(msg, wire.SITE_ERROR,
+                           f"the site could not complete the round (incident {incident}; see the site log)")
+
+    return wrapped
+
+
+def _load_global(site: SiteRuntime, cfg: wire.RoundConfig, arrays: ArrayRecord) -> torch.nn.Module:
+    model = build_model(cfg.model, spatial_dims=2, in_channels=site.data.train.images.shape[1],
+                        num_classes=_num_classes(site))
+    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+    return model
+
+
+def _num_classes(site: SiteRuntime) -> int:
+    return max(2, int(site.data.train.labels.max().item()) + 1) if len(site.data.train.labels) else 2
+
+
+def _released(site: SiteRuntime, metrics: dict[str, float]) -> MetricRecord:
+    """Only what the hospital's policy lists as released in the clear leaves the site."""
+    allowed = set(site.config.privacy.released_metrics) | {wire.NUM_EXAMPLES}
+    return MetricRecord({k: float(v) for k, v in metrics.items() if k in allowed})
+
+
+@app.train()
+@site_errors_stay_local
+def train(msg: Message, context: Context) -> Message:
+    cfg = wire.RoundConfig.from_record(msg.content[wire.CONFIG])
+    site = site_runtime(context.node_config, cfg.image_size)
+    arrays: ArrayRecord = msg.content[wire.ARRAYS]
+    global_sd = arrays.to_torch_state_dict()
+    train_split = site.data.train
+    sample_rate = min(1.0, cfg.batch_size / max(1, train_split.num_patients))
+    request = RoundRequest(run_id=cfg.run_id, server_round=cfg.server_round,
+                           noise_multiplier=cfg.noise_multiplier, clip_norm=cfg.clip_norm,
+                           sample_rate=sample_rate, steps=cfg.local_steps, dp=cfg.dp)
+    try:
+        reservation = site.guard.reserve(request, weights_in_sha256=state_dict_sha256(global_sd))
+    except BudgetRefused as refusal:
+        log.warning("refused round %s of run %s: %s", cfg.server_round, cfg.run_id, refusal.message)
+        return _refuse(msg, refusal.code, refusal.message, site.name)
+
+    model = _load_global(site, cfg, arrays)
+    dp = DPConfig(cfg.noise_multiplier, cfg.clip_norm, sample_rate) if cfg.dp else None
+    seed = int.from_bytes(hashlib.sha256(
+        f"{cfg.seed}|{cfg.run_id}|{cfg.server_round}|{site.name}".encode()).digest()[:4], "big")
+    result = train_local(model, train_split, steps=cfg.local_steps, lr=cfg.lr, device=site.device,
+                         dp=dp, batch_size=cfg.batch_size, seed=seed)
+    update = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    record = site.guard.complete(reservation, update_sha256=state_dict_sha256(update))
+    log.info("round %s of run %s: %d steps in %.1fs, epsilon now %.3f", cfg.server_round, cfg.run_id,
+             result.steps, result.seconds, float(record.get("epsilon_after", float("nan"))))
+    metrics = _released(site, {wire.NUM_EXAMPLES: len(train_split.labels), "train_loss": result.train_loss,
+                               "train_seconds": result.seconds})
+    content = RecordDict({
+        wire.ARRAYS: ArrayRecord(update),
+        wire.METRICS: metrics,
+        wire.LEDGER: wire.ledger_record(record),
+        wire.SITE: wire.site_record(site.name),
+    })
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+@site_errors_stay_local
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg = wire.RoundConfig.from_record(msg.content[wire.CONFIG])
+    site = site_runtime(context.node_config, cfg.image_size)
+    model = _load_global(site, cfg, msg.content[wire.ARRAYS])
+    val = site.data.val
+    m = evaluate_model(model, val.images, val.labels, site.device)
+    metrics = _released(site, {wire.NUM_EXAMPLES: m["n"], "val_loss": m["loss"],
+                               "val_accuracy": m["accuracy"], "val_auc": m["auc"]})
+    return Message(RecordDict({wire.METRICS: metrics, wire.SITE: wire.site_record(site.name)}),
+                   reply_to=msg)

@@ -1,0 +1,38 @@
+"""Validation metrics a site may release: loss, accuracy and ROC AUC of a binary/multiclass classifier."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                   device: torch.device, batch_size: int = 512) -> dict[str, float]:
+    """Loss, accuracy and AUC over a whole split.
+
+    AUC is one-vs-rest macro for more than two classes, and NaN when the split holds a single class
+    (a small site's validation split can): callers must treat NaN as "not available", not as 0.
+    """
+    model.eval().to(device)
+    losses, probs = [], []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device)
+        y = labels[i:i + batch_size].to(device)
+        logits = model(x)
+        losses.append(torch.nn.functional.cross_entropy(logits, y, reduction="sum").item())
+        probs.append(torch.softmax(logits.float(), dim=1).cpu())
+    n = len(images)
+    if n == 0:
+        return {"loss": math.nan, "accuracy": math.nan, "auc": math.nan, "n": 0}
+    p = torch.cat(probs).numpy()
+    y = labels.numpy()
+    acc = float((p.argmax(1) == y).mean())
+    auc = math.nan
+    if len(np.unique(y)) > 1:
+        auc = float(roc_auc_score(y, p[:, 1]) if p.shape[1] == 2 else
+                    roc_auc_score(y, p, multi_class="ovr", labels=list(range(p.shape[1]))))
+    return {"loss": sum(losses) / n, "accuracy": acc, "auc": auc, "n": n}

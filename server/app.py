@@ -1,0 +1,93 @@
+"""The consortium side of Atoll: a Flower ServerApp.
+
+The round loop is Atoll's own (not `Strategy.start`) because each reply must pass through checks
+Flower's loop has no place for: a site may refuse (budget, policy), its signed ledger record must
+verify against its enrolled key, and its update must be sane before any Flower strategy aggregates
+it. Sampling and aggregation stay Flower's (FedAvg or a robust strategy), wrapped, not rewritten.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from atoll import wire
+from models import build_model
+from server.outputs import RunOutputs
+from server.settings import RunSettings
+from server.sitebook import RoundBook
+
+log = logging.getLogger("atoll.server")
+
+app = ServerApp()
+
+
+class RunStopped(RuntimeError):
+    """Too few sites took part in a round for the run to go on."""
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    settings = RunSettings.from_run_config(dict(context.run_config))
+    run_consortium(grid, settings, context.run_id)
+
+
+def build_strategy(settings: RunSettings) -> Strategy:
+    """Flower's strategy for the run. Robust options land with server-side validation."""
+    n = settings.num_sites or settings.min_sites
+    return FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=n,
+                  min_evaluate_nodes=n, min_available_nodes=n)
+
+
+def run_consortium(grid: Grid, settings: RunSettings, flower_run_id: int) -> RunOutputs:
+    """Run all rounds; returns the outputs (also on disk under settings.run_dir)."""
+    run_name = settings.name_for(flower_run_id)
+    out = RunOutputs.create(Path(settings.run_dir), run_name, settings)
+    strategy = build_strategy(settings)
+    torch.manual_seed(settings.seed)
+    model = build_model(settings.model, spatial_dims=2, in_channels=1, num_classes=2)
+    arrays = ArrayRecord(model.state_dict())
+    out.save_weights(0, arrays)
+    log.info("run %s: %d rounds, model %s, %s", run_name, settings.num_server_rounds, settings.model,
+             f"DP-SGD sigma={settings.noise_multiplier} C={settings.clip_norm}" if settings.dp else "no DP")
+    try:
+        for rnd in range(1, settings.num_server_rounds + 1):
+            arrays = _one_round(grid, strategy, settings, run_name, rnd, arrays, out)
+        out.finish("completed")
+    except RunStopped as stop:
+        log.error("run %s stopped: %s", run_name, stop)
+        out.finish("stopped", str(stop))
+    return out
+
+
+def _one_round(grid: Grid, strategy: Strategy, settings: RunSettings, run_name: str, rnd: int,
+               arrays: ArrayRecord, out: RunOutputs) -> ArrayRecord:
+    book = RoundBook(rnd, out.ledger)
+    cfg = settings.round_config(run_name, rnd).to_record()
+    t0 = time.perf_counter()
+    replies = list(grid.send_and_receive(strategy.configure_train(rnd, arrays, cfg, grid),
+                                         timeout=settings.round_timeout))
+    accepted = [m for m in replies if book.admit_train_reply(m, arrays)]
+    if len(accepted) < settings.min_sites:
+        out.record_round(book, time.perf_counter() - t0)
+        raise RunStopped(f"round {rnd}: only {len(accepted)} site(s) contributed an update, "
+                         f"min-sites is {settings.min_sites} ({book.refusal_summary()})")
+    new_arrays, _ = strategy.aggregate_train(rnd, accepted)
+    if new_arrays is None:
+        raise RunStopped(f"round {rnd}: the strategy could not aggregate the accepted updates")
+    train_wall = time.perf_counter() - t0
+    ev_cfg = settings.round_config(run_name, rnd).to_record()
+    ev_replies = grid.send_and_receive(strategy.configure_evaluate(rnd, new_arrays, ev_cfg, grid),
+                                       timeout=settings.round_timeout)
+    for m in ev_replies:
+        book.admit_evaluate_reply(m)
+    out.save_weights(rnd, new_arrays)
+    out.record_round(book, train_wall)
+    log.info("round %d/%d: %s", rnd, settings.num_server_rounds, book.one_line())
+    return new_arrays

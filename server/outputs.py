@@ -1,0 +1,77 @@
+"""A run's folder: settings, global weights per round, per-round history, status.
+
+Layout of RUN_DIR/<run-name>/:
+  settings.json        the lead's run settings as used
+  weights/round-NNN.pt global weights after round NNN (000 = initial), torch state dict
+  history.json         per round: each site's status, released train/val metrics, epsilon; aggregates
+  checkpoint.json      last completed round and its weights file (written atomically)
+  ledger.jsonl         the consortium's copy of the sites' signed ledger records (privacy.ledger)
+  status.json          completed | stopped (+ reason)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@dataclasses.dataclass
+class RunOutputs:
+    root: Path
+    name: str
+    history: list[dict] = dataclasses.field(default_factory=list)
+    ledger: Any = None
+
+    @classmethod
+    def create(cls, run_dir: Path, name: str, settings: Any) -> "RunOutputs":
+        root = run_dir / name
+        (root / "weights").mkdir(parents=True, exist_ok=True)
+        _atomic_write(root / "settings.json", json.dumps(dataclasses.asdict(settings), indent=2))
+        out = cls(root, name)
+        out.ledger = _consortium_ledger(root, settings)
+        return out
+
+    def weights_path(self, server_round: int) -> Path:
+        return self.root / "weights" / f"round-{server_round:03d}.pt"
+
+    def save_weights(self, server_round: int, arrays: ArrayRecord) -> None:
+        path = self.weights_path(server_round)
+        tmp = path.with_suffix(".tmp")
+        torch.save(arrays.to_torch_state_dict(), tmp)
+        os.replace(tmp, path)
+        _atomic_write(self.root / "checkpoint.json",
+                      json.dumps({"round": server_round, "weights": path.name, "time": time.time()}))
+
+    def record_round(self, book, train_wall_seconds: float) -> None:
+        entry = book.as_dict()
+        entry["train_wall_seconds"] = train_wall_seconds
+        self.history.append(entry)
+        _atomic_write(self.root / "history.json", json.dumps(self.history, indent=2))
+
+    def finish(self, status: str, reason: str = "") -> None:
+        _atomic_write(self.root / "status.json", json.dumps({"status": status, "reason": reason,
+                                                              "rounds": len(self.history)}))
+
+
+def _consortium_ledger(root: Path, settings: Any):
+    """The run's consortium ledger; verifies site signatures when the lead gives enrolled keys."""
+    from privacy.ledger import ConsortiumLedger
+
+    keys = Path(settings.keys_dir) if getattr(settings, "keys_dir", "") else None
+    return ConsortiumLedger(root, keys_dir=keys)

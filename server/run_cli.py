@@ -1,0 +1,98 @@
+"""`atoll run start|status`: the consortium lead's commands.
+
+`start` submits the Atoll app to a SuperLink with Flower's own `flwr run` (so Flower builds and
+ships the FAB) after checking the settings locally, so a typo fails here and not at round 1.
+`status` reads a run folder and shows, per round, which site contributed, refused or was rejected,
+the released validation metrics and each site's reported epsilon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from server.settings import RunSettings, SettingsError
+
+APP_DIR = Path(__file__).resolve().parents[1]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser("run", help="consortium lead: start and watch training runs")
+    run_sub = run.add_subparsers(dest="run_command", metavar="COMMAND")
+    run.set_defaults(func=lambda a: (run.print_help(), 2)[1])
+
+    start = run_sub.add_parser(
+        "start", help="submit a training run to the consortium's SuperLink",
+        description="Checks the run settings, then runs `flwr run APP SUPERLINK --run-config ...`. "
+                    "SUPERLINK is a connection name from $FLWR_HOME/config.toml (see README, 'Consortium lead').")
+    start.add_argument("superlink", help="connection name in $FLWR_HOME/config.toml")
+    start.add_argument("--run-dir", required=True, help="absolute folder on the SuperLink host for run outputs")
+    start.add_argument("--run-name", default="", help="name of the run folder (default: generated)")
+    start.add_argument("--keys-dir", default="", help="enrolled site signing keys (<site>.pub) on the SuperLink host")
+    start.add_argument("--rounds", type=int, default=3)
+    start.add_argument("--model", default="atollnet")
+    start.add_argument("--local-steps", type=int, default=50)
+    start.add_argument("--lr", type=float, default=0.05)
+    start.add_argument("--batch-size", type=int, default=64, help="expected patients per DP-SGD step")
+    start.add_argument("--noise-multiplier", type=float, default=1.0)
+    start.add_argument("--clip-norm", type=float, default=1.0)
+    start.add_argument("--no-dp", action="store_true", help="ask for non-DP training (sites refuse unless allowed)")
+    start.add_argument("--min-sites", type=int, default=2)
+    start.add_argument("--app", default=str(APP_DIR), help="Flower app folder (default: this Atoll checkout)")
+    start.add_argument("--stream", action="store_true", help="follow the run's logs")
+    start.set_defaults(func=_start)
+
+    status = run_sub.add_parser("status", help="show a run's rounds, sites, metrics and epsilon")
+    status.add_argument("run_dir", help="the run's folder (RUN_DIR/<run-name>)")
+    status.add_argument("--json", action="store_true", help="print history.json as is")
+    status.set_defaults(func=_status)
+
+
+def _start(args: argparse.Namespace) -> int:
+    cfg = {"num-server-rounds": args.rounds, "run-dir": args.run_dir, "run-name": args.run_name,
+           "keys-dir": args.keys_dir, "model": args.model, "local-steps": args.local_steps, "lr": args.lr,
+           "batch-size": args.batch_size, "noise-multiplier": args.noise_multiplier, "clip-norm": args.clip_norm,
+           "dp": not args.no_dp, "min-sites": args.min_sites}
+    try:
+        RunSettings.from_run_config(cfg)
+    except SettingsError as exc:
+        print(f"atoll run start: {exc}", file=sys.stderr)
+        return 2
+    if not (Path(args.app) / "pyproject.toml").exists():
+        print(f"atoll run start: {args.app} is not a Flower app folder (no pyproject.toml); pass --app",
+              file=sys.stderr)
+        return 2
+    flwr = shutil.which("flwr") or str(Path(sys.executable).parent / "flwr")
+    overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in cfg.items())
+    cmd = [flwr, "run", args.app, args.superlink, "--run-config", overrides] + (["--stream"] if args.stream else [])
+    print("$ " + " ".join(cmd[:4]) + " --run-config '" + overrides + "'")
+    return subprocess.call(cmd)
+
+
+def _status(args: argparse.Namespace) -> int:
+    root = Path(args.run_dir)
+    hist_path = root / "history.json"
+    if not hist_path.exists():
+        print(f"atoll run status: {hist_path} not found; is {root} a run folder (RUN_DIR/<run-name>)?",
+              file=sys.stderr)
+        return 2
+    history = json.loads(hist_path.read_text())
+    if args.json:
+        print(json.dumps(history, indent=2))
+        return 0
+    status_path = root / "status.json"
+    status = json.loads(status_path.read_text()) if status_path.exists() else {"status": "running"}
+    print(f"run {root.name}: {status['status']}" + (f" — {status['reason']}" if status.get("reason") else ""))
+    for entry in history:
+        agg = entry.get("aggregated", {})
+        line = f"round {entry['round']}: " + ", ".join(f"{k} {v:.3f}" for k, v in agg.items())
+        print(line)
+        for site, s in entry["sites"].items():
+            eps = f" epsilon {s['epsilon']:.2f}" if s.get("epsilon") is not None else ""
+            why = f" [{s['code']}] {s['message']}" if s.get("code") else ""
+            print(f"    {site:<16} {s['status']}{eps}{why}")
+    return 0

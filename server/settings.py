@@ -1,0 +1,80 @@
+"""The lead's run settings, read from Flower's run config and checked before any round starts."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from atoll.wire import RoundConfig
+
+
+class SettingsError(ValueError):
+    """A run-config value is missing, mistyped or out of range; the message names the key."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Run-config keys are the field names with '-' for '_' (e.g. `num-server-rounds`)."""
+
+    num_server_rounds: int = 3
+    run_name: str = ""
+    run_dir: str = ""
+    keys_dir: str = ""
+    model: str = "atollnet"
+    image_size: int = 28
+    local_steps: int = 50
+    lr: float = 0.05
+    batch_size: int = 64
+    dp: bool = True
+    noise_multiplier: float = 1.0
+    clip_norm: float = 1.0
+    strategy: str = "fedavg"
+    min_sites: int = 2
+    num_sites: int = 0            # 0 = every connected site; otherwise wait for this many
+    round_timeout: float = 3600.0
+    seed: int = 0
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> "RunSettings":
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in run_config.items():
+            if key not in known:
+                continue  # Flower already rejects keys absent from pyproject; others belong to other apps
+            f = known[key]
+            kind = {"str": str, "int": int, "float": float, "bool": bool}[str(f.type)]
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+                raise SettingsError(f"run config '{key}' must be {kind.__name__}, got {value!r}")
+            kwargs[f.name] = value
+        s = cls(**kwargs)
+        s.check()
+        return s
+
+    def check(self) -> None:
+        def need(ok: bool, key: str, what: str) -> None:
+            if not ok:
+                raise SettingsError(f"run config '{key}' {what}")
+        need(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1")
+        need(self.local_steps >= 1, "local-steps", "must be >= 1")
+        need(self.lr > 0, "lr", "must be > 0")
+        need(self.batch_size >= 1, "batch-size", "must be >= 1")
+        need(self.image_size >= 8, "image-size", "must be >= 8")
+        need(self.min_sites >= 1, "min-sites", "must be >= 1")
+        need(not self.dp or self.noise_multiplier > 0, "noise-multiplier", "must be > 0 when dp = true")
+        need(not self.dp or self.clip_norm > 0, "clip-norm", "must be > 0 when dp = true")
+        need(self.round_timeout > 0, "round-timeout", "must be > 0")
+        need(bool(self.run_dir) and Path(self.run_dir).is_absolute(), "run-dir",
+             "must be an absolute path (relative paths resolve against the SuperLink's working directory)")
+
+    def name_for(self, flower_run_id: int) -> str:
+        return self.run_name or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{flower_run_id % 100000:05d}"
+
+    def round_config(self, run_name: str, server_round: int) -> RoundConfig:
+        return RoundConfig(run_id=run_name, server_round=server_round, model=self.model,
+                           image_size=self.image_size, local_steps=self.local_steps, lr=self.lr,
+                           batch_size=self.batch_size, dp=self.dp, noise_multiplier=self.noise_multiplier,
+                           clip_norm=self.clip_norm, seed=self.seed)

@@ -1,0 +1,65 @@
+"""The same app on Flower's deployment engine: a SuperLink and three SuperNodes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+from atoll.demo import prepare_site_keys
+from atoll.demo_data import HOSPITALS
+from atoll.localnet import LocalConsortium
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_two_rounds_across_three_supernodes(demo_consortium, tmp_path):
+    configs = [demo_consortium / h.name / "site.toml" for h in HOSPITALS]
+    keys = prepare_site_keys(demo_consortium, [h.name for h in HOSPITALS])
+    run_dir = tmp_path / "runs"
+    net = LocalConsortium(REPO, configs, insecure=True, workdir=tmp_path / "net")
+    with net:
+        run_id = net.submit({"run-dir": str(run_dir), "run-name": "deploy-test", "keys-dir": str(keys),
+                             "num-server-rounds": 2, "local-steps": 5, "num-sites": 3})
+        status = net.wait(run_id, timeout=480)
+        assert status == "finished:completed", net.tail("superlink")
+        pids = [p.pid for p in net.procs]
+    assert not any(_alive(p) for p in pids), "every Flower process must be gone after the run"
+    out = run_dir / "deploy-test"
+    history = json.loads((out / "history.json").read_text())
+    assert [h["round"] for h in history] == [1, 2]
+    for entry in history:
+        assert sorted(entry["sites"]) == sorted(h.name for h in HOSPITALS)
+        assert all(s["status"] == "contributed" for s in entry["sites"].values()), entry
+        assert all(s["epsilon"] > 0 for s in entry["sites"].values())
+        assert 0.0 <= entry["aggregated"]["val_accuracy"] <= 1.0
+    assert (out / "weights" / "round-002.pt").exists()
+    assert json.loads((out / "status.json").read_text())["status"] == "completed"
+    ledger = (out / "ledger.jsonl").read_text().splitlines()
+    assert len(ledger) == 6, "one signed round record per site per round"
+
+
+def test_processes_are_cleaned_up_when_the_test_body_fails(demo_consortium, tmp_path):
+    configs = [demo_consortium / h.name / "site.toml" for h in HOSPITALS[:1]]
+    pids: list[int] = []
+    with pytest.raises(RuntimeError, match="boom"):
+        with LocalConsortium(REPO, configs, insecure=True, workdir=tmp_path / "net") as net:
+            pids = [p.pid for p in net.procs]
+            raise RuntimeError("boom")
+    assert pids and not any(_alive(p) for p in pids)
+
+
+def test_a_deployment_without_tls_must_say_insecure(tmp_path):
+    with pytest.raises(ValueError, match="insecure"):
+        LocalConsortium(REPO, [], insecure=False)

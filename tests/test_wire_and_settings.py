@@ -1,0 +1,43 @@
+"""The round config both sides parse, and the lead's run settings, reject bad values by name."""
+
+from __future__ import annotations
+
+import pytest
+from flwr.app import ConfigRecord
+
+from atoll.wire import RoundConfig
+from server.settings import RunSettings, SettingsError
+
+
+def test_round_config_round_trips_through_a_flower_record():
+    cfg = RoundConfig(run_id="r1", server_round=2, local_steps=7, lr=0.1, dp=False)
+    assert RoundConfig.from_record(cfg.to_record()) == cfg
+
+
+def test_round_config_names_the_missing_or_mistyped_field():
+    with pytest.raises(ValueError, match="run-id"):
+        RoundConfig.from_record(ConfigRecord({"server-round": 1}))
+    rec = RoundConfig(run_id="r", server_round=1).to_record()
+    rec["local-steps"] = "many"
+    with pytest.raises(ValueError, match="local-steps"):
+        RoundConfig.from_record(rec)
+
+
+def test_settings_from_flower_run_config(tmp_path):
+    s = RunSettings.from_run_config({"num-server-rounds": 2, "run-dir": str(tmp_path), "lr": 1, "dp": False})
+    assert s.num_server_rounds == 2 and s.lr == 1.0 and s.dp is False
+    rc = s.round_config("run-x", 2)
+    assert rc.run_id == "run-x" and rc.server_round == 2 and rc.lr == 1.0
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("num-server-rounds", 0, "num-server-rounds"),
+    ("lr", "fast", "lr"),
+    ("dp", 1, "dp"),
+    ("run-dir", "relative/dir", "absolute"),
+    ("noise-multiplier", 0.0, "noise-multiplier"),
+])
+def test_bad_settings_are_rejected_before_any_round(tmp_path, key, value, match):
+    cfg = {"run-dir": str(tmp_path), key: value}
+    with pytest.raises(SettingsError, match=match):
+        RunSettings.from_run_config(cfg)
