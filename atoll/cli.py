@@ -57,27 +57,35 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{demo,site,run,audit,consortium}")
     _add_demo(sub)
     _add_rooms(sub)
-    from server.run_cli import add_parser as add_run
-
-    add_run(sub)
     return parser
 
 
 def _add_rooms(sub: argparse._SubParsersAction) -> None:
-    """Role commands, each defined in its own room."""
+    """Role commands, each defined in its own room (the room's ``add_parser`` registers it)."""
+    from client.enroll import add_parser as add_site_enroll
+    from client.site_check import add_parser as add_site_check
+    from privacy.cli import add_audit_parser, add_site_init_parser
+    from server.consortium_cli import add_parser as add_consortium
+    from server.run_cli import add_parser as add_run
+
     site = sub.add_parser("site", help="hospital site admin: check data, site identity, run approvals")
     site_sub = site.add_subparsers(dest="site_command", metavar="COMMAND")
     site.set_defaults(func=lambda a: _usage(site))
-    from client.site_check import add_parser as add_site_check
-
-    add_site_check(site_sub)
-    from privacy.cli import add_audit_parser, add_site_init_parser
-
     add_site_init_parser(site_sub)
+    add_site_check(sub)          # finds the "site" group above and adds "check" to it
+    add_site_enroll(site_sub)
+    try:
+        from client.approval import add_parser as add_site_approve
+    except ImportError:
+        add_site_approve = None
+    if add_site_approve:
+        add_site_approve(site_sub)
+    add_run(sub)
     audit = sub.add_parser("audit", help="auditor: verify signed privacy ledgers, render reports")
     audit_sub = audit.add_subparsers(dest="audit_command", metavar="COMMAND")
     audit.set_defaults(func=lambda a: _usage(audit))
     add_audit_parser(audit_sub)
+    add_consortium(sub)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:

@@ -22,8 +22,8 @@ from atoll import demo_data
 
 log = logging.getLogger("atoll.demo")
 
-DEFAULTS = dict(model="atollnet", image_size=28, local_steps=60, lr=0.1, batch_size=64,
-                noise_multiplier=1.0, clip_norm=1.0)
+DEFAULTS = dict(model="atollnet", image_size=28, local_steps=50, lr=0.002, batch_size=64, sample_rate=0.06,
+                noise_multiplier=1.1, clip_norm=1.0)
 
 
 def setup_console_logging(verbose: bool) -> None:

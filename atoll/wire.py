@@ -36,7 +36,8 @@ class RoundConfig:
     image_size: int = 28
     local_steps: int = 50
     lr: float = 0.05
-    batch_size: int = 64
+    batch_size: int = 64          # non-DP minibatch size
+    sample_rate: float = 0.06     # DP: probability that a patient is in a step (same for every site)
     dp: bool = True
     noise_multiplier: float = 1.0
     clip_norm: float = 1.0

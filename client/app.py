@@ -91,7 +91,7 @@ def train(msg: Message, context: Context) -> Message:
     arrays: ArrayRecord = msg.content[wire.ARRAYS]
     global_sd = arrays.to_torch_state_dict()
     train_split = site.data.train
-    sample_rate = min(1.0, cfg.batch_size / max(1, train_split.num_patients))
+    sample_rate = cfg.sample_rate
     request = RoundRequest(run_id=cfg.run_id, server_round=cfg.server_round,
                            noise_multiplier=cfg.noise_multiplier, clip_norm=cfg.clip_norm,
                            sample_rate=sample_rate, steps=cfg.local_steps, dp=cfg.dp)

@@ -32,7 +32,7 @@ def evaluate_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
     y = labels.numpy()
     acc = float((p.argmax(1) == y).mean())
     auc = math.nan
-    if len(np.unique(y)) > 1:
+    if len(np.unique(y)) > 1 and np.isfinite(p).all():
         auc = float(roc_auc_score(y, p[:, 1]) if p.shape[1] == 2 else
                     roc_auc_score(y, p, multi_class="ovr", labels=list(range(p.shape[1]))))
     return {"loss": sum(losses) / n, "accuracy": acc, "auc": auc, "n": n}

@@ -37,7 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     start.add_argument("--model", default="atollnet")
     start.add_argument("--local-steps", type=int, default=50)
     start.add_argument("--lr", type=float, default=0.05)
-    start.add_argument("--batch-size", type=int, default=64, help="expected patients per DP-SGD step")
+    start.add_argument("--batch-size", type=int, default=64, help="minibatch size without DP")
+    start.add_argument("--sample-rate", type=float, default=0.06,
+                       help="DP-SGD: probability that a patient is in a step's batch")
     start.add_argument("--noise-multiplier", type=float, default=1.0)
     start.add_argument("--clip-norm", type=float, default=1.0)
     start.add_argument("--no-dp", action="store_true", help="ask for non-DP training (sites refuse unless allowed)")
@@ -55,7 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _start(args: argparse.Namespace) -> int:
     cfg = {"num-server-rounds": args.rounds, "run-dir": args.run_dir, "run-name": args.run_name,
            "keys-dir": args.keys_dir, "model": args.model, "local-steps": args.local_steps, "lr": args.lr,
-           "batch-size": args.batch_size, "noise-multiplier": args.noise_multiplier, "clip-norm": args.clip_norm,
+           "batch-size": args.batch_size, "sample-rate": args.sample_rate, "noise-multiplier": args.noise_multiplier, "clip-norm": args.clip_norm,
            "dp": not args.no_dp, "min-sites": args.min_sites}
     try:
         RunSettings.from_run_config(cfg)

@@ -27,6 +27,7 @@ class RunSettings:
     local_steps: int = 50
     lr: float = 0.05
     batch_size: int = 64
+    sample_rate: float = 0.06
     dp: bool = True
     noise_multiplier: float = 1.0
     clip_norm: float = 1.0
@@ -62,6 +63,7 @@ class RunSettings:
         need(self.local_steps >= 1, "local-steps", "must be >= 1")
         need(self.lr > 0, "lr", "must be > 0")
         need(self.batch_size >= 1, "batch-size", "must be >= 1")
+        need(0 < self.sample_rate <= 1, "sample-rate", "must be in (0, 1]")
         need(self.image_size >= 8, "image-size", "must be >= 8")
         need(self.min_sites >= 1, "min-sites", "must be >= 1")
         need(not self.dp or self.noise_multiplier > 0, "noise-multiplier", "must be > 0 when dp = true")
@@ -76,5 +78,5 @@ class RunSettings:
     def round_config(self, run_name: str, server_round: int) -> RoundConfig:
         return RoundConfig(run_id=run_name, server_round=server_round, model=self.model,
                            image_size=self.image_size, local_steps=self.local_steps, lr=self.lr,
-                           batch_size=self.batch_size, dp=self.dp, noise_multiplier=self.noise_multiplier,
+                           batch_size=self.batch_size, sample_rate=self.sample_rate, dp=self.dp, noise_multiplier=self.noise_multiplier,
                            clip_norm=self.clip_norm, seed=self.seed)

@@ -1,0 +1,559 @@
+"""Site approval of runs: a hospital trains only for runs its operator approved.
+
+A *run manifest* pins everything that decides what a run does with the site's data and
+what leaves the site: the app code (hash of the Flower App Bundle content), the model, the
+training and DP parameters, the number of rounds, and the declared outputs (tensor names,
+shapes, dtypes; metric names). Its SHA-256 over a canonical JSON form is what the site
+operator approves (``atoll site approve``) and what the ClientApp checks each round
+(:meth:`ApprovalStore.check_approved`).
+
+The ClientApp must build the manifest it checks from facts it observes itself — the app
+hash of its own installed bundle (:func:`app_bundle_hash`), ``context.run_config`` and the
+round's config record, the tensor specs of the model it builds — never from a manifest
+the server sends, so a server cannot talk a site into a run it did not approve.
+
+Approvals live in ``<state_dir>/approvals.jsonl``: append-only, one JSON object per line
+(who, when, what), each line carrying the SHA-256 of the previous line so that edits to
+history are detected (the check then fails closed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import getpass
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+MANIFEST_VERSION = 1
+APPROVALS_FILE = "approvals.jsonl"
+# FAB members that make up the app: code and configuration the code may read. Documentation
+# (*.md) is left out so a README edit does not force every site to re-approve.
+APP_HASH_SUFFIXES = (".py", ".toml", ".json", ".jsonl", ".yaml", ".yml")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ManifestError(ValueError):
+    """A run manifest is malformed: the message names the field and what is expected."""
+
+
+class RunNotApproved(Exception):
+    """The run is not approved at this site. ``message`` is safe to send to the server (no paths, no ids)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ApprovalStoreError(Exception):
+    """The local approval log cannot be read or is damaged (local message; may contain paths)."""
+
+
+# ----------------------------------------------------------------------------- manifest
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor the site sends back: name, shape, NumPy dtype name (as ``flwr.app.Array.dtype``)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class TrainingParams:
+    """Local training and DP-SGD parameters of every round.
+
+    ``sample_rate`` is optional because with patient-level Poisson sampling the rate is
+    ``batch_size / patients``, which only the site knows; pin it when the run fixes it.
+    """
+
+    dp: bool
+    noise_multiplier: float
+    clip_norm: float
+    batch_size: int
+    local_steps: int
+    lr: float
+    sample_rate: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dp, bool):
+            raise ManifestError("training.dp must be true or false")
+        for name in ("noise_multiplier", "clip_norm", "lr"):
+            v = getattr(self, name)
+            if not _is_num(v) or v < 0 or (name != "noise_multiplier" and v == 0):
+                raise ManifestError(f"training.{name} must be a finite positive number, got {v!r}")
+            object.__setattr__(self, name, float(v))  # 1 and 1.0 must hash the same
+        if self.dp and self.noise_multiplier == 0:
+            raise ManifestError("training.noise_multiplier must be > 0 when training.dp is true")
+        if self.sample_rate is not None:
+            if not _is_num(self.sample_rate) or not 0 < self.sample_rate <= 1:
+                raise ManifestError(f"training.sample_rate must be in (0, 1] or null, got {self.sample_rate!r}")
+            object.__setattr__(self, "sample_rate", float(self.sample_rate))
+        for name in ("batch_size", "local_steps"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise ManifestError(f"training.{name} must be a positive integer, got {v!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dp": self.dp, "noise_multiplier": self.noise_multiplier, "clip_norm": self.clip_norm,
+            "sample_rate": self.sample_rate, "batch_size": self.batch_size,
+            "local_steps": self.local_steps, "lr": self.lr,
+        }
+
+
+@dataclass(frozen=True)
+class RunManifest:
+    """What a site approves. Construct through :meth:`from_dict` or directly (values are validated)."""
+
+    app_hash: str
+    model: str
+    training: TrainingParams
+    num_rounds: int
+    outputs: tuple[TensorSpec, ...]
+    metrics: tuple[str, ...]
+    version: int = field(default=MANIFEST_VERSION)
+
+    def __post_init__(self) -> None:
+        # Normalise (sorted, deduplicated) so that equal runs hash equally, then validate.
+        object.__setattr__(self, "outputs", tuple(sorted(self.outputs, key=lambda t: t.name)))
+        object.__setattr__(self, "metrics", tuple(sorted(set(self.metrics))))
+        _validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "atoll_run_manifest": self.version,
+            "app_hash": self.app_hash,
+            "model": self.model,
+            "training": self.training.to_dict(),
+            "num_rounds": self.num_rounds,
+            "outputs": [t.to_dict() for t in self.outputs],
+            "metrics": list(self.metrics),
+        }
+
+    def canonical_json(self) -> bytes:
+        """Sorted keys, no whitespace, UTF-8; floats in Python's shortest round-trip form."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "run manifest") -> "RunManifest":
+        """Parse and validate; :class:`ManifestError` names ``where`` and the offending field."""
+        if not isinstance(data, Mapping):
+            raise ManifestError(f"{where}: expected a JSON object")
+        expected = {"atoll_run_manifest", "app_hash", "model", "training", "num_rounds", "outputs", "metrics"}
+        unknown, missing = set(data) - expected, expected - set(data)
+        if unknown:
+            raise ManifestError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+        if missing:
+            raise ManifestError(f"{where}: missing field(s) {', '.join(sorted(missing))}")
+        if data["atoll_run_manifest"] != MANIFEST_VERSION:
+            raise ManifestError(f"{where}: atoll_run_manifest must be {MANIFEST_VERSION}, got {data['atoll_run_manifest']!r}")
+        tr = data["training"]
+        if not isinstance(tr, Mapping):
+            raise ManifestError(f"{where}: training must be an object")
+        tr_fields = {"dp", "noise_multiplier", "clip_norm", "sample_rate", "batch_size", "local_steps", "lr"}
+        if set(tr) != tr_fields:
+            raise ManifestError(
+                f"{where}: training must have exactly the fields {', '.join(sorted(tr_fields))}"
+            )
+        outs = data["outputs"]
+        if not isinstance(outs, list):
+            raise ManifestError(f"{where}: outputs must be a list")
+        specs = []
+        for i, o in enumerate(outs):
+            if not isinstance(o, Mapping) or set(o) != {"name", "shape", "dtype"}:
+                raise ManifestError(f"{where}: outputs[{i}] must be an object with name, shape, dtype")
+            if not isinstance(o["shape"], list):
+                raise ManifestError(f"{where}: outputs[{i}].shape must be a list of integers")
+            specs.append(TensorSpec(o["name"], tuple(o["shape"]), o["dtype"]))
+        if not isinstance(data["metrics"], list):
+            raise ManifestError(f"{where}: metrics must be a list of names")
+        try:
+            return cls(
+                app_hash=data["app_hash"],
+                model=data["model"],
+                training=TrainingParams(
+                    dp=tr["dp"], noise_multiplier=tr["noise_multiplier"], clip_norm=tr["clip_norm"],
+                    sample_rate=tr["sample_rate"], batch_size=tr["batch_size"],
+                    local_steps=tr["local_steps"], lr=tr["lr"],
+                ),
+                num_rounds=data["num_rounds"],
+                outputs=tuple(specs),
+                metrics=tuple(data["metrics"]),
+            )
+        except ManifestError as err:
+            raise ManifestError(f"{where}: {err}") from None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _validate(m: RunManifest) -> None:
+    if not isinstance(m.app_hash, str) or not _HEX64.match(m.app_hash):
+        raise ManifestError("app_hash must be 64 lowercase hex characters (SHA-256)")
+    if not isinstance(m.model, str) or not m.model or len(m.model) > 100:
+        raise ManifestError("model must be a non-empty model name")
+    if not _is_int(m.num_rounds) or m.num_rounds < 1:
+        raise ManifestError(f"num_rounds must be a positive integer, got {m.num_rounds!r}")
+    if not isinstance(m.training, TrainingParams):
+        raise ManifestError("training must be TrainingParams")
+    if not m.outputs:
+        raise ManifestError("outputs must declare at least one tensor")
+    names = [o.name for o in m.outputs]
+    if len(set(names)) != len(names):
+        raise ManifestError("outputs: tensor names must be unique")
+    for o in m.outputs:
+        if not isinstance(o.name, str) or not o.name:
+            raise ManifestError("outputs: every tensor needs a non-empty name")
+        if not all(_is_int(d) and d >= 0 for d in o.shape):
+            raise ManifestError(f"outputs: tensor {o.name!r} shape must be non-negative integers")
+        if not isinstance(o.dtype, str) or not re.match(r"^[a-z]+[0-9]*$", o.dtype):
+            raise ManifestError(f"outputs: tensor {o.name!r} dtype must be a NumPy dtype name such as float32")
+    for name in m.metrics:
+        if not isinstance(name, str) or not name:
+            raise ManifestError("metrics must be non-empty names")
+
+
+def manifest_hash(manifest: RunManifest) -> str:
+    """SHA-256 (hex) of the manifest's canonical JSON: the identity a site approves."""
+    return hashlib.sha256(manifest.canonical_json()).hexdigest()
+
+
+def load_manifest(path: str | Path) -> RunManifest:
+    """Read a ``run-manifest.json``; errors name the file."""
+    p = Path(path).expanduser()
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError(f"{p} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{p} is not valid JSON ({err})") from None
+    return RunManifest.from_dict(data, where=str(p))
+
+
+def save_manifest(manifest: RunManifest, path: str | Path) -> Path:
+    """Write a human-readable ``run-manifest.json`` (the hash is over the canonical form)."""
+    p = Path(path).expanduser()
+    p.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return p
+
+
+def outputs_from_state_dict(state_dict: Mapping[str, Any]) -> tuple[TensorSpec, ...]:
+    """Tensor specs of a torch ``state_dict`` or any mapping of arrays (``.shape``/``.dtype``)."""
+    specs = []
+    for name, t in state_dict.items():
+        dtype = str(t.dtype).removeprefix("torch.")
+        specs.append(TensorSpec(str(name), tuple(int(d) for d in t.shape), dtype))
+    return tuple(specs)
+
+
+# ----------------------------------------------------------------------------- app hash
+def _hash_members(members: Iterable[tuple[str, bytes]]) -> str:
+    entries = sorted(
+        (path, hashlib.sha256(data).hexdigest())
+        for path, data in members
+        if path.endswith(APP_HASH_SUFFIXES) and not path.startswith(".info/")
+    )
+    if not entries:
+        raise ManifestError("the app bundle contains no code")
+    return hashlib.sha256(json.dumps(entries, separators=(",", ":")).encode()).hexdigest()
+
+
+def app_bundle_hash_from_fab(fab: bytes) -> str:
+    """App hash from FAB bytes: SHA-256 over sorted (path, SHA-256) of the code/config members."""
+    with zipfile.ZipFile(io.BytesIO(fab)) as z:
+        return _hash_members((n, z.read(n)) for n in z.namelist() if not n.endswith("/"))
+
+
+def app_bundle_hash(root: str | Path) -> str:
+    """App hash of the Flower app in ``root``: a project checkout or an installed FAB directory.
+
+    The FAB is built in memory with Flower's own builder (same include/exclude rules,
+    ``.gitignore``, rewritten ``pyproject.toml``), so the lead's checkout and the bundle a
+    SuperNode installed under ``$FLWR_HOME/apps`` give the same hash, and caches
+    (``__pycache__``) or test files never change it.
+    """
+    from flwr.cli.build import build_fab_from_disk  # Flower's FAB rules are the definition
+
+    r = Path(root).expanduser().resolve()
+    if not (r / "pyproject.toml").is_file():
+        raise ManifestError(f"{r} is not a Flower app (no pyproject.toml)")
+    try:
+        fab = build_fab_from_disk(r)
+    except ValueError as err:
+        raise ManifestError(f"cannot bundle the Flower app in {r}: {err}") from None
+    return app_bundle_hash_from_fab(fab)
+
+
+# ----------------------------------------------------------------------------- approvals
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def _diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            out += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+class ApprovalStore:
+    """Append-only approval log of one site (``<state_dir>/approvals.jsonl``)."""
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.state_dir = Path(state_dir).expanduser().resolve()
+        self.path = self.state_dir / APPROVALS_FILE
+
+    # -- reading
+    def records(self) -> list[dict[str, Any]]:
+        """All records, oldest first; raises :class:`ApprovalStoreError` if the chain is broken."""
+        if not self.path.exists():
+            return []
+        try:
+            raw = self.path.read_bytes()
+        except OSError as err:
+            raise ApprovalStoreError(f"cannot read {self.path}: {err.strerror}") from None
+        records, prev = [], None
+        for n, line in enumerate(raw.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise ApprovalStoreError(f"{self.path} line {n} is not JSON; the approval log is damaged") from None
+            if rec.get("prev_sha256") != prev:
+                raise ApprovalStoreError(
+                    f"{self.path} line {n} does not follow line {n - 1} (hash chain broken); "
+                    "the approval log was edited or truncated"
+                )
+            prev = hashlib.sha256(line).hexdigest()
+            records.append(rec)
+        return records
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """Latest record per manifest hash (``action`` is ``approve`` or ``revoke``)."""
+        latest: dict[str, dict[str, Any]] = {}
+        for rec in self.records():
+            latest[rec["manifest_sha256"]] = rec
+        return latest
+
+    def is_approved(self, digest: str) -> bool:
+        rec = self.status().get(digest)
+        return rec is not None and rec["action"] == "approve"
+
+    # -- writing
+    def _append(self, record: dict[str, Any]) -> dict[str, Any]:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        records_raw = self.path.read_bytes().splitlines() if self.path.exists() else []
+        self.records()  # refuse to extend a damaged log
+        last = next((l for l in reversed(records_raw) if l.strip()), None)
+        record["prev_sha256"] = hashlib.sha256(last).hexdigest() if last is not None else None
+        line = json.dumps(record, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return record
+
+    def approve(self, manifest: RunManifest, *, by: str | None = None) -> dict[str, Any]:
+        """Record the operator's approval of ``manifest`` (who, when, the full manifest)."""
+        return self._append({
+            "action": "approve",
+            "manifest_sha256": manifest_hash(manifest),
+            "at": _now(),
+            "by": by or getpass.getuser(),
+            "manifest": manifest.to_dict(),
+        })
+
+    def revoke(self, digest: str, *, by: str | None = None, reason: str = "") -> dict[str, Any]:
+        """Withdraw an approval; later rounds of that run are refused."""
+        if not self.is_approved(digest):
+            raise ApprovalStoreError(f"run manifest {digest} is not currently approved here")
+        return self._append({
+            "action": "revoke", "manifest_sha256": digest, "at": _now(),
+            "by": by or getpass.getuser(), "reason": reason,
+        })
+
+    # -- the check the ClientApp makes
+    def check_approved(self, manifest: RunManifest) -> None:
+        """Return if ``manifest`` is approved; else raise :class:`RunNotApproved` with a reason.
+
+        The reason is safe to send to the server: it names manifest hashes and manifest
+        fields, never paths or people. A damaged approval log fails closed.
+        """
+        digest = manifest_hash(manifest)
+        short = digest[:12]
+        try:
+            status = self.status()
+        except ApprovalStoreError:
+            raise RunNotApproved(
+                f"run {short} refused: this site's approval log is damaged; the site operator must repair it"
+            ) from None
+        rec = status.get(digest)
+        if rec is not None and rec["action"] == "approve":
+            return
+        if rec is not None:
+            raise RunNotApproved(f"run {short} refused: its approval was revoked by this site")
+        approved = [r["manifest"] for r in status.values() if r["action"] == "approve"]
+        mine = manifest.to_dict()
+        hint = ""
+        same_app = [a for a in approved if a.get("app_hash") == manifest.app_hash]
+        if approved and not same_app:
+            hint = f"; the app code (app hash {manifest.app_hash[:12]}) was never approved here"
+        elif same_app:
+            closest = min((_diff(mine, a) for a in same_app), key=len)
+            hint = f"; it differs from an approved run in: {', '.join(closest)}"
+        raise RunNotApproved(
+            f"run {short} refused: it is not approved at this site{hint}. "
+            "The site operator must review it and run `atoll site approve`"
+        )
+
+
+def check_approved(manifest: RunManifest, state_dir: str | Path) -> None:
+    """Module-level form of :meth:`ApprovalStore.check_approved`."""
+    ApprovalStore(state_dir).check_approved(manifest)
+
+
+# ----------------------------------------------------------------------------- CLI
+def describe_manifest(manifest: RunManifest) -> str:
+    """Human-readable account of what the run will do and what leaves the site."""
+    t = manifest.training
+    n_params = sum(math.prod(o.shape) for o in manifest.outputs)
+    lines = [
+        f"Run manifest {manifest_hash(manifest)}",
+        f"  App code       sha256 {manifest.app_hash}",
+        "                 (compare with the hash the consortium lead announced)",
+        f"  Model          {manifest.model}: {len(manifest.outputs)} tensors, {n_params:,} parameters",
+        f"  Rounds         {manifest.num_rounds}",
+        f"  Local training {t.local_steps} steps per round, learning rate {t.lr:g}, batch size {t.batch_size}",
+    ]
+    if t.dp:
+        rate = f", sample rate {t.sample_rate:g}" if t.sample_rate is not None else ", sample rate set by the site"
+        lines.append(f"  Privacy        DP-SGD: noise multiplier {t.noise_multiplier:g}, clip norm {t.clip_norm:g}{rate}")
+    else:
+        lines.append("  Privacy        DP OFF: model updates leave WITHOUT differential privacy")
+    lines.append("  Leaves the site each round:")
+    lines.append("    model update: " + ", ".join(f"{o.name} {o.dtype}{list(o.shape)}" for o in manifest.outputs))
+    lines.append("    metrics: " + (", ".join(manifest.metrics) if manifest.metrics else "(none)"))
+    return "\n".join(lines)
+
+
+def _state_dir_from_config(path: str) -> Path:
+    """The site's state directory from its site.toml (the site config parser when present)."""
+    try:
+        from client.site_config import load_site_config
+    except ImportError:  # pragma: no cover - transitional, until client/site_config.py lands
+        import tomllib
+
+        p = Path(path).expanduser()
+        try:
+            table = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ManifestError(f"site config {p} does not exist") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ManifestError(f"site config {p} is not valid TOML ({err})") from None
+        state = table.get("site", {}).get("state_dir")
+        if not isinstance(state, str) or not state:
+            raise ManifestError(f"site config {p}: [site].state_dir is required")
+        sp = Path(state).expanduser()
+        return sp if sp.is_absolute() else (p.parent / sp).resolve()
+    return Path(load_site_config(path).state_dir)
+
+
+def _cmd_approve(args: argparse.Namespace) -> int:
+    try:
+        state_dir = Path(args.state_dir).expanduser() if args.state_dir else _state_dir_from_config(args.config)
+    except Exception as err:  # ManifestError or the site config parser's ConfigError
+        print(f"atoll site approve: {err}")
+        return 2
+    store = ApprovalStore(state_dir)
+    try:
+        if args.list:
+            return _list(store)
+        if args.revoke:
+            store.revoke(args.revoke, by=args.by, reason=args.reason or "")
+            print(f"Approval of run {args.revoke} revoked; further rounds of it will be refused.")
+            return 0
+        if not args.manifest:
+            print("atoll site approve: pass --manifest run-manifest.json (or --list / --revoke HASH)")
+            return 2
+        manifest = load_manifest(args.manifest)
+        digest = manifest_hash(manifest)
+        print(describe_manifest(manifest))
+        print()
+        if store.is_approved(digest):
+            print(f"Already approved at this site ({digest[:12]}).")
+            return 0
+        if not args.yes:
+            if not sys.stdin.isatty():
+                print("atoll site approve: not approved; review the above and re-run with --yes to approve")
+                return 1
+            answer = input("Approve this run for this site? [y/N] ").strip().lower()
+            if answer not in ("y", "yes"):
+                print("Not approved.")
+                return 1
+        rec = store.approve(manifest, by=args.by)
+        print(f"Approved run {digest[:12]} by {rec['by']} at {rec['at']} (recorded in {store.path}).")
+        return 0
+    except (ManifestError, ApprovalStoreError) as err:
+        print(f"atoll site approve: {err}")
+        return 2
+
+
+def _list(store: ApprovalStore) -> int:
+    status = store.status()
+    if not status:
+        print("No runs approved at this site.")
+        return 0
+    print(f"{'manifest':<14}{'status':<10}{'when (UTC)':<27}{'by':<14}{'model':<14}{'rounds':>6}  app")
+    manifests = {r["manifest_sha256"]: r["manifest"] for r in store.records() if r["action"] == "approve"}
+    for digest, rec in status.items():
+        m = manifests[digest]
+        state = "approved" if rec["action"] == "approve" else "revoked"
+        print(f"{digest[:12]:<14}{state:<10}{rec['at']:<27}{rec['by'][:13]:<14}{m['model'][:13]:<14}"
+              f"{m['num_rounds']:>6}  {m['app_hash'][:12]}")
+    return 0
+
+
+def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Register ``approve`` in the ``atoll site`` group (``subparsers`` = that group's sub-parsers)."""
+    p = subparsers.add_parser(
+        "approve",
+        help="review and approve a run manifest for this site (or list/revoke approvals)",
+        description="Show what a run will do with this site's data and what leaves the site, and record "
+        "the operator's approval in the site's append-only approval log.",
+    )
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", metavar="SITE_TOML", help="the site config (its [site].state_dir holds approvals)")
+    where.add_argument("--state-dir", metavar="DIR", help="the site's state directory, instead of --config")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--manifest", metavar="JSON", help="run-manifest.json from the consortium lead")
+    what.add_argument("--list", action="store_true", help="list approved and revoked runs")
+    what.add_argument("--revoke", metavar="HASH", help="withdraw the approval of a manifest (full hash)")
+    p.add_argument("--yes", action="store_true", help="approve without the interactive question")
+    p.add_argument("--by", default=None, help="who approves (default: the login name)")
+    p.add_argument("--reason", default=None, help="reason recorded with --revoke")
+    p.set_defaults(func=_cmd_approve)

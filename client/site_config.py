@@ -1,0 +1,369 @@
+"""Hospital-owned site configuration (TOML): where the data is, how it is labelled, and where state lives.
+
+The file belongs to the hospital, not to the consortium. It is validated completely before anything runs: an unknown
+section or key, a wrong type, or a path that does not exist is a :class:`ConfigError` whose message names the file,
+the ``[section].key`` and what to do, so a typo can never silently fall back to a default.
+
+Sections are declared in :data:`SECTIONS`, a registry of ``{section: {key: _Key}}`` (plus delegated sections such
+as ``[privacy]``, parsed only by :meth:`privacy.policy.SitePolicy.from_table`), so a later section (``[runs]``) is
+one more entry, not a new parser.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+import stat
+import tempfile
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from privacy.policy import SitePolicy
+
+LABEL_KEYS: tuple[str, ...] = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "AccessionNumber")
+TASKS: tuple[str, ...] = ("classification",)
+ANY_MODALITY = "*"
+MIN_SECRET_BYTES = 16
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_MODALITY = re.compile(r"^([A-Z0-9]{1,16}|\*)$")
+
+
+class ConfigError(ValueError):
+    """Invalid site configuration; the message names the file, the ``[section].key`` and what to do."""
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """Validated site configuration; every path is absolute. See ``docs/site-data.md`` for each key."""
+
+    path: Path | None
+    name: str
+    state_dir: Path
+    secret_file: Path
+    signing_key: Path | None
+    device: str
+    dicom_dir: Path
+    labels_csv: Path | None
+    label_key: str
+    label_column: str
+    task: str
+    modalities: tuple[str, ...]
+    cache_dir: Path
+    image_size: int
+    val_fraction: float
+    seed: int
+    privacy: "SitePolicy"
+    classes: tuple[str, ...] | None = None
+
+    def allows_modality(self, modality: str | None) -> bool:
+        """True when ``modality`` is in the allowed list (``"*"`` allows any, including a missing one)."""
+        if ANY_MODALITY in self.modalities:
+            return True
+        return bool(modality) and modality.upper() in self.modalities
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Key registry
+# --------------------------------------------------------------------------------------------------------------
+Parser = Callable[[Any, str, "_Ctx"], Any]
+
+
+@dataclass(frozen=True)
+class _Key:
+    parse: Parser
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    """Where relative paths resolve (the TOML's folder) and how to name the file in messages."""
+
+    base: Path
+    file: str
+
+
+def _fail(ctx: _Ctx, where: str, msg: str) -> ConfigError:
+    return ConfigError(f"{ctx.file}: {where}: {msg}")
+
+
+def _type_name(v: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}.get(
+        type(v), type(v).__name__
+    )
+
+
+def _str(v: Any, where: str, ctx: _Ctx) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise _fail(ctx, where, f"expected a non-empty string, got {_type_name(v)} {v!r}")
+    return v.strip()
+
+
+def _int(lo: int | None = None, hi: int | None = None) -> Parser:
+    def parse(v: Any, where: str, ctx: _Ctx) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise _fail(ctx, where, f"expected an integer, got {_type_name(v)} {v!r}")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise _fail(ctx, where, f"must be between {lo} and {hi}, got {v}")
+        return v
+
+    return parse
+
+
+def _fraction(v: Any, where: str, ctx: _Ctx) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _fail(ctx, where, f"expected a number in [0, 1), got {_type_name(v)} {v!r}")
+    if not 0.0 <= float(v) < 1.0:
+        raise _fail(ctx, where, f"must be in [0, 1) (share of patients held out for validation), got {v}")
+    return float(v)
+
+
+def _choice(options: tuple[str, ...]) -> Parser:
+    def parse(v: Any, where: str, ctx: _Ctx) -> str:
+        s = _str(v, where, ctx)
+        if s not in options:
+            raise _fail(ctx, where, f"must be one of {', '.join(options)}, got {s!r}")
+        return s
+
+    return parse
+
+
+def _device(v: Any, where: str, ctx: _Ctx) -> str:
+    s = _str(v, where, ctx)
+    if not _DEVICE.match(s):
+        raise _fail(ctx, where, f"must be auto, cpu, mps, cuda or cuda:N, got {s!r}")
+    return s
+
+
+def _modalities(v: Any, where: str, ctx: _Ctx) -> tuple[str, ...]:
+    if not isinstance(v, list) or not v:
+        raise _fail(ctx, where, f'expected a non-empty array of modality codes such as ["CR", "DX"], got {v!r}')
+    out = []
+    for item in v:
+        if not isinstance(item, str) or not _MODALITY.match(item.strip().upper()):
+            raise _fail(ctx, where, f'each entry must be a DICOM modality code like "CR" (or "*" for any), got {item!r}')
+        out.append(item.strip().upper())
+    return tuple(dict.fromkeys(out))
+
+
+def _classes(v: Any, where: str, ctx: _Ctx) -> tuple[str, ...]:
+    if not isinstance(v, list) or len(v) < 2 or not all(isinstance(c, str) and c.strip() for c in v):
+        raise _fail(ctx, where, f'expected an array of at least two class names, e.g. ["normal", "pneumonia"], got {v!r}')
+    names = tuple(c.strip() for c in v)
+    if len(set(names)) != len(names):
+        raise _fail(ctx, where, "class names must be unique")
+    return names
+
+
+def _path(*, must_exist: bool, kind: str = "any") -> Parser:
+    def parse(v: Any, where: str, ctx: _Ctx) -> Path:
+        s = _str(v, where, ctx)
+        p = Path(os.path.expanduser(s))
+        p = (p if p.is_absolute() else ctx.base / p).resolve()
+        if must_exist:
+            if not p.exists():
+                raise _fail(ctx, where, f"path does not exist: {p} (relative paths resolve against {ctx.base})")
+            if kind == "dir" and not p.is_dir():
+                raise _fail(ctx, where, f"expected a folder, got a file: {p}")
+            if kind == "file" and not p.is_file():
+                raise _fail(ctx, where, f"expected a file, got a folder: {p}")
+        return p
+
+    return parse
+
+
+SECTIONS: dict[str, dict[str, _Key]] = {
+    "site": {
+        "name": _Key(_str, required=True),
+        "state_dir": _Key(_path(must_exist=False)),
+        "secret_file": _Key(_path(must_exist=False)),
+        "signing_key": _Key(_path(must_exist=False)),
+        "device": _Key(_device),
+    },
+    "data": {
+        "dicom_dir": _Key(_path(must_exist=True, kind="dir"), required=True),
+        "labels_csv": _Key(_path(must_exist=True, kind="file")),
+        "label_key": _Key(_choice(LABEL_KEYS)),
+        "label_column": _Key(_str),
+        "classes": _Key(_classes),
+        "task": _Key(_choice(TASKS)),
+        "modalities": _Key(_modalities),
+        "cache_dir": _Key(_path(must_exist=False)),
+        "image_size": _Key(_int(4, 1024)),
+        "val_fraction": _Key(_fraction),
+        "seed": _Key(_int(0, 2**63 - 1)),
+    },
+}
+"""Sections parsed here. Delegated sections (parsed by their owner) are listed in :data:`DELEGATED_SECTIONS`."""
+
+DELEGATED_SECTIONS: tuple[str, ...] = ("privacy",)
+
+DEFAULTS: dict[str, Any] = {
+    "device": "auto",
+    "label_key": "SOPInstanceUID",
+    "label_column": "label",
+    "task": "classification",
+    "modalities": ("CR", "DX"),
+    "image_size": 28,
+    "val_fraction": 0.2,
+    "seed": 0,
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Parse and validate a site TOML file; nothing is created or read besides the file and the secret's metadata.
+
+    Raises
+    ------
+    ConfigError: naming the file, the ``[section].key`` and what to do (the ``[privacy]`` section's
+        ``PolicyError`` is re-raised as ``ConfigError`` with the same message).
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"{p}: site config file not found; pass --config with the path to your site.toml")
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML ({e}); fix the syntax at that line") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read the file ({e.__class__.__name__}); check permissions and encoding") from None
+    p = p.resolve()
+    ctx = _Ctx(base=p.parent, file=str(p))
+
+    known = set(SECTIONS) | set(DELEGATED_SECTIONS)
+    for section, table in raw.items():
+        if section not in known:
+            raise _fail(ctx, f"[{section}]", f"unknown section; allowed sections are {', '.join(sorted(known))}")
+        if not isinstance(table, dict):
+            raise _fail(ctx, f"[{section}]", f"expected a table, got {_type_name(table)}; write it as [{section}]")
+
+    values: dict[str, Any] = {}
+    for section, keys in SECTIONS.items():
+        table = raw.get(section, {})
+        for key in table:
+            if key not in keys:
+                raise _fail(ctx, f"[{section}].{key}", f"unknown key; allowed keys in [{section}] are {', '.join(keys)}")
+        for key, spec in keys.items():
+            where = f"[{section}].{key}"
+            if key in table:
+                values[key] = spec.parse(table[key], where, ctx)
+            elif spec.required:
+                raise _fail(ctx, where, f"missing required key; add `{key} = ...` under [{section}]")
+
+    state_dir = values.get("state_dir", (ctx.base / "state").resolve())
+    secret_file = values.get("secret_file", state_dir / "pseudonym.secret")
+    check_secret_file(secret_file, where=f"{ctx.file}: [site].secret_file")
+    return SiteConfig(
+        path=p,
+        name=values["name"],
+        state_dir=state_dir,
+        secret_file=secret_file,
+        signing_key=values.get("signing_key"),
+        device=values.get("device", DEFAULTS["device"]),
+        dicom_dir=values["dicom_dir"],
+        labels_csv=values.get("labels_csv"),
+        label_key=values.get("label_key", DEFAULTS["label_key"]),
+        label_column=values.get("label_column", DEFAULTS["label_column"]),
+        task=values.get("task", DEFAULTS["task"]),
+        modalities=values.get("modalities", DEFAULTS["modalities"]),
+        cache_dir=values.get("cache_dir", state_dir / "cache"),
+        image_size=values.get("image_size", DEFAULTS["image_size"]),
+        val_fraction=values.get("val_fraction", DEFAULTS["val_fraction"]),
+        seed=values.get("seed", DEFAULTS["seed"]),
+        privacy=_load_policy(raw.get("privacy", {}), where=f"{p} [privacy]"),
+        classes=values.get("classes"),
+    )
+
+
+def _load_policy(table: Mapping[str, Any], where: str) -> "SitePolicy":
+    """Delegate ``[privacy]`` to its owner (imported lazily: the policy module is the privacy room's)."""
+    from privacy.policy import PolicyError, SitePolicy
+
+    try:
+        return SitePolicy.from_table(dict(table), where=where)
+    except PolicyError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_secret_file(path: Path, *, where: str) -> None:
+    """Refuse a missing, too short, or group/world-accessible pseudonym secret (it keys every patient pseudonym)."""
+    fix = (
+        f"create it with: python -c \"import secrets,sys; sys.stdout.write(secrets.token_hex(32))\" > {path} "
+        f"&& chmod 600 {path}"
+    )
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: pseudonym secret not found at {path}; {fix}") from None
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read pseudonym secret {path} ({e.__class__.__name__})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{where}: {path} is not a regular file; {fix}")
+    if os.name == "posix" and st.st_mode & 0o077:
+        raise ConfigError(
+            f"{where}: {path} is readable by other users (mode {stat.S_IMODE(st.st_mode):o}); run: chmod 600 {path}"
+        )
+    if st.st_size < MIN_SECRET_BYTES:
+        raise ConfigError(f"{where}: {path} holds fewer than {MIN_SECRET_BYTES} bytes; {fix}")
+
+
+def create_secret_file(path: Path) -> None:
+    """Create a fresh 32-byte (hex) pseudonym secret with mode 0600, refusing to overwrite an existing one."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+
+
+def default_site_config(dicom_dir: str | Path, labels_csv: str | Path | None = None, **overrides: Any) -> SiteConfig:
+    """Configuration for a first look (``atoll site check --data DIR``) without a site TOML.
+
+    State (pseudonym secret, cache) goes to a private folder under the system temp dir keyed by a hash of the data
+    folder's path, so repeated checks reuse the cache and give the same split; the secret is created (0600) when
+    absent. ``overrides`` are :class:`SiteConfig` field names (e.g. ``image_size=64``, ``modalities=("*",)``).
+    """
+    ctx = _Ctx(base=Path.cwd(), file="--data")
+    data = _path(must_exist=True, kind="dir")(str(dicom_dir), "[data].dicom_dir", ctx)
+    labels = None
+    if labels_csv is not None:
+        labels = _path(must_exist=True, kind="file")(str(labels_csv), "[data].labels_csv", _Ctx(Path.cwd(), "--labels"))
+    names = {f.name for f in fields(SiteConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ConfigError(f"default_site_config: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+    digest = hashlib.sha256(str(data).encode()).hexdigest()[:16]
+    state_dir = Path(overrides.pop("state_dir", Path(tempfile.gettempdir()) / f"atoll-site-{os.getuid() if hasattr(os, 'getuid') else 0}" / digest))
+    secret_file = Path(overrides.pop("secret_file", state_dir / "pseudonym.secret"))
+    if not secret_file.exists():
+        create_secret_file(secret_file)
+    check_secret_file(secret_file, where="default site config")
+    policy = overrides.pop("privacy", None) or _load_policy({}, where="default site config [privacy]")
+    cfg = SiteConfig(
+        path=None,
+        name="site",
+        state_dir=state_dir,
+        secret_file=secret_file,
+        signing_key=None,
+        device=DEFAULTS["device"],
+        dicom_dir=data,
+        labels_csv=labels,
+        label_key=DEFAULTS["label_key"],
+        label_column=DEFAULTS["label_column"],
+        task=DEFAULTS["task"],
+        modalities=DEFAULTS["modalities"],
+        cache_dir=Path(overrides.pop("cache_dir", state_dir / "cache")),
+        image_size=DEFAULTS["image_size"],
+        val_fraction=DEFAULTS["val_fraction"],
+        seed=DEFAULTS["seed"],
+        privacy=policy,
+    )
+    if "modalities" in overrides:
+        overrides["modalities"] = tuple(m.upper() for m in overrides["modalities"])
+    return replace(cfg, **overrides)

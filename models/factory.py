@@ -1,0 +1,91 @@
+"""Networks by name, always returned Opacus-compatible (see ``models.compat``).
+
+The registry maps a name to a builder taking ``spatial_dims, in_channels, num_classes, **kw``; extra
+keyword arguments go to the MONAI constructor, so configuration stays data (a name plus a dict).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from monai.networks import nets
+from torch import nn
+
+from .atollnet import AtollNet
+from .compat import make_dp_compatible
+
+DEFAULT_MODEL = "atollnet"
+
+_NO_INPLACE_RELU = ("relu", {"inplace": False})
+Builder = Callable[..., nn.Module]
+
+
+def _atollnet(spatial_dims: int, in_channels: int, num_classes: int, **kw: Any) -> nn.Module:
+    return AtollNet(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes, **kw)
+
+
+def _atollnet_wide(spatial_dims: int, in_channels: int, num_classes: int, **kw: Any) -> nn.Module:
+    kw.setdefault("channels", (32, 64, 128, 128))
+    kw.setdefault("groups", 16)
+    return _atollnet(spatial_dims, in_channels, num_classes, **kw)
+
+
+def _densenet121(spatial_dims: int, in_channels: int, num_classes: int, **kw: Any) -> nn.Module:
+    kw.setdefault("act", _NO_INPLACE_RELU)
+    kw.setdefault("norm", ("group", {"num_groups": 32}))
+    return nets.DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes, **kw)
+
+
+def _resnet(depth: int) -> Builder:
+    def build(spatial_dims: int, in_channels: int, num_classes: int, **kw: Any) -> nn.Module:
+        kw.setdefault("act", _NO_INPLACE_RELU)
+        # MONAI's ResNet only passes ``norm`` to its stem (its blocks keep BatchNorm): make_dp_compatible
+        # swaps every remaining BatchNorm for GroupNorm.
+        kw.setdefault("norm", ("group", {"num_groups": 32}))
+        fn = getattr(nets, f"resnet{depth}")
+        return fn(spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=num_classes, **kw)
+
+    return build
+
+
+_REGISTRY: dict[str, Builder] = {
+    "atollnet": _atollnet,
+    "atollnet-wide": _atollnet_wide,
+    "densenet121": _densenet121,
+    "resnet18": _resnet(18),
+    "resnet34": _resnet(34),
+}
+
+MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def build_model(
+    name: str = DEFAULT_MODEL,
+    *,
+    spatial_dims: int = 2,
+    in_channels: int = 1,
+    num_classes: int = 2,
+    **kw: Any,
+) -> nn.Module:
+    """Build network ``name`` made DP-compatible (GroupNorm, nothing in place).
+
+    Parameters
+    ----------
+    name: one of ``MODEL_NAMES``.
+    spatial_dims: 2 (images) or 3 (volumes).
+    in_channels, num_classes: input channels and number of output logits.
+    **kw: passed to the underlying constructor (e.g. ``channels`` for AtollNet, ``growth_rate`` for DenseNet).
+
+    Raises
+    ------
+    ValueError: unknown name, bad dimensions, or a network Opacus cannot handle.
+    """
+    builder = _REGISTRY.get(name)
+    if builder is None:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if in_channels < 1 or num_classes < 1:
+        raise ValueError(f"in_channels and num_classes must be >= 1, got {in_channels}, {num_classes}")
+    return make_dp_compatible(builder(spatial_dims, in_channels, num_classes, **kw))

@@ -1,0 +1,334 @@
+"""Local training at a site: plain minibatch training or patient-level DP-SGD through Opacus.
+
+Unit of privacy: the PATIENT (DESIGN.md). The site guarantees (epsilon, delta)-DP with respect to adding or
+removing *all* images of one patient. The mechanism, per step:
+
+1. **Poisson-sample patients**: every patient of the training split is included independently with
+   probability ``q = DPConfig.sample_rate`` (fresh randomness each step; the batch may be empty).
+2. **One image per sampled patient**: for each sampled patient one of their images is drawn uniformly at
+   random. A batch therefore holds at most one example per patient, so Opacus' *per-sample* clipping is
+   exactly *per-patient* clipping.
+3. **Clip and noise (Opacus)**: ``opacus.GradSampleModule`` computes per-sample gradients, and
+   ``opacus.optimizers.DPOptimizer`` clips each to L2 norm ``C = clip_norm``, sums them, adds Gaussian noise
+   N(0, (sigma*C)^2 I) with ``sigma = noise_multiplier``, and divides by the expected batch size ``q*P``
+   (a fixed constant, i.e. post-processing).
+
+Sensitivity: adding or removing one patient adds or removes at most one clipped term of norm <= C in the
+pre-noise sum, however many images the patient has (tests/test_dpsgd.py checks this on the real step and
+shows that sampling images instead of patients breaks it). Together with Poisson sampling of patients at
+rate q this is the sampled Gaussian mechanism that Opacus' RDP/PRV accountants count with
+``(noise_multiplier, sample_rate, steps)`` — which is what ``LocalTrainResult`` returns to the caller; this
+module does no accounting itself.
+
+Empty Poisson batches still take a step: zero per-sample gradients go through Opacus' optimizer, which
+adds pure noise (skipping the step would reveal that the batch was empty).
+
+Per-sample gradients: ``grad_sample_mode="hooks"`` (Opacus' autograd hooks, which register a grad sampler
+for every layer AtollNet/MONAI networks use); ``"functorch"`` is available for comparison. The measured
+cost of each mode is in bench/dp_overhead.py.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from opacus import GradSampleModule
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from torch import nn
+
+from .ghost_conv import fast_convs
+
+GRAD_SAMPLE_MODES: tuple[str, ...] = ("fast", "hooks", "functorch", "ghost", "ghost-conv")
+DEFAULT_GRAD_SAMPLE_MODE = "fast"
+
+
+class TrainData(Protocol):
+    """What ``train_local`` needs (``client.ingest.SplitTensors`` fits)."""
+
+    images: torch.Tensor  # float [N, C, *spatial]
+    labels: torch.Tensor  # int64 [N]
+    patients: torch.Tensor  # int64 [N], 0..P-1
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """Mechanism parameters of one local training run.
+
+    noise_multiplier: sigma, noise std relative to the clip norm.
+    clip_norm: C, per-patient L2 bound on a step's gradient contribution.
+    sample_rate: q, probability that a given patient is in a step's batch (expected batch = q * patients).
+    """
+
+    noise_multiplier: float
+    clip_norm: float
+    sample_rate: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+            raise ValueError(f"DPConfig.noise_multiplier must be finite and >= 0, got {self.noise_multiplier}")
+        if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
+            raise ValueError(f"DPConfig.clip_norm must be finite and > 0, got {self.clip_norm}")
+        if not (0 < self.sample_rate <= 1):
+            raise ValueError(f"DPConfig.sample_rate must be in (0, 1], got {self.sample_rate}")
+
+
+@dataclass
+class LocalTrainResult:
+    """What happened: ``steps`` actually taken (what the accountant must charge), mean training loss over the
+    steps' batches, ``num_examples`` = training images available, wall-clock ``seconds``, the ``dp`` used."""
+
+    steps: int
+    train_loss: float
+    num_examples: int
+    seconds: float
+    dp: DPConfig | None
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``cuda``/``cuda:N`` when requested and available, else cpu (``auto`` picks cuda if present)."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    return device
+
+
+def _check_data(data: TrainData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    images, labels, patients = data.images, data.labels, data.patients
+    if not isinstance(images, torch.Tensor) or images.ndim < 3 or not images.is_floating_point():
+        raise ValueError("training data: images must be a float tensor [N, C, *spatial]")
+    n = images.shape[0]
+    if n == 0:
+        raise ValueError("training data: no images")
+    for field, t in (("labels", labels), ("patients", patients)):
+        if not isinstance(t, torch.Tensor) or t.shape != (n,) or t.dtype != torch.int64:
+            raise ValueError(f"training data: {field} must be an int64 tensor of shape [{n}]")
+    if int(patients.min()) < 0:
+        raise ValueError("training data: patients must be indices 0..P-1")
+    if int(labels.min()) < 0:
+        raise ValueError("training data: labels must be >= 0")
+    return images, labels, patients
+
+
+class PatientSampler:
+    """Poisson sampling of patients, then one uniformly random image per sampled patient.
+
+    Patients are ``0..P-1`` with ``P = patients.max() + 1``; a patient index without images is never
+    selected as an image, which only lowers the real batch (never raises a patient's contribution).
+    """
+
+    def __init__(self, patients: torch.Tensor, sample_rate: float, generator: torch.Generator) -> None:
+        patients = patients.cpu()
+        self.num_patients = int(patients.max()) + 1
+        self.order = torch.argsort(patients, stable=True)
+        self.counts = torch.bincount(patients, minlength=self.num_patients)
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+        self.sample_rate = sample_rate
+        self.generator = generator
+
+    def sample(self) -> torch.Tensor:
+        """Image indices of one step's batch (at most one per patient; possibly empty)."""
+        g = self.generator
+        chosen = torch.rand(self.num_patients, generator=g) < self.sample_rate
+        chosen &= self.counts > 0
+        pats = torch.nonzero(chosen).flatten()
+        offset = (torch.rand(len(pats), generator=g) * self.counts[pats]).long()
+        offset = torch.minimum(offset, self.counts[pats] - 1)
+        return self.order[self.starts[pats] + offset]
+
+
+class PrivateStep:
+    """One DP-SGD step through Opacus for a chosen per-sample-gradient mode.
+
+    ``step(x, y)`` runs forward, backward, Opacus' clipping at C and Gaussian noise sigma*C, and the
+    optimizer update for the batch ``(x, y)`` (an empty batch still gets the noise). ``close()`` removes every
+    Opacus hook and attribute and restores the model's classes. The bench uses this exact object, so the
+    timings it reports are those of training.
+
+    Modes (``GRAD_SAMPLE_MODES``): ``"fast"`` (Atoll's default: Opacus hooks + DPOptimizer, convolutions via
+    ``privacy.ghost_conv`` with no wasted summed weight gradient), ``"hooks"`` and ``"functorch"`` (stock
+    Opacus per-sample gradients), ``"ghost"`` (stock Opacus ghost clipping: norms, then a second
+    backward on the re-weighted loss) and ``"ghost-conv"`` (ghost clipping with ghost/instantiated conv norms
+    from ``privacy.ghost_conv``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        dp: DPConfig,
+        *,
+        expected_batch_size: int,
+        grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
+        self.mode = grad_sample_mode
+        self.model = model
+        self._fast_ctx = None
+        if grad_sample_mode in ("fast", "ghost-conv"):
+            self._fast_ctx = fast_convs(model, skip_weight_grad=grad_sample_mode == "fast")
+            self._fast_ctx.__enter__()
+        self.ghost = grad_sample_mode in ("ghost", "ghost-conv")
+        if self.ghost:
+            # Opacus' ghost clipping: every piece must agree on "mean"; the second backward sums the
+            # re-weighted per-sample losses and the optimizer divides the noisy sum by expected_batch_size.
+            self.gsm = GradSampleModuleFastGradientClipping(
+                model, batch_first=True, loss_reduction="mean", max_grad_norm=dp.clip_norm, use_ghost_clipping=True
+            )
+            self.optimizer = DPOptimizerFastGradientClipping(
+                optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.clip_norm,
+                expected_batch_size=expected_batch_size, loss_reduction="mean", generator=generator,
+            )
+            self.loss_fn = DPLossFastGradientClipping(
+                self.gsm, self.optimizer, nn.CrossEntropyLoss(reduction="mean"), loss_reduction="mean"
+            )
+        else:
+            # Loss = SUM over the batch, so per-sample gradients are true per-example gradients; the
+            # optimizer divides the clipped, noised sum by expected_batch_size (a constant: post-processing).
+            self.gsm = GradSampleModule(
+                model, batch_first=True, loss_reduction="sum", strict=True,
+                force_functorch=grad_sample_mode == "functorch",
+            )
+            self.optimizer = DPOptimizer(
+                optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.clip_norm,
+                expected_batch_size=expected_batch_size, loss_reduction="mean", generator=generator,
+            )
+            self.loss_fn = nn.CrossEntropyLoss(reduction="sum")
+
+    def _empty_batch(self) -> None:
+        """No sampled patient: a zero contribution goes through Opacus, which still adds the noise."""
+        for p in self.optimizer.params:
+            if self.ghost:
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad_sample = p.new_zeros((0, *p.shape))
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float | None:
+        """One private step; returns the batch's mean loss (None for an empty batch)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_value: float | None = None
+        if len(x) == 0:
+            self._empty_batch()
+        else:
+            loss = self.loss_fn(self.gsm(x), y)
+            loss.backward()
+            loss_value = loss.item() if self.ghost else loss.item() / len(x)
+        self.optimizer.step()
+        return loss_value
+
+    def close(self) -> nn.Module:
+        """Unwrap: no Opacus hooks/attributes left, original layer classes restored."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.gsm.to_standard_module()
+        if self._fast_ctx is not None:
+            self._fast_ctx.__exit__(None, None, None)
+            self._fast_ctx = None
+        for p in self.model.parameters():
+            p.grad = None
+        return self.model
+
+
+def train_local(
+    model: nn.Module,
+    data: TrainData,
+    *,
+    steps: int,
+    lr: float,
+    device: torch.device | str,
+    dp: DPConfig | None,
+    batch_size: int = 64,
+    seed: int | None = None,
+    grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
+) -> LocalTrainResult:
+    """Train ``model`` in place for exactly ``steps`` optimizer steps.
+
+    Parameters
+    ----------
+    model: the network (from ``models.build_model``); its weights are updated in place and it is left
+        unwrapped (no Opacus hooks or attributes) on its original device.
+    data: images [N, C, ...] float, labels [N] int64, patients [N] int64 (0..P-1).
+    steps: optimizer steps (each one is one sampled batch; the accountant charges exactly these).
+    lr: Adam learning rate.
+    device: where to train; cuda falls back to cpu when unavailable.
+    dp: ``None`` = plain minibatch training over images (shuffled epochs of ``batch_size``); otherwise
+        patient-level DP-SGD (module docstring) and ``batch_size`` is ignored (the batch is ~ q * P).
+    seed: makes sampling, image choice and noise reproducible; ``None`` draws fresh randomness.
+    grad_sample_mode: how Opacus computes per-sample gradients (``GRAD_SAMPLE_MODES``).
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be finite and > 0, got {lr}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    images, labels, patients = _check_data(data)
+    dev = resolve_device(device)
+    home = next(model.parameters()).device
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    noise_gen = None
+    if dp is not None:
+        noise_gen = torch.Generator(device=dev)
+        noise_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        if seed is None:
+            noise_gen.seed()
+
+    images = images.to(dev)
+    labels = labels.to(dev)
+    model.to(dev)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    if dp is None:
+        n = images.shape[0]
+        perm = torch.randperm(n, generator=generator)
+        pos = 0
+        for _ in range(steps):
+            if pos >= n:
+                perm, pos = torch.randperm(n, generator=generator), 0
+            idx = perm[pos : pos + batch_size].to(dev)
+            pos += batch_size
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(images[idx]), labels[idx]) / len(idx)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    else:
+        sampler = PatientSampler(patients, dp.sample_rate, generator)
+        expected = max(1, round(dp.sample_rate * sampler.num_patients))
+        private = PrivateStep(
+            model, optimizer, dp, expected_batch_size=expected, grad_sample_mode=grad_sample_mode, generator=noise_gen
+        )
+        try:
+            with warnings.catch_warnings():
+                # first layer's input needs no gradient: torch warns that its full backward hook fires anyway
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                for _ in range(steps):
+                    idx = sampler.sample().to(dev)
+                    loss_value = private.step(images[idx], labels[idx])
+                    if loss_value is not None:
+                        losses.append(loss_value)
+        finally:
+            private.close()
+    if dev != home:
+        model.to(home)
+    seconds = time.perf_counter() - t0
+    train_loss = float(sum(losses) / len(losses)) if losses else float("nan")
+    return LocalTrainResult(
+        steps=steps, train_loss=train_loss, num_examples=int(images.shape[0]), seconds=seconds, dp=dp
+    )

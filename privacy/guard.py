@@ -1,0 +1,320 @@
+"""The site's budget guard: checks a round against the hospital's policy and lifetime budget, write-ahead.
+
+Order of a round at a site (DESIGN.md): :meth:`BudgetGuard.reserve` runs *before any data is touched*. Under an
+exclusive lock on the site ledger it re-reads the whole persisted history, checks the request against the
+policy, computes epsilon of (history + this round) with the policy's accountant over the whole lifetime, and
+either appends a ``refusal`` record and raises :class:`BudgetRefused`, or appends a ``reservation`` record
+(fsynced) that charges the round. Training happens only after that. :meth:`BudgetGuard.complete` then appends
+the signed ``round`` record that goes to the server.
+
+Rules that keep epsilon from ever being under-counted:
+
+* The charge is made at reservation time. A reservation without completion (crash during training) stays
+  charged; a new guard on the same files sees it.
+* Replay: ``reserve`` for a ``(run_id, server_round)`` that already has an *uncompleted* reservation with the
+  same mechanism parameters and the same incoming weights returns that reservation and adds nothing (the
+  crashed attempt released nothing: a ``round`` record is written before any update leaves the site). Policy and
+  budget are re-checked against the current policy. If the earlier reservation was *completed* (its update may
+  have left the site) or the parameters differ, the request is charged as a new round.
+* ``complete`` twice for one reservation returns the existing record when the update hash is the same (the same
+  bytes released again cost nothing) and raises :class:`~privacy.ledger.LedgerError` otherwise (a second,
+  different update under one charge would be an uncharged release).
+* Non-DP rounds (``dp=False``, only if the policy says ``allow_non_dp = true``) are charged as a mechanism with
+  noise multiplier 0: epsilon of any history containing one is ``inf``, so :meth:`BudgetGuard.spent` reports
+  ``inf`` from then on and every later DP round is refused as over budget. They are never treated as free.
+
+Record bodies (envelope fields are documented in :mod:`privacy.ledger`):
+
+``reservation``: run_id, server_round, dp, noise_multiplier, clip_norm, sample_rate, steps,
+    charge ``[sigma or 0, q, steps]``, accountant, delta, history (canonical lifetime history including this
+    charge), epsilon_before, epsilon_after, max_epsilon, weights_in_sha256, policy_sha256.
+``round``: the same mechanism fields plus reservation_seq, reservation_sha256, update_sha256,
+    released_metrics; history/epsilon_after are recomputed at completion over every charge in the ledger.
+``refusal``: run_id, server_round, code, message, the requested parameters, accountant, delta, history,
+    epsilon_spent, epsilon_requested (``null`` when the budget was not the reason), max_epsilon, policy_sha256.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from privacy.accounting import canonical_history, compute_epsilon
+from privacy.ledger import LedgerError, SiteLedger, epsilon_json, record_hash
+from privacy.policy import SitePolicy
+
+log = logging.getLogger("atoll.privacy")
+
+BUDGET_EXCEEDED = "BUDGET_EXCEEDED"
+NOISE_OUT_OF_POLICY = "NOISE_OUT_OF_POLICY"
+CLIP_OUT_OF_POLICY = "CLIP_OUT_OF_POLICY"
+STEPS_OUT_OF_POLICY = "STEPS_OUT_OF_POLICY"
+SAMPLE_RATE_OUT_OF_POLICY = "SAMPLE_RATE_OUT_OF_POLICY"
+NON_DP_NOT_ALLOWED = "NON_DP_NOT_ALLOWED"
+BAD_REQUEST = "BAD_REQUEST"
+REFUSAL_CODES: tuple[str, ...] = (BUDGET_EXCEEDED, NOISE_OUT_OF_POLICY, CLIP_OUT_OF_POLICY, STEPS_OUT_OF_POLICY,
+                                  SAMPLE_RATE_OUT_OF_POLICY, NON_DP_NOT_ALLOWED, BAD_REQUEST)
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_MECHANISM = ("dp", "noise_multiplier", "clip_norm", "sample_rate", "steps")
+
+
+class BudgetRefused(Exception):
+    """The site refuses a round. ``message`` is safe to send to the server (no identifiers, no paths)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"[{code}] {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    """What the server asks of the site for one round (from the round's config record)."""
+
+    run_id: str
+    server_round: int
+    noise_multiplier: float
+    clip_norm: float
+    sample_rate: float
+    steps: int
+    dp: bool = True
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A charged, not yet completed round: proof that the write-ahead record is on disk."""
+
+    run_id: str
+    server_round: int
+    seq: int
+    record_sha256: str
+    epsilon_before: float
+    epsilon_after: float
+    delta: float
+    replayed: bool = False
+    record: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+def charges(records: Iterable[dict]) -> list[tuple[float, float, int]]:
+    """The accountant history of a ledger: one ``charge`` per reservation record, in ledger order."""
+    out = []
+    for r in records:
+        if r.get("type") == "reservation":
+            s, q, n = r["charge"]
+            out.append((float(s), float(q), int(n)))
+    return out
+
+
+def history_json(hist: Iterable[tuple[float, float, int]]) -> list[list]:
+    return [[float(s), float(q), int(n)] for s, q, n in canonical_history(hist)]
+
+
+def _fmt(eps: float) -> str:
+    return "∞" if math.isinf(eps) else f"{eps:.2f}"
+
+
+class BudgetGuard:
+    """Checks rounds against a :class:`SitePolicy` and the lifetime budget persisted in a :class:`SiteLedger`.
+
+    Parameters
+    ----------
+    ledger: the site's ledger (the only persistent state; a new guard on the same file sees everything).
+    policy: the hospital's privacy policy.
+    num_patients: patients in the training split; fixes delta when the policy says auto (``1/(10 P)``).
+
+    Raises :class:`~privacy.policy.PolicyError` when the policy's explicit delta is too large for this dataset.
+    """
+
+    def __init__(self, ledger: SiteLedger, policy: SitePolicy, num_patients: int) -> None:
+        self.ledger = ledger
+        self.policy = policy
+        self.num_patients = int(num_patients)
+        self.delta = policy.effective_delta(self.num_patients)
+        self.policy_sha256 = policy.sha256()
+
+    # ----------------------------------------------------------------- queries
+
+    def epsilon_of(self, history: Iterable[tuple[float, float, int]]) -> float:
+        return compute_epsilon(list(history), self.delta, self.policy.accountant)
+
+    def history(self) -> list[tuple[float, float, int]]:
+        """The persisted lifetime accountant history (one entry per reservation)."""
+        return charges(self.ledger.records())
+
+    def spent(self) -> float:
+        """Epsilon over the whole persisted history (``inf`` once a non-DP round was run)."""
+        return self.epsilon_of(self.history())
+
+    def remaining(self) -> float:
+        return max(0.0, self.policy.max_epsilon - self.spent())
+
+    # ----------------------------------------------------------------- reserve
+
+    def reserve(self, req: RoundRequest, *, weights_in_sha256: str) -> Reservation:
+        """Check ``req`` and charge it write-ahead; raise :class:`BudgetRefused` (recorded) if not acceptable."""
+        _check_hash("weights_in_sha256", weights_in_sha256)
+        refusal: BudgetRefused | None = None
+        with self.ledger.transaction() as txn:
+            records = txn.records
+            hist = charges(records)
+            spent = self.epsilon_of(hist)
+            problem = self._policy_problem(req)
+            replay = self._find_replay(records, req, weights_in_sha256) if problem is None else None
+            if problem is not None:
+                refusal = BudgetRefused(*problem)
+                self._append_refusal(txn, req, refusal, hist, spent, None, weights_in_sha256)
+            elif replay is not None:
+                if req.dp and spent > self.policy.max_epsilon:
+                    refusal = BudgetRefused(BUDGET_EXCEEDED, f"site budget exhausted: spent ε={_fmt(spent)} of "
+                                            f"{self.policy.max_epsilon:.2f}")
+                    self._append_refusal(txn, req, refusal, hist, spent, spent, weights_in_sha256)
+                else:
+                    log.info("run %s round %s: replay of reservation seq %d, not charged again",
+                             req.run_id, req.server_round, replay["seq"])
+                    return self._reservation(replay, replayed=True)
+            else:
+                charge = (float(req.noise_multiplier) if req.dp else 0.0, float(req.sample_rate), int(req.steps))
+                after_hist = hist + [charge]
+                after = self.epsilon_of(after_hist)
+                if req.dp and after > self.policy.max_epsilon:
+                    refusal = BudgetRefused(BUDGET_EXCEEDED, self._budget_message(spent, after, req))
+                    self._append_refusal(txn, req, refusal, hist, spent, after, weights_in_sha256)
+                else:
+                    if not req.dp:
+                        log.warning("run %s round %s: NON-DP round allowed by policy; this dataset's epsilon is now "
+                                    "infinite and every later DP round will be refused", req.run_id, req.server_round)
+                    rec = txn.append({
+                        "type": "reservation", **self._mechanism(req), "charge": list(charge),
+                        "accountant": self.policy.accountant, "delta": self.delta,
+                        "history": history_json(after_hist),
+                        "epsilon_before": epsilon_json(spent), "epsilon_after": epsilon_json(after),
+                        "max_epsilon": self.policy.max_epsilon, "weights_in_sha256": weights_in_sha256,
+                        "policy_sha256": self.policy_sha256,
+                    })
+                    return self._reservation(rec, replayed=False)
+        assert refusal is not None
+        raise refusal
+
+    def _budget_message(self, spent: float, after: float, req: RoundRequest) -> str:
+        mech = f"σ={req.noise_multiplier:g}, q={req.sample_rate:.3g}, {req.steps} steps"
+        if math.isinf(spent):
+            return (f"site budget exhausted: a non-DP round was run on this dataset, so its epsilon is ∞ "
+                    f"(budget {self.policy.max_epsilon:.2f}); no further DP round is possible ({mech})")
+        return (f"site budget exhausted: spent ε={_fmt(spent)} of {self.policy.max_epsilon:.2f}; "
+                f"this round would reach ε={_fmt(after)} ({mech})")
+
+    def _policy_problem(self, req: RoundRequest) -> tuple[str, str] | None:
+        p = self.policy
+        if not isinstance(req.run_id, str) or not req.run_id or len(req.run_id) > 200:
+            return BAD_REQUEST, "the round request has no valid run id"
+        if isinstance(req.server_round, bool) or not isinstance(req.server_round, int) or req.server_round < 0:
+            return BAD_REQUEST, f"the round request's server round {req.server_round!r} is not a non-negative integer"
+        if not isinstance(req.dp, bool):
+            return BAD_REQUEST, "the round request's dp flag is not a boolean"
+        for name in ("noise_multiplier", "clip_norm", "sample_rate"):
+            v = getattr(req, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                return BAD_REQUEST, f"the round request's {name.replace('_', ' ')} {v!r} is not a finite number"
+        if isinstance(req.steps, bool) or not isinstance(req.steps, int):
+            return BAD_REQUEST, f"the round request's local steps {req.steps!r} is not an integer"
+        if not req.dp and not p.allow_non_dp:
+            return NON_DP_NOT_ALLOWED, "this site's policy does not allow training without differential privacy"
+        lo, hi = p.local_steps
+        if not lo <= req.steps <= hi:
+            return STEPS_OUT_OF_POLICY, f"local steps {req.steps} outside this site's allowed range [{lo}, {hi}]"
+        if not 0 < req.sample_rate <= p.max_sample_rate:
+            return SAMPLE_RATE_OUT_OF_POLICY, (f"sampling rate q={req.sample_rate:.4g} outside this site's allowed "
+                                               f"range (0, {p.max_sample_rate:g}]")
+        if req.dp:
+            lo, hi = p.noise_multiplier
+            if not lo <= req.noise_multiplier <= hi:
+                return NOISE_OUT_OF_POLICY, (f"noise multiplier σ={req.noise_multiplier:g} outside this site's "
+                                             f"allowed range [{lo:g}, {hi:g}]")
+            lo, hi = p.clip_norm
+            if not lo <= req.clip_norm <= hi:
+                return CLIP_OUT_OF_POLICY, f"clip norm C={req.clip_norm:g} outside this site's allowed range [{lo:g}, {hi:g}]"
+        return None
+
+    @staticmethod
+    def _mechanism(req: RoundRequest) -> dict[str, Any]:
+        return {"run_id": req.run_id, "server_round": int(req.server_round), "dp": bool(req.dp),
+                "noise_multiplier": float(req.noise_multiplier), "clip_norm": float(req.clip_norm),
+                "sample_rate": float(req.sample_rate), "steps": int(req.steps)}
+
+    def _find_replay(self, records: list[dict], req: RoundRequest, weights_in: str) -> dict | None:
+        want = self._mechanism(req)
+        completed = {r.get("reservation_seq") for r in records if r.get("type") == "round"}
+        for r in reversed(records):
+            if (r.get("type") == "reservation" and r["seq"] not in completed
+                    and all(r.get(k) == v for k, v in want.items())
+                    and r.get("weights_in_sha256") == weights_in):
+                return r
+        return None
+
+    def _append_refusal(self, txn, req: RoundRequest, refusal: BudgetRefused, hist, spent: float,
+                        requested: float | None, weights_in: str) -> None:
+        body = {"type": "refusal", "code": refusal.code, "message": refusal.message,
+                "accountant": self.policy.accountant, "delta": self.delta, "history": history_json(hist),
+                "epsilon_spent": epsilon_json(spent),
+                "epsilon_requested": None if requested is None else epsilon_json(requested),
+                "max_epsilon": self.policy.max_epsilon, "policy_sha256": self.policy_sha256,
+                "weights_in_sha256": weights_in}
+        try:
+            body.update(self._mechanism(req))
+        except (TypeError, ValueError):  # malformed request: record what can be recorded
+            body.update(run_id=str(req.run_id)[:200], server_round=-1, dp=bool(req.dp))
+        txn.append(body)
+        log.warning("refused run %s round %s [%s]: %s", req.run_id, req.server_round, refusal.code, refusal.message)
+
+    def _reservation(self, rec: dict, *, replayed: bool) -> Reservation:
+        from privacy.ledger import epsilon_value
+
+        return Reservation(run_id=rec["run_id"], server_round=rec["server_round"], seq=rec["seq"],
+                           record_sha256=record_hash(rec), epsilon_before=epsilon_value(rec["epsilon_before"]),
+                           epsilon_after=epsilon_value(rec["epsilon_after"]), delta=float(rec["delta"]),
+                           replayed=replayed, record=rec)
+
+    # ----------------------------------------------------------------- complete
+
+    def complete(self, res: Reservation, *, update_sha256: str) -> dict:
+        """Append the signed ``round`` record for a reserved round and return it (the dict sent to the server)."""
+        _check_hash("update_sha256", update_sha256)
+        with self.ledger.transaction() as txn:
+            records = txn.records
+            if not (0 <= res.seq < len(records)) or record_hash(records[res.seq]) != res.record_sha256:
+                raise LedgerError(f"reservation seq {res.seq} (run {res.run_id!r} round {res.server_round}) is not in "
+                                  f"the ledger {self.ledger.path}; cannot complete it")
+            rsv = records[res.seq]
+            for r in records:
+                if r.get("type") == "round" and r.get("reservation_seq") == res.seq:
+                    if r.get("update_sha256") == update_sha256:
+                        return r
+                    raise LedgerError(
+                        f"reservation seq {res.seq} (run {res.run_id!r} round {res.server_round}) was already "
+                        "completed with a different update; releasing a second update would not be charged")
+            hist = charges(records)
+            before_hist = list(hist)
+            before_hist.remove(tuple(_charge(rsv)))
+            after = self.epsilon_of(hist)
+            before = self.epsilon_of(before_hist)
+            body = {"type": "round", **{k: rsv[k] for k in ("run_id", "server_round", *_MECHANISM)},
+                    "charge": rsv["charge"], "accountant": self.policy.accountant, "delta": self.delta,
+                    "history": history_json(hist), "epsilon_before": epsilon_json(before),
+                    "epsilon_after": epsilon_json(after), "max_epsilon": self.policy.max_epsilon,
+                    "weights_in_sha256": rsv["weights_in_sha256"], "update_sha256": update_sha256,
+                    "reservation_seq": rsv["seq"], "reservation_sha256": res.record_sha256,
+                    "released_metrics": list(self.policy.released_metrics), "policy_sha256": self.policy_sha256}
+            return txn.append(body)
+
+
+def _charge(rec: dict) -> tuple[float, float, int]:
+    s, q, n = rec["charge"]
+    return (float(s), float(q), int(n))
+
+
+def _check_hash(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not _HEX64.match(value):
+        raise ValueError(f"{name} must be a lowercase hex SHA-256 digest, got {value!r}")

@@ -1,0 +1,475 @@
+"""Signed, hash-chained privacy ledger: the site's own copy (:class:`SiteLedger`) and the server's (:class:`ConsortiumLedger`).
+
+Record format (schema v1), one JSON object per line (JSON Lines), written in canonical form
+---------------------------------------------------------------------------------------------
+Every record carries these envelope fields (the body fields depend on ``type``; see :mod:`privacy.guard`):
+
+``v``        schema version (1)
+``type``     ``"reservation"`` | ``"round"`` | ``"refusal"``
+``site``     the site's name (as enrolled with the consortium)
+``seq``      0-based position of the record in the site's ledger (line number - 1)
+``prev``     SHA-256 (hex) of the previous record's canonical bytes, ``"0" * 64`` for the first record
+``time``     UTC time of writing, ISO 8601 (``2026-01-31T12:00:00Z``)
+``key_id``   id of the signing key (:func:`privacy.keys.key_id`), or ``null`` for an unsigned ledger
+``sig``      base64 Ed25519 signature over the canonical bytes of the record *without* ``sig``;
+             absent in unsigned mode
+
+Canonical serialisation (:func:`canonical_json`): ``json.dumps(sort_keys=True, separators=(",", ":"),
+ensure_ascii=False, allow_nan=False)`` encoded as UTF-8. Floats are written as Python's shortest round-trip
+``repr``, so a record that has gone through ``json.loads`` serialises back to the very same bytes and its hash and
+signature can be recomputed by anyone. Infinity is not JSON: an infinite epsilon is the string ``"inf"``.
+
+Hash chain: ``record_hash(r) = sha256(canonical_json(r))`` over the *whole* record including ``sig``; record
+``n`` stores ``record_hash(record n-1)`` in ``prev``. The server only receives a site's ``round`` records, so its
+copy has gaps in ``seq`` (reservations and refusals stay on site); it checks signature, strictly increasing
+``seq`` and, where ``seq`` is consecutive, the ``prev`` link. ``atoll audit verify`` checks the server copy
+against the site's full ledger, where every link is checked.
+
+Durability: appends are single ``write`` calls of a whole line followed by ``fsync``; the directory is
+fsynced when the ledger file is created; every read-modify-append runs under ``fcntl.flock`` on the ledger
+file, so two processes at one site serialise. A torn last line (crash in the middle of a write, no trailing
+newline) was never acknowledged to anyone (``append`` had not returned), so it is cut off on the next locked
+open, with a warning.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+log = logging.getLogger("atoll.ledger")
+
+SCHEMA_VERSION = 1
+GENESIS = "0" * 64
+RECORD_TYPES: tuple[str, ...] = ("reservation", "round", "refusal")
+ENVELOPE_FIELDS: tuple[str, ...] = ("v", "type", "site", "seq", "prev", "time", "key_id")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class LedgerError(ValueError):
+    """A ledger record or file failed a check; the message says which record, which field and why."""
+
+
+# ------------------------------------------------------------------------------------------------ primitives
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Canonical UTF-8 JSON: sorted keys, no whitespace, floats as Python ``repr``, no NaN/Infinity.
+
+    RFC 8785-like (not byte-identical to JCS for floats: ``1e+16`` vs ``1e16``); reproducible because a record
+    that went through ``json.loads`` serialises back to the very same bytes.
+    """
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def record_hash(record: Mapping[str, Any]) -> str:
+    """Hash that the next record's ``prev`` must carry: SHA-256 of the canonical bytes of the whole record."""
+    return sha256_hex(canonical_json(dict(record)))
+
+
+def signing_bytes(record: Mapping[str, Any]) -> bytes:
+    """The bytes a signature covers: the canonical record without its ``sig`` field."""
+    return canonical_json({k: v for k, v in record.items() if k != "sig"})
+
+
+def sign_record(record: Mapping[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
+    """Return a copy of ``record`` with ``key_id`` set and ``sig`` added."""
+    from privacy.keys import key_id
+
+    out = {k: v for k, v in record.items() if k != "sig"}
+    out["key_id"] = key_id(key)
+    out["sig"] = base64.b64encode(key.sign(signing_bytes(out))).decode("ascii")
+    return out
+
+
+def verify_record(record: Mapping[str, Any], public_key: Ed25519PublicKey) -> None:
+    """Check ``record``'s signature (and key id) against ``public_key``; raise :class:`LedgerError` if not valid."""
+    from privacy.keys import key_id
+
+    sig = record.get("sig")
+    if not isinstance(sig, str) or not sig:
+        raise LedgerError("record is unsigned (no 'sig' field)")
+    expected = key_id(public_key)
+    if record.get("key_id") != expected:
+        raise LedgerError(f"field 'key_id': record names key {record.get('key_id')!r}, the enrolled key is {expected!r}")
+    try:
+        raw = base64.b64decode(sig, validate=True)
+        public_key.verify(raw, signing_bytes(record))
+    except (InvalidSignature, ValueError):
+        raise LedgerError("field 'sig': signature does not verify against the enrolled key "
+                          "(the record was altered or signed by another key)") from None
+
+
+def envelope_problems(record: Any) -> list[str]:
+    """Structural problems of a record's envelope (empty list = well formed)."""
+    if not isinstance(record, dict):
+        return [f"record is a {type(record).__name__}, expected a JSON object"]
+    out = []
+    for f in ENVELOPE_FIELDS:
+        if f not in record:
+            out.append(f"field {f!r} is missing")
+    if out:
+        return out
+    if record["v"] != SCHEMA_VERSION:
+        out.append(f"field 'v': unsupported schema version {record['v']!r} (expected {SCHEMA_VERSION})")
+    if record["type"] not in RECORD_TYPES:
+        out.append(f"field 'type': {record['type']!r} is not one of {', '.join(RECORD_TYPES)}")
+    if not isinstance(record["site"], str) or not _SITE_NAME.match(record["site"]):
+        out.append(f"field 'site': {record['site']!r} is not a site name")
+    if isinstance(record["seq"], bool) or not isinstance(record["seq"], int) or record["seq"] < 0:
+        out.append(f"field 'seq': {record['seq']!r} is not a non-negative integer")
+    if not isinstance(record["prev"], str) or not _HEX64.match(record["prev"]):
+        out.append(f"field 'prev': {record['prev']!r} is not a SHA-256 hex digest")
+    if record["key_id"] is not None and not isinstance(record["key_id"], str):
+        out.append(f"field 'key_id': {record['key_id']!r} is not a key id")
+    if "sig" in record and not isinstance(record["sig"], str):
+        out.append("field 'sig': not a base64 string")
+    return out
+
+
+def epsilon_value(v: Any) -> float:
+    """Parse a recorded epsilon: a JSON number, or the string ``"inf"`` (non-DP history)."""
+    if isinstance(v, bool):
+        raise LedgerError(f"epsilon {v!r} is not a number")
+    if isinstance(v, (int, float)):
+        return float(v)
+    if v == "inf":
+        return float("inf")
+    raise LedgerError(f"epsilon {v!r} is neither a number nor \"inf\"")
+
+
+def epsilon_json(eps: float) -> float | str:
+    """The JSON form of an epsilon (``"inf"`` for infinity; JSON has no Infinity)."""
+    return "inf" if eps == float("inf") else float(eps)
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, dict | None, str]]:
+    """Read a JSON Lines file as ``(line_number, record_or_None, raw_line)``; ``None`` marks an unparsable line.
+
+    A last line without a newline (torn write) is reported like any other line; callers decide.
+    """
+    out = []
+    with open(path, "rb") as fh:
+        for i, raw in enumerate(fh, start=1):
+            text = raw.decode("utf-8", errors="replace").rstrip("\n")
+            if not text.strip():
+                out.append((i, None, text))
+                continue
+            try:
+                rec = json.loads(text)
+            except json.JSONDecodeError:
+                rec = None
+            out.append((i, rec if isinstance(rec, dict) else None, text))
+    return out
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+# ------------------------------------------------------------------------------------------------ site ledger
+
+
+class SiteLedger:
+    """A site's lifetime ledger for one dataset: append-only, fsynced, hash-chained, signed when a key is given.
+
+    Parameters
+    ----------
+    path: the JSON Lines file (created, with its folder, on first append).
+    site: the site's name; every record carries it and an existing file must belong to it.
+    signing_key: Ed25519 private key; ``None`` = unsigned mode (records have ``key_id: null`` and no ``sig``;
+        a consortium that enrolls keys rejects them).
+    """
+
+    def __init__(self, path: str | Path, *, site: str, signing_key: Ed25519PrivateKey | None = None) -> None:
+        if not isinstance(site, str) or not _SITE_NAME.match(site):
+            raise LedgerError(f"site name {site!r} is not valid (letters, digits, . _ -; at most 64 characters)")
+        self.path = Path(path)
+        self.site = site
+        self._key = signing_key
+        if signing_key is not None:
+            from privacy.keys import key_id
+
+            self.key_id: str | None = key_id(signing_key)
+        else:
+            self.key_id = None
+        self._records: list[dict] = []
+        self._offset = 0          # bytes of the file already parsed into _records
+        self._ino: int | None = None
+        self._last_hash = GENESIS
+
+    @property
+    def signed(self) -> bool:
+        return self._key is not None
+
+    # ------------------------------------------------------------------ reading
+
+    def records(self) -> list[dict]:
+        """All records, oldest first, re-read from disk under a shared lock (chain structure checked)."""
+        if not self.path.exists():
+            return []
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            self._refresh(fd, writable=False)
+            return list(self._records)
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def __len__(self) -> int:
+        return len(self.records())
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator["LedgerTransaction"]:
+        """Exclusive lock on the ledger for a read-check-append sequence (e.g. the guard's reserve)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        created = not self.path.exists()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            if created:
+                _fsync_dir(self.path.parent)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._refresh(fd, writable=True)
+            yield LedgerTransaction(self, fd)
+        finally:
+            os.close(fd)
+
+    def append(self, body: Mapping[str, Any]) -> dict:
+        """Append one record (envelope filled in, signed, fsynced) and return it."""
+        with self.transaction() as txn:
+            return txn.append(body)
+
+    def _refresh(self, fd: int, *, writable: bool) -> None:
+        st = os.fstat(fd)
+        if self._ino != st.st_ino or st.st_size < self._offset:
+            self._records, self._offset, self._last_hash, self._ino = [], 0, GENESIS, st.st_ino
+        if st.st_size == self._offset:
+            return
+        data = os.pread(fd, st.st_size - self._offset, self._offset)
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            torn = len(data) - end
+            if writable:
+                log.warning("%s: cutting off a torn last line (%d bytes, never acknowledged: crash mid-write)",
+                            self.path, torn)
+                os.ftruncate(fd, self._offset + end)
+            data = data[:end]
+        line_no = len(self._records)
+        for raw in data.splitlines():
+            line_no += 1
+            try:
+                rec = json.loads(raw)
+            except json.JSONDecodeError:
+                raise LedgerError(f"{self.path} line {line_no}: not valid JSON; the ledger is damaged "
+                                  "(restore it from backup; do not delete it, the budget would restart at zero)") from None
+            problems = envelope_problems(rec)
+            if problems:
+                raise LedgerError(f"{self.path} line {line_no}: {problems[0]}")
+            if rec["site"] != self.site:
+                raise LedgerError(f"{self.path} line {line_no}: record belongs to site {rec['site']!r}, "
+                                  f"this ledger is opened for site {self.site!r}")
+            if rec["seq"] != line_no - 1:
+                raise LedgerError(f"{self.path} line {line_no}: field 'seq' is {rec['seq']}, expected {line_no - 1} "
+                                  "(a record was dropped, inserted or reordered)")
+            if rec["prev"] != self._last_hash:
+                raise LedgerError(f"{self.path} line {line_no}: field 'prev' does not match the hash of line "
+                                  f"{line_no - 1} (the ledger was edited)")
+            self._last_hash = record_hash(rec)
+            self._records.append(rec)
+        self._offset += end
+
+
+class LedgerTransaction:
+    """Handle given out by :meth:`SiteLedger.transaction`: the current records and an ``append``."""
+
+    def __init__(self, ledger: SiteLedger, fd: int) -> None:
+        self._ledger = ledger
+        self._fd = fd
+
+    @property
+    def records(self) -> list[dict]:
+        return self._ledger._records
+
+    def append(self, body: Mapping[str, Any]) -> dict:
+        led = self._ledger
+        clash = set(body) & (set(ENVELOPE_FIELDS) - {"type"} | {"sig"})
+        if clash:
+            raise LedgerError(f"record body may not set envelope field(s) {sorted(clash)}")
+        if body.get("type") not in RECORD_TYPES:
+            raise LedgerError(f"record type {body.get('type')!r} is not one of {', '.join(RECORD_TYPES)}")
+        rec: dict[str, Any] = {k: v for k, v in body.items() if k != "type"}
+        rec.update(v=SCHEMA_VERSION, type=body["type"], site=led.site, seq=len(led._records),
+                   prev=led._last_hash, time=utc_now(), key_id=led.key_id)
+        if led._key is not None:
+            rec = sign_record(rec, led._key)
+        line = canonical_json(rec) + b"\n"
+        _write_all(self._fd, line)
+        os.fsync(self._fd)
+        led._records.append(rec)
+        led._offset += len(line)
+        led._last_hash = record_hash(rec)
+        return rec
+
+
+# ------------------------------------------------------------------------------------------------ consortium ledger
+
+
+class ConsortiumLedger:
+    """The server's copy of the sites' ``round`` records for one run: ``run_root/ledger.jsonl``.
+
+    With ``keys_dir`` (enrolled ``<site>.pub`` files) every record must be signed by its site's enrolled key;
+    without it records are stored unverified (a warning says so). Accepted records are appended verbatim
+    (canonical bytes, fsynced) so the auditor can re-check every signature.
+    """
+
+    FILENAME = "ledger.jsonl"
+
+    def __init__(self, run_root: str | Path, keys_dir: str | Path | None = None) -> None:
+        self.root = Path(run_root)
+        self.path = self.root / self.FILENAME
+        self.keys_dir = Path(keys_dir) if keys_dir else None
+        if self.keys_dir is not None and not self.keys_dir.is_dir():
+            raise LedgerError(f"keys_dir {self.keys_dir} does not exist; enroll site public keys there as <site>.pub")
+        if self.keys_dir is None:
+            log.warning("consortium ledger %s: no enrolled site keys (keys_dir unset); ledger records are "
+                        "stored UNVERIFIED", self.path)
+        self._keys: dict[str, Ed25519PublicKey] = {}
+        self._last: dict[str, dict] = {}
+        self._records: list[dict] = []
+        if self.path.exists():
+            for line, rec, _raw in read_jsonl(self.path):
+                if rec is None:
+                    raise LedgerError(f"{self.path} line {line}: not a JSON record; the run's ledger is damaged")
+                self._records.append(rec)
+                self._last[rec.get("site", "")] = rec
+
+    def _public_key(self, site: str) -> Ed25519PublicKey:
+        from privacy.keys import KeyFileError, load_public_key
+
+        if site not in self._keys:
+            assert self.keys_dir is not None
+            path = self.keys_dir / f"{site}.pub"
+            if not path.exists():
+                raise LedgerError(f"site {site!r} is not enrolled: no public key {path}")
+            try:
+                self._keys[site] = load_public_key(path)
+            except KeyFileError as exc:
+                raise LedgerError(f"site {site!r}: enrolled key unusable: {exc}") from None
+        return self._keys[site]
+
+    def check(self, record: Any, *, site: str) -> None:
+        """All checks :meth:`accept` makes, without storing; raises :class:`LedgerError`."""
+        problems = envelope_problems(record)
+        if problems:
+            raise LedgerError(f"malformed ledger record from {site!r}: {problems[0]}")
+        if record["site"] != site:
+            raise LedgerError(f"record names site {record['site']!r} but came from site {site!r}")
+        if record["type"] != "round":
+            raise LedgerError(f"site {site!r} sent a {record['type']!r} record; only 'round' records are accepted")
+        for f in ("run_id", "server_round", "epsilon_after", "delta", "history"):
+            if f not in record:
+                raise LedgerError(f"round record from {site!r} (seq {record['seq']}) lacks field {f!r}")
+        try:
+            eps = epsilon_value(record["epsilon_after"])
+        except LedgerError as exc:
+            raise LedgerError(f"round record from {site!r} (seq {record['seq']}): field 'epsilon_after': {exc}") from None
+        if self.keys_dir is not None:
+            pub = self._public_key(site)
+            try:
+                verify_record(record, pub)
+            except LedgerError as exc:
+                raise LedgerError(f"site {site!r} record seq {record['seq']} (run {record.get('run_id')!r} round "
+                                  f"{record.get('server_round')!r}): {exc}") from None
+        last = self._last.get(site)
+        if last is not None:
+            if record["seq"] <= last["seq"]:
+                raise LedgerError(f"site {site!r}: field 'seq' {record['seq']} does not follow the last accepted "
+                                  f"record's seq {last['seq']} (replayed or reordered record)")
+            if record["seq"] == last["seq"] + 1 and record["prev"] != record_hash(last):
+                raise LedgerError(f"site {site!r} record seq {record['seq']}: field 'prev' is not the hash of the "
+                                  f"previous accepted record (seq {last['seq']}): chain broken")
+            try:
+                last_eps = epsilon_value(last.get("epsilon_after"))
+            except LedgerError:
+                last_eps = 0.0
+            if eps < last_eps:
+                raise LedgerError(f"site {site!r} record seq {record['seq']}: field 'epsilon_after' {eps:.4g} is "
+                                  f"below the previously reported {last_eps:.4g} (spent privacy cannot decrease)")
+
+    def accept(self, record: Any, *, site: str) -> dict:
+        """Verify a site's round record (see :meth:`check`) and append it verbatim; raises :class:`LedgerError`."""
+        self.check(record, site=site)
+        self.root.mkdir(parents=True, exist_ok=True)
+        created = not self.path.exists()
+        line = canonical_json(record) + b"\n"
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            if created:
+                _fsync_dir(self.root)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _write_all(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        rec = json.loads(line)
+        self._records.append(rec)
+        self._last[site] = rec
+        return rec
+
+    def records(self, site: str | None = None) -> list[dict]:
+        return [r for r in self._records if site is None or r.get("site") == site]
+
+    def sites(self) -> list[str]:
+        return sorted({str(r.get("site")) for r in self._records})
+
+    def epsilon_series(self, site: str | None = None) -> dict[str, list[dict[str, Any]]]:
+        """Per site, in arrival order: ``{"run_id", "server_round", "seq", "epsilon", "delta"}`` (epsilon may be inf)."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for r in self._records:
+            s = str(r.get("site"))
+            if site is not None and s != site:
+                continue
+            try:
+                eps = epsilon_value(r.get("epsilon_after"))
+            except LedgerError:
+                eps = float("nan")
+            out.setdefault(s, []).append({"run_id": r.get("run_id"), "server_round": r.get("server_round"),
+                                          "seq": r.get("seq"), "epsilon": eps, "delta": r.get("delta")})
+        return out

@@ -1,0 +1,203 @@
+"""Site privacy policy: the hospital's own limits, parsed from the ``[privacy]`` table of its site TOML.
+
+The policy belongs to the hospital, not to the consortium lead: the site refuses any round whose parameters fall
+outside it (see :mod:`privacy.guard`). Parsing is strict (unknown key, wrong type, empty range are errors) because
+a typo in a privacy limit must never silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping
+
+from privacy.ledger import canonical_json, sha256_hex
+
+ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
+# "num-examples" is the wire name (atoll.wire.NUM_EXAMPLES); FedAvg needs it, so the ClientApp always releases it.
+DEFAULT_RELEASED_METRICS: tuple[str, ...] = ("num-examples", "train_loss", "val_loss", "val_accuracy", "val_auc")
+_METRIC_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+
+
+class PolicyError(ValueError):
+    """Invalid site privacy policy; the message names ``<where>.<key>``, the problem and what to do."""
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """Hospital-owned privacy limits for one dataset (lifetime budget, allowed DP-SGD parameters, releases).
+
+    ``delta == 0`` means *auto*: ``1 / (10 * patients)`` (see :meth:`effective_delta`).
+    Ranges are inclusive ``(lo, hi)`` tuples.
+    """
+
+    max_epsilon: float = 8.0
+    delta: float = 0.0
+    accountant: str = "rdp"
+    noise_multiplier: tuple[float, float] = (0.5, 10.0)
+    clip_norm: tuple[float, float] = (0.1, 10.0)
+    local_steps: tuple[int, int] = (1, 1000)
+    max_sample_rate: float = 1.0
+    allow_non_dp: bool = False
+    allow_large_delta: bool = False
+    released_metrics: tuple[str, ...] = field(default=DEFAULT_RELEASED_METRICS)
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any] | None, where: str = "[privacy]") -> "SitePolicy":
+        """Parse and validate a ``[privacy]`` TOML table; absent keys take the documented defaults.
+
+        Parameters
+        ----------
+        table: the parsed ``[privacy]`` table (``None`` or ``{}`` = all defaults).
+        where: prefix for error messages, e.g. ``"/etc/atoll/site.toml [privacy]"``.
+
+        Raises
+        ------
+        PolicyError: naming ``<where>.<key>`` and what to do.
+        """
+        if table is None:
+            table = {}
+        if not isinstance(table, Mapping):
+            raise PolicyError(f"{where}: expected a table of keys, got {type(table).__name__}; write it as [privacy]")
+        unknown = sorted(set(table) - set(_FIELDS))
+        if unknown:
+            raise PolicyError(
+                f"{where}.{unknown[0]}: unknown key; allowed keys are {', '.join(_FIELDS)} "
+                "(check the spelling or remove it)"
+            )
+        values: dict[str, Any] = {}
+        for key, parse in _FIELDS.items():
+            if key in table:
+                values[key] = parse(table[key], f"{where}.{key}")
+        return cls(**values)
+
+    def effective_delta(self, num_patients: int) -> float:
+        """Delta used for accounting on a dataset of ``num_patients`` patients.
+
+        Auto (``delta == 0``) is ``1 / (10 * num_patients)``. An explicit delta larger than that is refused
+        unless ``allow_large_delta`` is set, because delta >= 1/patients allows leaking a whole patient.
+        """
+        if isinstance(num_patients, bool) or not isinstance(num_patients, int) or num_patients < 1:
+            raise PolicyError(f"effective_delta: num_patients must be a positive integer, got {num_patients!r}")
+        auto = 1.0 / (10.0 * num_patients)
+        if self.delta == 0:
+            return auto
+        if self.delta > auto and not self.allow_large_delta:
+            raise PolicyError(
+                f"[privacy].delta: {self.delta!r} is larger than 1/(10 x {num_patients} patients) = {auto:.3g}; "
+                "set delta = 0 (auto), a smaller value, or allow_large_delta = true"
+            )
+        return float(self.delta)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form (tuples become lists) — what :meth:`sha256` hashes."""
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    def sha256(self) -> str:
+        """Hex SHA-256 of the canonical JSON of :meth:`to_dict`; recorded in every ledger record."""
+        return sha256_hex(canonical_json(self.to_dict()))
+
+    def noise_in_range(self, sigma: float) -> bool:
+        return self.noise_multiplier[0] <= sigma <= self.noise_multiplier[1]
+
+
+# ---------------------------------------------------------------- field parsers (registry: key -> parser)
+
+
+def _number(v: Any, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise PolicyError(f"{where}: expected a number, got {type(v).__name__} {v!r}; write e.g. {where.rsplit('.', 1)[-1]} = 1.0")
+    x = float(v)
+    if not math.isfinite(x):
+        raise PolicyError(f"{where}: must be a finite number, got {v!r}")
+    return x
+
+
+def _bool(v: Any, where: str) -> bool:
+    if not isinstance(v, bool):
+        raise PolicyError(f"{where}: expected true or false, got {type(v).__name__} {v!r}")
+    return v
+
+
+def _max_epsilon(v: Any, where: str) -> float:
+    x = _number(v, where)
+    if x <= 0:
+        raise PolicyError(f"{where}: must be > 0 (the lifetime epsilon budget of this dataset), got {v!r}")
+    return x
+
+
+def _delta(v: Any, where: str) -> float:
+    x = _number(v, where)
+    if not 0 <= x < 1:
+        raise PolicyError(f"{where}: must be 0 (auto = 1/(10 x patients)) or in (0, 1), got {v!r}")
+    return x
+
+
+def _accountant(v: Any, where: str) -> str:
+    if not isinstance(v, str) or v.lower() not in ACCOUNTANTS:
+        raise PolicyError(f"{where}: expected one of {', '.join(repr(a) for a in ACCOUNTANTS)}, got {v!r}")
+    return v.lower()
+
+
+def _range(kind: str, integer: bool, positive_lo: bool) -> Callable[[Any, str], tuple]:
+    def parse(v: Any, where: str) -> tuple:
+        if not isinstance(v, (list, tuple)) or len(v) != 2:
+            raise PolicyError(f"{where}: expected [min, max] ({kind}), got {v!r}; write e.g. [1, 10]")
+        out = []
+        for i, x in enumerate(v):
+            w = f"{where}[{i}]"
+            if integer:
+                if isinstance(x, bool) or not isinstance(x, int):
+                    raise PolicyError(f"{w}: expected an integer, got {type(x).__name__} {x!r}")
+                out.append(int(x))
+            else:
+                out.append(_number(x, w))
+        lo, hi = out
+        if positive_lo and lo <= 0 or (integer and lo < 1):
+            raise PolicyError(f"{where}: min must be {'>= 1' if integer else '> 0'}, got {lo!r}")
+        if lo > hi:
+            raise PolicyError(f"{where}: min {lo!r} is greater than max {hi!r}; write [min, max] with min <= max")
+        return (lo, hi)
+
+    return parse
+
+
+def _sample_rate(v: Any, where: str) -> float:
+    x = _number(v, where)
+    if not 0 < x <= 1:
+        raise PolicyError(f"{where}: must be in (0, 1] (fraction of patients sampled per step), got {v!r}")
+    return x
+
+
+def _metrics(v: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(v, (list, tuple)):
+        raise PolicyError(f"{where}: expected a list of metric names, got {type(v).__name__} {v!r}")
+    seen: list[str] = []
+    for i, m in enumerate(v):
+        if not isinstance(m, str) or not _METRIC_NAME.match(m):
+            raise PolicyError(
+                f"{where}[{i}]: {m!r} is not a metric name (letters, digits, _ . -; starting with a letter)"
+            )
+        if m in seen:
+            raise PolicyError(f"{where}[{i}]: {m!r} is listed twice; remove the duplicate")
+        seen.append(m)
+    return tuple(seen)
+
+
+_FIELDS: dict[str, Callable[[Any, str], Any]] = {
+    "max_epsilon": _max_epsilon,
+    "delta": _delta,
+    "accountant": _accountant,
+    "noise_multiplier": _range("noise multiplier sigma", integer=False, positive_lo=True),
+    "clip_norm": _range("clip norm C", integer=False, positive_lo=True),
+    "local_steps": _range("local DP-SGD steps per round", integer=True, positive_lo=True),
+    "max_sample_rate": _sample_rate,
+    "allow_non_dp": _bool,
+    "allow_large_delta": _bool,
+    "released_metrics": _metrics,
+}
