@@ -32,6 +32,8 @@ def free_port() -> int:
 
 def flower_env(home: Path) -> dict[str, str]:
     env = dict(os.environ)
+    # Flower's processes start each other by name (flower-superexec, flwr-clientapp): use this venv's.
+    env["PATH"] = str(BIN) + os.pathsep + env.get("PATH", "")
     env.update(FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONUNBUFFERED="1")
     return env
@@ -140,14 +142,16 @@ class LocalConsortium(AbstractContextManager):
         return int(json.loads(res.stdout)["run-id"])
 
     def wait(self, run_id: int, timeout: float = 600) -> str:
-        """Poll `flwr ls` until the run is finished; returns its status string."""
+        """Poll `flwr ls` until the run is finished; returns its status string (e.g. finished:completed)."""
         end = time.time() + timeout
-        status = ""
+        status, last = "", ""
         while time.time() < end:
             res = self.flwr(["ls", "--run-id", str(run_id), "--format", "json"])
-            if res.returncode == 0 and res.stdout.strip():
+            last = (res.stdout + res.stderr)[-2000:]
+            start = res.stdout.find("{")
+            if res.returncode == 0 and start >= 0:
                 try:
-                    runs = json.loads(res.stdout).get("runs", [])
+                    runs = json.loads(res.stdout[start:]).get("runs", [])
                 except json.JSONDecodeError:
                     runs = []
                 if runs:
@@ -155,7 +159,8 @@ class LocalConsortium(AbstractContextManager):
                     if status.startswith("finished"):
                         return status
             time.sleep(1.0)
-        raise TimeoutError(f"run {run_id} not finished after {timeout}s (last status {status!r})")
+        raise TimeoutError(f"run {run_id} not finished after {timeout}s (last status {status!r}); "
+                           f"last `flwr ls` output:\n{last}\nsuperlink log:\n{self.tail('superlink', 30)}")
 
     def tail(self, name: str, n: int = 60) -> str:
         path = self.logs.get(name)

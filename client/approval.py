@@ -164,9 +164,9 @@ class RunManifest:
         if not isinstance(tr, Mapping):
             raise ManifestError(f"{where}: training must be an object")
         tr_fields = {"dp", "noise_multiplier", "clip_norm", "sample_rate", "batch_size", "local_steps", "lr"}
-        if set(tr) != tr_fields:
+        if not tr_fields - {"sample_rate"} <= set(tr) <= tr_fields:
             raise ManifestError(
-                f"{where}: training must have exactly the fields {', '.join(sorted(tr_fields))}"
+                f"{where}: training must have the fields {', '.join(sorted(tr_fields))} (sample_rate may be absent)"
             )
         outs = data["outputs"]
         if not isinstance(outs, list):
@@ -186,7 +186,7 @@ class RunManifest:
                 model=data["model"],
                 training=TrainingParams(
                     dp=tr["dp"], noise_multiplier=tr["noise_multiplier"], clip_norm=tr["clip_norm"],
-                    sample_rate=tr["sample_rate"], batch_size=tr["batch_size"],
+                    sample_rate=tr.get("sample_rate"), batch_size=tr["batch_size"],
                     local_steps=tr["local_steps"], lr=tr["lr"],
                 ),
                 num_rounds=data["num_rounds"],

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from atoll import wire
 
@@ -85,9 +85,19 @@ class EgressPolicy:
 
     @classmethod
     def from_declared(cls, outputs: Mapping) -> "EgressPolicy":
-        """From a run manifest's declared outputs: {"tensors": [{name, shape, dtype}], "metrics": [...]}."""
-        specs = tuple(TensorSpec.from_dict(t) for t in outputs.get("tensors", []))
+        """From declared outputs as JSON: {"tensors" (or "outputs"): [{name, shape, dtype}], "metrics": [...]}.
+
+        A run manifest's `to_dict()` has this shape (`client.approval.RunManifest`).
+        """
+        tensors = outputs.get("tensors", outputs.get("outputs", []))
+        specs = tuple(TensorSpec.from_dict(t) for t in tensors)
         return cls(specs, frozenset(str(m) for m in outputs.get("metrics", [])) | {wire.NUM_EXAMPLES})
+
+    @classmethod
+    def from_manifest(cls, manifest) -> "EgressPolicy":
+        """From an approved `client.approval.RunManifest` (its `outputs` and `metrics`)."""
+        specs = tuple(TensorSpec(str(t.name), tuple(int(x) for x in t.shape), str(t.dtype)) for t in manifest.outputs)
+        return cls(specs, frozenset(str(m) for m in manifest.metrics) | {wire.NUM_EXAMPLES})
 
 
 def _check_arrays(name: str, record: ArrayRecord, policy: EgressPolicy) -> None:
@@ -113,6 +123,11 @@ def _check_arrays(name: str, record: ArrayRecord, policy: EgressPolicy) -> None:
             raise EgressBlocked(f"tensor {key!r} has non-finite values")
         if values.dtype.kind not in "fciub":
             raise EgressBlocked(f"tensor {key!r} has non-numeric dtype {values.dtype}")
+        # `Array.numpy()` ignores bytes after the .npy payload (and odd header padding), yet Flower
+        # ships `Array.data` whole: only the canonical serialisation of the values may leave.
+        if Array(values).data != arr.data:
+            raise EgressBlocked(f"tensor {key!r} carries {len(arr.data)} bytes, not the canonical "
+                                f"serialisation of its values")
 
 
 def _check_metrics(name: str, record: MetricRecord, policy: EgressPolicy) -> None:

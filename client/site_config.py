@@ -322,6 +322,20 @@ def create_secret_file(path: Path) -> None:
         f.write(secrets.token_hex(32))
 
 
+def _private_temp_root() -> Path:
+    """``<tmp>/atoll-site-<uid>``, private (0700); refused if it is a link or another user's folder."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    root = Path(tempfile.gettempdir()) / f"atoll-site-{uid}"
+    root.mkdir(mode=0o700, exist_ok=True)
+    st = root.lstat()
+    if os.name == "posix":
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+            raise ConfigError(f"{root} is not a folder owned by this user; remove it, or use --config with a state_dir")
+        if st.st_mode & 0o077:
+            os.chmod(root, 0o700)
+    return root
+
+
 def default_site_config(dicom_dir: str | Path, labels_csv: str | Path | None = None, **overrides: Any) -> SiteConfig:
     """Configuration for a first look (``atoll site check --data DIR``) without a site TOML.
 
@@ -338,8 +352,10 @@ def default_site_config(dicom_dir: str | Path, labels_csv: str | Path | None = N
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise ConfigError(f"default_site_config: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
-    digest = hashlib.sha256(str(data).encode()).hexdigest()[:16]
-    state_dir = Path(overrides.pop("state_dir", Path(tempfile.gettempdir()) / f"atoll-site-{os.getuid() if hasattr(os, 'getuid') else 0}" / digest))
+    if "state_dir" in overrides:
+        state_dir = Path(overrides.pop("state_dir"))
+    else:
+        state_dir = _private_temp_root() / hashlib.sha256(str(data).encode()).hexdigest()[:16]
     secret_file = Path(overrides.pop("secret_file", state_dir / "pseudonym.secret"))
     if not secret_file.exists():
         create_secret_file(secret_file)

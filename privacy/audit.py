@@ -214,6 +214,12 @@ def _hist_of(value: Any) -> tuple[tuple[float, float, int], ...]:
     return canonical_history([tuple(e) if isinstance(e, list) else e for e in value])
 
 
+def _covers(big: tuple, small: tuple) -> bool:
+    """True when every ``(sigma, q)`` of ``small`` is in ``big`` with at least as many steps."""
+    steps = {(s, q): n for s, q, n in big}
+    return all(steps.get((s, q), 0) >= n for s, q, n in small)
+
+
 def _hist_minus(hist: tuple, charge: tuple[float, float, int]) -> tuple:
     out = []
     removed = False
@@ -381,6 +387,14 @@ class _Auditor:
                 elif rec["seq"] == prev["seq"] + 1 and rec["prev"] != record_hash(prev):
                     self.add("error", "not the hash of this site's previous record (chain broken)", rec, source=src,
                              line=line, field="prev")
+                try:
+                    grown = canonical_history([*_hist_of(prev.get("history")), tuple(rec["charge"])])
+                    if not _covers(_hist_of(rec.get("history")), grown):
+                        self.add("error", "does not contain this site's previous record's history plus this round's "
+                                          "charge (a charge was dropped from the lifetime history)", rec, source=src,
+                                 line=line, field="history")
+                except (AccountingError, KeyError, TypeError, ValueError):
+                    pass  # malformed fields are reported by check_epsilon
                 try:
                     if epsilon_value(rec.get("epsilon_after")) < epsilon_value(prev.get("epsilon_after")):
                         self.add("error", "epsilon decreased compared with this site's previous record", rec,

@@ -43,9 +43,9 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 
-from .ghost_conv import fast_convs
+from .ghost_conv import accumulate_clipped, fast_layers, unsupported_layers
 
-GRAD_SAMPLE_MODES: tuple[str, ...] = ("fast", "hooks", "functorch", "ghost", "ghost-conv")
+GRAD_SAMPLE_MODES: tuple[str, ...] = ("bk", "fast", "hooks", "functorch", "ghost", "ghost-conv")
 DEFAULT_GRAD_SAMPLE_MODE = "fast"
 
 
@@ -175,11 +175,31 @@ class PrivateStep:
         self.mode = grad_sample_mode
         self.model = model
         self._fast_ctx = None
-        if grad_sample_mode in ("fast", "ghost-conv"):
-            self._fast_ctx = fast_convs(model, skip_weight_grad=grad_sample_mode == "fast")
+        self.bk = grad_sample_mode == "bk"
+        if self.bk:
+            bad = unsupported_layers(model)
+            if bad:
+                raise ValueError(f"grad_sample_mode 'bk' does not support layers: {', '.join(bad)}; use 'hooks'")
+        if grad_sample_mode in ("bk", "fast", "ghost-conv"):
+            self._fast_ctx = fast_layers(
+                model, skip_weight_grad=grad_sample_mode != "ghost-conv", stash=self.bk
+            )
             self._fast_ctx.__enter__()
         self.ghost = grad_sample_mode in ("ghost", "ghost-conv")
-        if self.ghost:
+        self.grad_mode = self.ghost or self.bk  # optimizer takes an already clipped p.grad (no grad_sample)
+        if self.bk:
+            # Book-keeping: Opacus' FGC hooks compute per-sample norms (privacy.ghost_conv samplers), Opacus
+            # turns them into clipping factors, accumulate_clipped writes sum_i c_i g_i into p.grad, and
+            # Opacus' FGC optimizer adds N(0, (sigma C)^2) and divides by expected_batch_size.
+            self.gsm = GradSampleModuleFastGradientClipping(
+                model, batch_first=True, loss_reduction="sum", max_grad_norm=dp.clip_norm, use_ghost_clipping=True
+            )
+            self.optimizer = DPOptimizerFastGradientClipping(
+                optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.clip_norm,
+                expected_batch_size=expected_batch_size, loss_reduction="mean", generator=generator,
+            )
+            self.loss_fn = nn.CrossEntropyLoss(reduction="sum")
+        elif self.ghost:
             # Opacus' ghost clipping: every piece must agree on "mean"; the second backward sums the
             # re-weighted per-sample losses and the optimizer divides the noisy sum by expected_batch_size.
             self.gsm = GradSampleModuleFastGradientClipping(
@@ -208,7 +228,7 @@ class PrivateStep:
     def _empty_batch(self) -> None:
         """No sampled patient: a zero contribution goes through Opacus, which still adds the noise."""
         for p in self.optimizer.params:
-            if self.ghost:
+            if self.grad_mode:
                 p.grad = torch.zeros_like(p)
             else:
                 p.grad_sample = p.new_zeros((0, *p.shape))
@@ -222,6 +242,8 @@ class PrivateStep:
         else:
             loss = self.loss_fn(self.gsm(x), y)
             loss.backward()
+            if self.bk:
+                accumulate_clipped(self.model, self.gsm.get_clipping_coef(), self.optimizer.params)
             loss_value = loss.item() if self.ghost else loss.item() / len(x)
         self.optimizer.step()
         return loss_value

@@ -1,25 +1,29 @@
-"""Faster per-sample gradients (and ghost norms) for convolutions, registered into Opacus.
+"""Cheaper per-sample gradients and ghost norms for convolutions, registered into Opacus.
 
-Why: on a CPU, Opacus' stock conv grad sampler (unfold the input, then a batched einsum) costs several
-times the non-private step, and in hook mode autograd *also* computes the ordinary summed weight gradient,
-which DP-SGD throws away (``DPOptimizer`` overwrites ``p.grad`` with the clipped, noised sum). This module
-keeps Opacus' mechanism (its hooks collect activations and backprops; its ``DPOptimizer`` clips at C and
-adds the Gaussian noise) and changes only how a convolution's per-sample gradient is computed:
+Why: on a CPU, Opacus' stock conv grad sampler (unfold the input, then a batched einsum) costs several times
+the non-private step, and in hook mode autograd *also* computes the ordinary summed weight gradient, which
+DP-SGD throws away. This module plugs into Opacus' own extension points (``register_grad_sampler``,
+``register_norm_sampler``) for private subclasses of the layers Atoll's networks use, so Opacus' hooks still
+collect activations and backprops and Opacus still computes the clipping factors and adds the noise:
 
-* ``conv_grad_sample`` — per-sample weight gradients as ONE grouped convolution weight-gradient
-  (the batch folded into the channel axis, ``groups = B * groups``; Rochette et al. 2019), which uses the
-  same oneDNN/cuDNN kernel as the ordinary weight gradient; for small outputs (few spatial positions,
-  where grouped kernels are inefficient) unfold + batched matmul is used instead.
-* ``conv_norm_sample`` — per-sample gradient NORMS for Opacus' ghost clipping ("mixed ghost clipping",
-  Bu et al. 2022): with the unfolded input A_i [K, L] and backprops G_i [C_out, L],
-  ||G_i A_i^T||_F^2 = <A_i^T A_i, G_i^T G_i> costs L^2 (K + C_out) instead of L K C_out, so it is used
-  per layer only when cheaper; otherwise the gradient is instantiated and its norm taken.
-* ``fast_convs(model)`` — temporarily re-classes every ``nn.ConvNd`` to a subclass registered with the
-  two functions above; with ``skip_weight_grad=True`` (instantiating mode) the convolution's backward
-  computes only the input gradient, so the discarded summed weight gradient is never computed.
-
-Parameters, buffers and state-dict keys are untouched, and the original classes are restored on exit.
-tests/test_dpsgd.py checks per-sample gradients and norms against Opacus' own hook mode to 1e-5.
+* ``conv_grad_sample`` (grad sampler): per-sample conv weight gradients as ONE batch-grouped convolution
+  weight-gradient (batch folded into the channels, ``groups = B * groups``; Rochette et al. 2019), i.e. the
+  same oneDNN/cuDNN kernel as the ordinary weight gradient; for outputs with few positions, where grouped
+  kernels are slow, unfold + batched matmul.
+* ``conv_norm_sample`` (norm sampler, "mixed ghost clipping", Bu et al. 2022): with the unfolded input
+  A_i [K, L] and backprops G_i [C_out, L], ||G_i A_i^T||_F^2 = <A_i^T A_i, G_i^T G_i> costs L^2 (K + C_out)
+  per sample and never materialises the B x K x C_out per-sample gradients; it is chosen per layer when
+  cheaper than instantiating (``use_ghost``), otherwise the gradient is instantiated and its norm taken.
+  Linear (ghost norm ||g|| ||a||) and GroupNorm (instantiated, tiny) get matching samplers.
+* Book-keeping ("BK", Bu et al. 2023): with ``stash=True`` each sampler also keeps what it needs — the
+  instantiated per-sample gradients, or (activations, backprops) for ghost layers — so that after Opacus has
+  turned the norms into clipping factors c_i, ``accumulate_clipped`` writes sum_i c_i g_i into ``p.grad``
+  directly (one ordinary weight-gradient per ghost layer, a weighted sum per instantiated one) instead of
+  Opacus' second backward pass. The result equals Opacus' clipped sum (tests/test_dpsgd.py, to 1e-5).
+* ``fast_layers(model)`` re-classes every plain Conv/Linear/GroupNorm to these subclasses for the duration
+  of private training (parameters, buffers and state-dict keys untouched; classes restored on exit). With
+  ``skip_weight_grad=True`` a convolution's backward computes only its input gradient, since the summed
+  weight gradient is produced from the per-sample quantities anyway.
 """
 
 from __future__ import annotations
@@ -30,11 +34,16 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from opacus.grad_sample import register_grad_sampler, register_norm_sampler
+from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
+from opacus.grad_sample.linear import compute_linear_grad_sample
 from opacus.utils.tensor_utils import unfold3d
 from torch import nn
 
 # Below this many output positions per sample, unfold + bmm beats a batch-grouped convolution (CPU, oneDNN).
-UNFOLD_MAX_POSITIONS = 64
+UNFOLD_MAX_POSITIONS = 32
+# Cost of touching one float of a materialised per-sample gradient, in multiply-adds (write, norm, weighted
+# sum are memory-bound). Calibrated on CPU with bench/dp_overhead.py; only affects speed, never the result.
+MATERIALISE_COST = 8.0
 
 
 class _ConvInputGradOnly(torch.autograd.Function):
@@ -83,8 +92,23 @@ class FastConv3d(_FastConvMixin, nn.Conv3d):
     pass
 
 
-_FAST: dict[type, type] = {nn.Conv1d: FastConv1d, nn.Conv2d: FastConv2d, nn.Conv3d: FastConv3d}
-FAST_CONV_TYPES: tuple[type, ...] = tuple(_FAST.values())
+class FastLinear(nn.Linear):
+    pass
+
+
+class FastGroupNorm(nn.GroupNorm):
+    pass
+
+
+_FAST: dict[type, type] = {
+    nn.Conv1d: FastConv1d,
+    nn.Conv2d: FastConv2d,
+    nn.Conv3d: FastConv3d,
+    nn.Linear: FastLinear,
+    nn.GroupNorm: FastGroupNorm,
+}
+FAST_CONV_TYPES: tuple[type, ...] = (FastConv1d, FastConv2d, FastConv3d)
+FAST_TYPES: tuple[type, ...] = tuple(_FAST.values())
 
 
 def _geometry(layer: nn.Module) -> tuple | None:
@@ -95,7 +119,7 @@ def _geometry(layer: nn.Module) -> tuple | None:
 
 
 def _unfold(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """im2col: [B, C_in * prod(kernel), L] in the weight's (C_in, *kernel) order."""
+    """im2col: [B, C_in * prod(kernel), L] in the weight's (C_in, *kernel) order (groups == 1)."""
     stride, padding, dilation = _geometry(layer)  # type: ignore[misc]
     d = x.dim() - 2
     if d == 2:
@@ -115,91 +139,194 @@ def _per_sample_weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) 
     positions = g[0].numel() // g.shape[1]
     if layer.groups == 1 and positions <= UNFOLD_MAX_POSITIONS:
         a = _unfold(layer, x)  # [B, K, L]
-        gs = torch.bmm(g.reshape(n, g.shape[1], -1), a.transpose(1, 2))  # [B, C_out, K]
-        return gs.view(n, *w_shape)
+        return torch.einsum("bol,bkl->bok", g.reshape(n, g.shape[1], -1), a).reshape(n, *w_shape)
     stride, padding, dilation = _geometry(layer)  # type: ignore[misc]
     d = x.dim() - 2
-    groups = layer.groups * n
     xg = x.reshape(1, n * x.shape[1], *x.shape[2:])
     gg = g.reshape(1, n * g.shape[1], *g.shape[2:])
     w_like = layer.weight.new_empty((n * w_shape[0], *w_shape[1:]))
     gs = torch.ops.aten.convolution_backward(
-        gg, xg, w_like, None, stride, padding, dilation, False, [0] * d, groups, [False, True, False]
+        gg, xg, w_like, None, stride, padding, dilation, False, [0] * d, layer.groups * n, [False, True, False]
     )[1]
     return gs.view(n, *w_shape)
-
-
-def _empty(layer: nn.Module, x: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-    out = {layer.weight: layer.weight.new_zeros((0, *layer.weight.shape))}
-    if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = layer.bias.new_zeros((0, *layer.bias.shape))
-    return out
 
 
 @register_grad_sampler(list(FAST_CONV_TYPES))
 def conv_grad_sample(
     layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict[nn.Parameter, torch.Tensor]:
-    """Opacus grad sampler: per-sample gradients of a (Fast)Conv layer's weight and bias."""
+    """Opacus grad sampler: per-sample gradients of a FastConv layer's weight and bias."""
     x = activations[0].to(backprops.dtype)
-    if x.shape[0] == 0:
-        return _empty(layer, x)
+    n = x.shape[0]
     out: dict[nn.Parameter, torch.Tensor] = {}
     if layer.weight.requires_grad:
-        out[layer.weight] = _per_sample_weight_grad(layer, x, backprops)
+        out[layer.weight] = (
+            _per_sample_weight_grad(layer, x, backprops) if n else layer.weight.new_zeros((0, *layer.weight.shape))
+        )
     if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = backprops.reshape(backprops.shape[0], backprops.shape[1], -1).sum(-1)
+        out[layer.bias] = backprops.reshape(n, layer.out_channels, -1).sum(-1)
     return out
 
 
-def ghost_is_cheaper(layer: nn.Module, positions: int) -> bool:
-    """Ghost norm cost L^2 (K + C_out) vs instantiation L K C_out (per sample)."""
+def use_ghost(layer: nn.Module, positions: int) -> bool:
+    """Ghost norm when L^2 (K + C_out) < MATERIALISE_COST * K * C_out (per sample), else instantiate.
+
+    Instantiation does the same multiply-adds as the weight gradient it replaces, plus memory-bound passes
+    over the B x K x C_out per-sample tensor; the ghost norm costs L^2 (K + C_out) and then one ordinary
+    weight gradient — so it wins on layers with few positions and many parameters.
+    """
     k = layer.weight[0].numel()
-    return layer.groups == 1 and positions * (k + layer.out_channels) < k * layer.out_channels
+    c = layer.weight.shape[0]
+    return layer.groups == 1 and positions * positions * (k + c) < MATERIALISE_COST * k * c
+
+
+def _stash(layer: nn.Module, kind: str, data: object) -> None:
+    if getattr(layer, "_atoll_stash_enabled", False):
+        layer._atoll_stash = (kind, data)
 
 
 @register_norm_sampler(list(FAST_CONV_TYPES))
 def conv_norm_sample(
     layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict[nn.Parameter, torch.Tensor]:
-    """Opacus norm sampler (ghost clipping): per-sample gradient norms, ghost or instantiated by cost."""
+    """Opacus norm sampler: per-sample gradient norms of a FastConv layer, ghost or instantiated by cost."""
     x = activations[0].to(backprops.dtype)
     n = x.shape[0]
-    if n == 0:
-        return {p: x.new_zeros((0,)) for p in (layer.weight, layer.bias) if p is not None and p.requires_grad}
-    g = backprops.reshape(n, backprops.shape[1], -1)
-    out: dict[nn.Parameter, torch.Tensor] = {}
+    g = backprops.reshape(n, layer.out_channels, -1)
+    if n and layer.weight.requires_grad and use_ghost(layer, g.shape[-1]):
+        a = _unfold(layer, x)  # [B, K, L]
+        aa = torch.bmm(a.transpose(1, 2), a)  # [B, L, L]
+        gg = torch.bmm(g.transpose(1, 2), g)
+        out = {layer.weight: (aa * gg).sum((1, 2)).clamp_min(0).sqrt()}
+        if layer.bias is not None and layer.bias.requires_grad:
+            out[layer.bias] = g.sum(-1).norm(2, dim=-1)
+        _stash(layer, "ghost", (x, backprops))
+        return out
+    grads = conv_grad_sample(layer, activations, backprops)
+    _stash(layer, "grads", grads)
+    return {p: gs.reshape(n, -1).norm(2, dim=-1) for p, gs in grads.items()}
+
+
+@register_norm_sampler(FastLinear)
+def linear_norm_sample(
+    layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Opacus norm sampler for FastLinear on [B, in] inputs: ||g_i a_i^T|| = ||g_i|| ||a_i|| (ghost)."""
+    a = activations[0].to(backprops.dtype)
+    if a.dim() != 2:
+        raise ValueError("privacy.ghost_conv: FastLinear supports [batch, features] inputs only")
+    gnorm = backprops.norm(2, dim=-1)
+    out = {}
     if layer.weight.requires_grad:
-        if ghost_is_cheaper(layer, g.shape[-1]):
-            a = _unfold(layer, x)  # [B, K, L]
-            aa = torch.bmm(a.transpose(1, 2), a)  # [B, L, L]
-            gg = torch.bmm(g.transpose(1, 2), g)
-            out[layer.weight] = (aa * gg).sum((1, 2)).clamp_min(0).sqrt()
-        else:
-            gs = conv_grad_sample(layer, activations, backprops)[layer.weight]
-            out[layer.weight] = gs.reshape(n, -1).norm(2, dim=-1)
+        out[layer.weight] = gnorm * a.norm(2, dim=-1)
     if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = g.sum(-1).norm(2, dim=-1)
+        out[layer.bias] = gnorm
+    _stash(layer, "linear", (a, backprops))
     return out
 
 
-@contextmanager
-def fast_convs(model: nn.Module, *, skip_weight_grad: bool) -> Iterator[nn.Module]:
-    """Within the block, every plain ``nn.ConvNd`` of ``model`` uses this module's samplers.
+@register_norm_sampler(FastGroupNorm)
+def group_norm_norm_sample(
+    layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Opacus norm sampler for FastGroupNorm: Opacus' own per-sample gradients (2 x C floats), their norms."""
+    grads = compute_group_norm_grad_sample(layer, activations, backprops)
+    _stash(layer, "grads", grads)
+    return {p: gs.reshape(gs.shape[0], -1).norm(2, dim=-1) for p, gs in grads.items()}
 
-    ``skip_weight_grad=True`` only for per-sample-gradient training (Opacus hook mode + DPOptimizer): the
-    summed weight gradient is then never computed. Ghost clipping needs it (its second backward) — pass False.
+
+# Per-sample-gradient (hooks) mode: the stock Opacus samplers serve the re-classed Linear/GroupNorm layers.
+register_grad_sampler(FastGroupNorm)(compute_group_norm_grad_sample)
+register_grad_sampler(FastLinear)(compute_linear_grad_sample)
+
+
+def _accumulate_layer(layer: nn.Module, coef: torch.Tensor) -> list[nn.Parameter]:
+    """p.grad = sum_i coef_i * (per-sample gradient of p)_i for the layer's stashed parameters."""
+    kind, data = layer.__dict__.pop("_atoll_stash")
+    done: list[nn.Parameter] = []
+    if kind == "grads":
+        for p, gs in data.items():
+            p.grad = torch.einsum("b,b...->...", coef.to(gs.dtype), gs).view_as(p)
+            done.append(p)
+        return done
+    x, g = data
+    gc = g * coef.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
+    if kind == "linear":
+        if layer.weight.requires_grad:
+            layer.weight.grad = gc.t() @ x
+            done.append(layer.weight)
+        if layer.bias is not None and layer.bias.requires_grad:
+            layer.bias.grad = gc.sum(0)
+            done.append(layer.bias)
+        return done
+    stride, padding, dilation = _geometry(layer)  # type: ignore[misc]
+    want_bias = layer.bias is not None and layer.bias.requires_grad
+    _, gw, gb = torch.ops.aten.convolution_backward(
+        gc, x, layer.weight, [layer.out_channels] if want_bias else None, stride, padding, dilation, False,
+        [0] * (x.dim() - 2), layer.groups, [False, True, want_bias],
+    )
+    layer.weight.grad = gw
+    done.append(layer.weight)
+    if want_bias:
+        layer.bias.grad = gb
+        done.append(layer.bias)
+    return done
+
+
+def accumulate_clipped(model: nn.Module, coef: torch.Tensor, params: list[nn.Parameter]) -> None:
+    """Book-keeping step: write the clipped per-sample-gradient sum into ``p.grad`` for every parameter.
+
+    ``coef`` are Opacus' clipping factors (``GradSampleModuleFastGradientClipping.get_clipping_coef``).
+    Raises RuntimeError if any trainable parameter was not covered — an unclipped gradient must never reach
+    the noise step.
+    """
+    done: set[int] = set()
+    for m in model.modules():
+        if "_atoll_stash" in m.__dict__:
+            done.update(id(p) for p in _accumulate_layer(m, coef))
+    missing = [p for p in params if id(p) not in done]
+    if missing:
+        raise RuntimeError(
+            f"privacy.ghost_conv: {len(missing)} trainable parameter(s) have no clipped per-sample gradient; "
+            "refusing to step (layer type not supported by book-keeping clipping)"
+        )
+
+
+def unsupported_layers(model: nn.Module) -> list[str]:
+    """Names of modules with trainable parameters of their own that ``fast_layers`` cannot handle."""
+    bad = []
+    for name, m in model.named_modules():
+        own = [p for p in m.parameters(recurse=False) if p.requires_grad]
+        if own and (type(m) not in _FAST and type(m) not in FAST_TYPES):
+            bad.append(f"{name or '<root>'} ({type(m).__name__})")
+        elif own and type(m) in FAST_CONV_TYPES + (nn.Conv1d, nn.Conv2d, nn.Conv3d) and _geometry(m) is None:
+            bad.append(f"{name} ({type(m).__name__} with padding={m.padding!r}, padding_mode={m.padding_mode!r})")
+    return bad
+
+
+@contextmanager
+def fast_layers(model: nn.Module, *, skip_weight_grad: bool, stash: bool = False) -> Iterator[nn.Module]:
+    """Within the block, plain Conv/Linear/GroupNorm layers of ``model`` use this module's samplers.
+
+    skip_weight_grad: convolutions compute no summed weight gradient in backward (per-sample-gradient or
+        book-keeping training only — Opacus' two-pass ghost clipping needs it, pass False there).
+    stash: norm samplers keep what ``accumulate_clipped`` needs (book-keeping training).
+    Layers with string padding or non-zero padding modes keep their class (and Opacus' stock sampler).
     """
     swapped: list[tuple[nn.Module, type]] = []
     try:
         for m in model.modules():
             new = _FAST.get(type(m))
-            if new is not None and _geometry(m) is not None:  # others keep Opacus' stock sampler
-                swapped.append((m, type(m)))
-                m.__class__ = new
+            if new is None or (new in FAST_CONV_TYPES and _geometry(m) is None):
+                continue
+            swapped.append((m, type(m)))
+            m.__class__ = new
+            if new in FAST_CONV_TYPES:
                 m._atoll_skip_weight_grad = skip_weight_grad
+            m._atoll_stash_enabled = stash
         yield model
     finally:
         for m, cls in swapped:
             m.__class__ = cls
-            m.__dict__.pop("_atoll_skip_weight_grad", None)
+            for attr in ("_atoll_skip_weight_grad", "_atoll_stash_enabled", "_atoll_stash"):
+                m.__dict__.pop(attr, None)

@@ -298,6 +298,7 @@ def test_cli_reads_state_dir_from_site_config(tmp_path: Path, capsys: pytest.Cap
     site = tmp_path / "site"
     (site / "dicom").mkdir(parents=True)
     (site / "pseudonym.secret").write_bytes(b"s" * 32)
+    (site / "pseudonym.secret").chmod(0o600)
     (site / "site.toml").write_text(
         '[site]\nname = "hospital-a"\nstate_dir = "state"\nsecret_file = "pseudonym.secret"\n'
         '[data]\ndicom_dir = "dicom"\n'

@@ -131,3 +131,53 @@ def test_mod_replaces_a_leaking_reply_by_a_generic_refusal():
     code, message = wire.refusal_of(reply.content)
     assert code == "EGRESS_BLOCKED" and "max_patient_age" not in message and "egress guard" in message
     assert reply.metadata.reply_to_message_id == "ask-1"
+
+
+def test_policy_from_an_approved_run_manifest():
+    """The approved manifest's declared outputs are exactly what the guard lets out."""
+    from client.approval import RunManifest
+
+    manifest = _manifest()
+    policy = EgressPolicy.from_manifest(manifest)
+    assert policy == EgressPolicy.from_declared(manifest.to_dict())
+    check_reply(_train_reply(), policy)
+    content = _train_reply()
+    content[wire.METRICS] = MetricRecord({wire.NUM_EXAMPLES: 1, "val_auc": 0.5})   # not in the manifest
+    assert "'val_auc' is not released" in _blocked(content, policy).detail
+    assert isinstance(manifest, RunManifest)
+
+
+def _manifest():
+    from client.approval import RunManifest, outputs_from_state_dict
+
+    data = {"atoll_run_manifest": 1, "app_hash": "0" * 64, "model": "atollnet",
+            "training": {"noise_multiplier": 1.0, "clip_norm": 1.0, "batch_size": 32, "local_steps": 5, "lr": 0.05,
+                         "sample_rate": 0.1,
+                         "dp": True},
+            "num_rounds": 3, "outputs": [t.to_dict() for t in outputs_from_state_dict(NET.state_dict())],
+            "metrics": RELEASED}
+    return RunManifest.from_dict(data)
+
+
+def test_bytes_hidden_after_a_tensors_payload_are_blocked():
+    """`Array.numpy()` ignores trailing bytes but Flower sends `Array.data` whole: a covert channel."""
+    honest = Array(GLOBAL["0.bias"].numpy().copy())
+    smuggled = Array(dtype=honest.dtype, shape=honest.shape, stype=honest.stype,
+                     data=honest.data + b"PatientName=DOE^JOHN")
+    np.testing.assert_array_equal(smuggled.numpy(), honest.numpy())  # decodes to the same values
+    content = _train_reply()
+    arrays = {k: v for k, v in content[wire.ARRAYS].items()}
+    arrays["0.bias"] = smuggled
+    content[wire.ARRAYS] = ArrayRecord(arrays)
+    blocked = _blocked(content, POLICY)
+    assert "canonical" in blocked.detail and "DOE" not in str(blocked)
+    # header padding is a channel too: re-pad the .npy header with extra spaces
+    header_end = honest.data.index(b"\n") + 1
+    padded = honest.data[:header_end - 1] + b" " * 64 + b"\n" + honest.data[header_end:]
+    import struct
+    padded = padded[:8] + struct.pack("<H", struct.unpack("<H", honest.data[8:10])[0] + 64) + padded[10:]
+    repadded = Array(dtype=honest.dtype, shape=honest.shape, stype=honest.stype, data=padded)
+    np.testing.assert_array_equal(repadded.numpy(), honest.numpy())
+    arrays["0.bias"] = repadded
+    content[wire.ARRAYS] = ArrayRecord(arrays)
+    assert "canonical" in _blocked(content, POLICY).detail

@@ -25,9 +25,9 @@ def _site_cli(argv: list[str]) -> argparse.Namespace:
 
 
 def _consortium_cli(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="atoll consortium")
+    parser = argparse.ArgumentParser(prog="atoll")
     consortium_cli.add_parser(parser.add_subparsers(dest="cmd", required=True))
-    return parser.parse_args(argv)
+    return parser.parse_args(["consortium", *argv])
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +190,80 @@ def test_register_refuses_keys_flower_would_reject(tmp_path: Path, capsys: pytes
     missing = _consortium_cli(["register", str(tmp_path / "nope.pub"), "--name", "x", "--yes"])
     assert missing.func(missing) == 2
     assert "does not exist" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- real processes
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_registered_site_joins_over_tls_and_unregistered_one_is_refused(tmp_path: Path) -> None:
+    """flower-superlink with our TLS + node auth; `atoll consortium register` (real flwr CLI); SuperNodes."""
+    import os
+    import signal
+    import sys
+    import time
+
+    from server.pki import superlink_tls_args
+
+    bindir = Path(sys.executable).parent
+    env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", FLWR_HOME=str(tmp_path / "home"),
+               FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    pki = init_consortium(tmp_path / "pki")
+    port = _free_port()
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "config.toml").write_text(
+        f'[superlink]\ndefault = "c"\n[superlink.c]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{pki.ca_cert}"\n'
+    )
+    site, _ = enroll_site(tmp_path / "site", "hospital-a", ca_cert=pki.ca_cert)
+    rogue, _ = enroll_site(tmp_path / "rogue", "rogue", ca_cert=pki.ca_cert)
+    procs: list[subprocess.Popen] = []
+
+    def start(cmd: list[str], log: str) -> subprocess.Popen:
+        p = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=open(tmp_path / log, "wb"), stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        procs.append(p)
+        return p
+
+    def flwr(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(bindir / "flwr"), *args], env=env, capture_output=True, text=True, timeout=60)
+
+    try:
+        start([str(bindir / "flower-superlink"), "--host", "0.0.0.0", "--port", str(port),
+               *superlink_tls_args(pki.out), "--disable-runtime-dependency-installation"], "superlink.log")
+        deadline = time.time() + 60
+        while flwr("supernode", "ls").returncode != 0:
+            assert time.time() < deadline, (tmp_path / "superlink.log").read_text()[-2000:]
+            time.sleep(1)
+        reg = subprocess.run([sys.executable, "-c", "import sys; from atoll.cli import main; sys.exit(main(sys.argv[1:]))",
+                              "consortium", "register", str(site.public_key), "--name", "hospital-a",
+                              "--fingerprint", site.fingerprint], env=env, capture_output=True, text=True, timeout=60)
+        assert reg.returncode == 0, reg.stdout + reg.stderr
+        start([str(bindir / "flower-supernode"), "--superlink", f"127.0.0.1:{port}", "--port", str(_free_port()),
+               *supernode_auth_args(site.root)], "site.log")
+        deadline = time.time() + 60
+        while "online" not in flwr("supernode", "ls").stdout:
+            assert time.time() < deadline, (tmp_path / "site.log").read_text()[-2000:]
+            time.sleep(1)
+        refused = start([str(bindir / "flower-supernode"), "--superlink", f"127.0.0.1:{port}", "--port",
+                         str(_free_port()), "--max-retries", "1", *supernode_auth_args(rogue.root)], "rogue.log")
+        assert refused.wait(timeout=60) != 0
+        assert "305" in (tmp_path / "rogue.log").read_text()
+        # the SuperLink's own SuperExec (TLS to 127.0.0.1) is alive: the loopback SANs work
+        assert "CERTIFICATE_VERIFY_FAILED" not in (tmp_path / "superlink.log").read_text()
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)

@@ -257,3 +257,20 @@ def test_bit_flipped_and_damaged_copies_never_raise(tmp_path: Path) -> None:
     accounted = [u["file"] for u in report["used"]] + [q["file"] for q in report["quarantined"]]
     assert sorted(accounted) == sorted(files)
     assert all(q["reason"] in Reason.__members__ for q in report["quarantined"])
+
+
+def test_cache_and_labels_inside_the_data_folder_are_not_ingested_and_corrupt_cache_is_rebuilt(
+        tmp_path: Path) -> None:
+    data = tmp_path / "export"
+    recs = write_site(data, patients=3, images_per_patient=2)
+    labels = write_labels(data / "labels.csv", recs)
+    cfg = cfg_for(tmp_path, data, labels, cache_dir=data / ".atoll-cache")
+    first = build_site_dataset(cfg)
+    assert first.report["quarantined"] == [] and len(first.report["used"]) == 6
+    caches = list((data / ".atoll-cache").glob("tensors-*.pt"))
+    assert len(caches) == 1
+    caches[0].write_bytes(b"not a torch file")
+    again = build_site_dataset(cfg)
+    assert again.report["quarantined"] == [] and again.report["cache"] == {"hits": 0, "misses": 6}
+    assert torch.equal(torch.cat([first.train.images, first.val.images]),
+                       torch.cat([again.train.images, again.val.images]))

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import pytest
 import torch
 
 from client.ingest import NoUsableImagesError, Reason, SiteDataset, build_site_dataset

@@ -16,8 +16,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from server import consortium_cli
 from server.pki import (
-    ConsortiumPki,
-    PkiError,
+    ConsortiumPKI,
+    PKIError,
     check_superlink_pki,
     describe_certificate,
     init_consortium,
@@ -30,22 +30,22 @@ def _mode(path: Path) -> int:
 
 
 def _cli(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="atoll consortium")
+    parser = argparse.ArgumentParser(prog="atoll")
     consortium_cli.add_parser(parser.add_subparsers(dest="cmd", required=True))
-    return parser.parse_args(argv)
+    return parser.parse_args(["consortium", *argv])
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> ConsortiumPki:
+def pki(tmp_path_factory: pytest.TempPathFactory) -> ConsortiumPKI:
     return init_consortium(
         tmp_path_factory.mktemp("pki") / "consortium", hosts=["coord.example.org"], ips=["10.1.2.3"]
     )
 
 
-def test_init_writes_ca_and_server_cert_with_private_keys_0600(pki: ConsortiumPki) -> None:
+def test_init_writes_ca_and_server_cert_with_private_keys_0600(pki: ConsortiumPKI) -> None:
     assert all(p.is_file() for p in pki.files())
     assert _mode(pki.ca_key) == 0o600 and _mode(pki.server_key) == 0o600
-    assert _mode(pki.root) & 0o077 == 0
+    assert _mode(pki.out) & 0o077 == 0
 
     ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
     srv = x509.load_pem_x509_certificate(pki.server_cert.read_bytes())
@@ -60,7 +60,7 @@ def test_init_writes_ca_and_server_cert_with_private_keys_0600(pki: ConsortiumPk
     assert dt.timedelta(days=365) <= srv_life <= dt.timedelta(days=365, hours=1)
 
 
-def test_server_certificate_names_given_hosts_and_loopback(pki: ConsortiumPki) -> None:
+def test_server_certificate_names_given_hosts_and_loopback(pki: ConsortiumPKI) -> None:
     info = describe_certificate(pki.server_cert)
     assert set(info.dns_names) == {"coord.example.org", "localhost"}
     assert set(info.ip_addresses) == {"10.1.2.3", "127.0.0.1", "::1"}
@@ -71,20 +71,20 @@ def test_no_loopback_leaves_loopback_out(tmp_path: Path) -> None:
     pki = init_consortium(tmp_path / "p", hosts=["coord"], loopback=False)
     info = describe_certificate(pki.server_cert)
     assert info.dns_names == ("coord",) and info.ip_addresses == ()
-    with pytest.raises(PkiError, match="at least one name"):
+    with pytest.raises(PKIError, match="--host NAME and/or --ip ADDR"):
         init_consortium(tmp_path / "q", loopback=False)
 
 
-def test_refuses_to_overwrite_an_existing_pki(pki: ConsortiumPki) -> None:
+def test_refuses_to_overwrite_an_existing_pki(pki: ConsortiumPKI) -> None:
     before = {p: p.read_bytes() for p in pki.files()}
-    with pytest.raises(PkiError, match="refusing to overwrite"):
-        init_consortium(pki.root, hosts=["other"])
+    with pytest.raises(PKIError, match="refusing to overwrite"):
+        init_consortium(pki.out, hosts=["other"])
     assert {p: p.read_bytes() for p in pki.files()} == before
 
 
 def test_refuses_when_only_one_file_exists(tmp_path: Path) -> None:
     (tmp_path / "server.key").write_text("keep me")
-    with pytest.raises(PkiError, match="server.key"):
+    with pytest.raises(PKIError, match="server.key"):
         init_consortium(tmp_path)
     assert (tmp_path / "server.key").read_text() == "keep me"
     assert not (tmp_path / "ca.key").exists()
@@ -102,18 +102,18 @@ def test_refuses_when_only_one_file_exists(tmp_path: Path) -> None:
     ],
 )
 def test_bad_options_are_named(tmp_path: Path, kwargs: dict, match: str) -> None:
-    with pytest.raises(PkiError, match=match):
+    with pytest.raises(PKIError, match=match):
         init_consortium(tmp_path / "x", **kwargs)
     assert not (tmp_path / "x" / "ca.key").exists()
 
 
-def test_superlink_tls_args_are_accepted_by_flowers_own_parser_and_loader(pki: ConsortiumPki) -> None:
+def test_superlink_tls_args_are_accepted_by_flowers_own_parser_and_loader(pki: ConsortiumPKI) -> None:
     from flwr.common.args import try_obtain_server_certificates
     from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 
-    flags = superlink_tls_args(pki.root)
+    flags = superlink_tls_args(pki.out)
     assert flags[-1] == "--enable-supernode-auth"
-    assert "--enable-supernode-auth" not in superlink_tls_args(pki.root, node_auth=False)
+    assert "--enable-supernode-auth" not in superlink_tls_args(pki.out, node_auth=False)
     args = _parse_args_run_superlink().parse_args(flags)
     assert args.enable_supernode_auth and not args.insecure
     ca, cert, key = try_obtain_server_certificates(args)
@@ -121,7 +121,7 @@ def test_superlink_tls_args_are_accepted_by_flowers_own_parser_and_loader(pki: C
     assert key == pki.server_key.read_bytes()
 
 
-def _handshake(pki: ConsortiumPki, server_hostname: str) -> None:
+def _handshake(pki: ConsortiumPKI, server_hostname: str) -> None:
     """Serve one TLS handshake with server.pem and connect as a client trusting only ca.crt."""
     srv_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     srv_ctx.load_cert_chain(pki.server_cert, pki.server_key)
@@ -149,11 +149,11 @@ def _handshake(pki: ConsortiumPki, server_hostname: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["coord.example.org", "localhost", "127.0.0.1", "10.1.2.3"])
-def test_real_tls_handshake_verifies_for_every_san(pki: ConsortiumPki, name: str) -> None:
+def test_real_tls_handshake_verifies_for_every_san(pki: ConsortiumPKI, name: str) -> None:
     _handshake(pki, name)
 
 
-def test_real_tls_handshake_rejects_a_name_not_in_the_certificate(pki: ConsortiumPki) -> None:
+def test_real_tls_handshake_rejects_a_name_not_in_the_certificate(pki: ConsortiumPKI) -> None:
     with pytest.raises(ssl.SSLCertVerificationError):
         _handshake(pki, "evil.example.org")
 
@@ -161,25 +161,25 @@ def test_real_tls_handshake_rejects_a_name_not_in_the_certificate(pki: Consortiu
 def test_check_rejects_group_readable_key(tmp_path: Path) -> None:
     pki = init_consortium(tmp_path / "p")
     pki.server_key.chmod(0o644)
-    with pytest.raises(PkiError, match="chmod 600"):
-        superlink_tls_args(pki.root)
+    with pytest.raises(PKIError, match="chmod 600"):
+        superlink_tls_args(pki.out)
 
 
 def test_check_rejects_expired_certificate_and_foreign_ca(tmp_path: Path) -> None:
     a = init_consortium(tmp_path / "a", days=1)
     later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=2)
-    with pytest.raises(PkiError, match="expired"):
-        check_superlink_pki(a.root, now=later)
+    with pytest.raises(PKIError, match="expired"):
+        check_superlink_pki(a.out, now=later)
     b = init_consortium(tmp_path / "b")
     a.ca_cert.write_bytes(b.ca_cert.read_bytes())  # server.pem of A against CA of B
-    with pytest.raises(PkiError, match="not issued by the CA"):
-        check_superlink_pki(a.root)
+    with pytest.raises(PKIError, match="not issued by the CA"):
+        check_superlink_pki(a.out)
 
 
 def test_check_does_not_need_the_offline_ca_key(tmp_path: Path) -> None:
     pki = init_consortium(tmp_path / "p")
     pki.ca_key.unlink()
-    assert "--ssl-keyfile" in superlink_tls_args(pki.root)
+    assert "--ssl-keyfile" in superlink_tls_args(pki.out)
 
 
 def test_cli_init_prints_fingerprint_and_flags_then_refuses_rerun(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -199,3 +199,13 @@ def test_cli_init_bad_ip_is_a_clear_error(tmp_path: Path, capsys: pytest.Capture
     args = _cli(["init", "--out", str(tmp_path / "x"), "--ip", "not-an-ip"])
     assert args.func(args) == 2
     assert "--ip 'not-an-ip'" in capsys.readouterr().out
+
+
+def test_certificate_covers_the_address_the_superlinks_own_superexec_dials(pki: ConsortiumPKI) -> None:
+    """flower-superlink --host 0.0.0.0 starts a SuperExec that dials resolve_bind_address(host:port) over TLS."""
+    from flwr.supercore.address import resolve_bind_address
+
+    info = describe_certificate(pki.server_cert)
+    for bind, dialled in (("0.0.0.0", "127.0.0.1"), ("[::]", "[::1]")):
+        assert resolve_bind_address(f"{bind}:8000") == f"{dialled}:8000"
+        assert dialled.strip("[]") in info.ip_addresses

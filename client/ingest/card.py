@@ -80,7 +80,9 @@ def make_card(
         "task": task,
         "image_size": image_size,
         "suppression_threshold": threshold,
-        "files_seen": suppress(n_used + n_quarantined, threshold),
+        # files seen = used + quarantined: publishing all three exactly would undo a suppressed quarantine total
+        "files_seen": (SECONDARY if isinstance(suppress(n_quarantined, threshold), str) and n_used >= threshold
+                       else suppress(n_used + n_quarantined, threshold)),
         "images_used": suppress(n_used, threshold),
         "patients": suppress(len({u["patient"] for u in used}), threshold),
         "studies": suppress(len({u["study"] for u in used}), threshold),

@@ -4,7 +4,7 @@ One streaming pass over the data folder; each file is decided in a fixed order (
 decode) so the decision is the same whether or not it came from the cache:
 
 1. header facts (index cache, else one ``stop_before_pixels`` parse) -> header reasons (see ``index.header_reason``)
-2. DUPLICATE: a SOPInstanceUID already kept earlier in sorted path order
+2. DUPLICATE: the SOPInstanceUID of a file already used (earlier in sorted path order)
 3. labels (when a labels CSV is configured): NO_LABEL / BAD_LABEL
 4. pixels: tensor cache, else decode the pixel tail + MONAI pipeline -> tensor, or a decode reason
 
@@ -145,18 +145,7 @@ def build_site_dataset(cfg: SiteConfig, *, threshold: int = DEFAULT_THRESHOLD) -
                 if lk is not None and lk in label_keys:
                     matched_label_keys.add(lk)
 
-            problem = header_reason(facts, cfg.allows_modality)
-            if problem is None and facts.sop in kept_sops:
-                problem = (Reason.DUPLICATE, f"same SOPInstanceUID as the used file {kept_sops[facts.sop]}")
-            label: int | None = None
-            if problem is None and labels is not None:
-                lk = _label_key(facts, cfg.label_key)
-                if lk is None or lk not in label_keys:
-                    problem = (Reason.NO_LABEL, f"no row in the labels CSV for this image's {cfg.label_key}")
-                elif lk in labels.bad:
-                    problem = (Reason.BAD_LABEL, labels.bad[lk])
-                else:
-                    label = labels.by_key[lk]
+            problem, label = _usable(facts, cfg, labels, label_keys, kept_sops)
             if problem is not None:
                 quarantined.append(Quarantined(rel, problem[0], problem[1]))
                 continue
@@ -212,6 +201,22 @@ def build_site_dataset(cfg: SiteConfig, *, threshold: int = DEFAULT_THRESHOLD) -
         raise NoUsableImagesError(f"no usable image at site {cfg.name} ({summary}); "
                                   "run `atoll site check` with --report on the site for details", dataset)
     return dataset
+
+
+def _usable(facts: HeaderFacts, cfg: SiteConfig, labels: Labels | None, label_keys: set[str],
+            kept_sops: dict[str, str]) -> tuple[tuple[Reason, str] | None, int | None]:
+    """Decision before pixels: ``(problem, None)`` or ``(None, label)``; header -> duplicate -> label, in order."""
+    problem = header_reason(facts, cfg.allows_modality)
+    if problem is None and facts.sop in kept_sops:
+        problem = (Reason.DUPLICATE, f"same SOPInstanceUID as the used file {kept_sops[facts.sop]}")
+    if problem is not None or labels is None:
+        return problem, None
+    lk = _label_key(facts, cfg.label_key)
+    if lk is None or lk not in label_keys:
+        return (Reason.NO_LABEL, f"no row in the labels CSV for this image's {cfg.label_key}"), None
+    if lk in labels.bad:
+        return (Reason.BAD_LABEL, labels.bad[lk]), None
+    return None, labels.by_key[lk]
 
 
 def _decode(facts: HeaderFacts, ds: Any, data: bytes | None, path: Path, rel: str, pseudonyms: Pseudonymizer,

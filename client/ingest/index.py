@@ -32,7 +32,7 @@ IN_MEMORY_MAX_BYTES = 32 * 1024 * 1024
 #: Refuse to decode a frame larger than this (a bit-flipped Rows/Columns must not exhaust memory).
 MAX_FRAME_BYTES = 1 << 30
 #: Bump when HeaderFacts or their extraction change (invalidates the index cache).
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 
 GREY = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
@@ -178,7 +178,8 @@ def _facts(rel: str, ds: Dataset, pos: int, size: int, pseudonyms: Pseudonymizer
     meta = getattr(ds, "file_meta", None)
     ts = _text(meta, "TransferSyntaxUID") if meta is not None else None
     pid = _text(ds, "PatientID")
-    sop_class = _text(ds, "SOPClassUID")
+    # A header cut short can end before SOPClassUID; the File Meta copy still says what the object is.
+    sop_class = _text(ds, "SOPClassUID") or (_text(meta, "MediaStorageSOPClassUID") if meta is not None else None)
     deflated = ts in DEFLATED
     return HeaderFacts(
         file=rel,

@@ -238,6 +238,19 @@ def preprocess(ds: Dataset, pipeline: Compose, image_size: int) -> torch.Tensor:
     return t
 
 
+def _plugin_versions() -> dict[str, str | None]:
+    """Installed pixel-data plugins: a new or upgraded decoder can turn a cached DECODE_ERROR into an image."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for dist in ("pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle", "python-gdcm", "pillow"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
 def preprocess_key(image_size: int, task: str) -> str:
     """Hex digest of everything that determines preprocessed tensors (cache key)."""
     spec = {
@@ -256,7 +269,10 @@ def preprocess_key(image_size: int, task: str) -> str:
                 "EnsureTyped(float32)",
             ]
         ),
-        "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        # the pixel path spans this file and the pixel-tail parsing in index.py
+        "code": hashlib.sha256(b"".join(Path(__file__).with_name(n).read_bytes()
+                                        for n in ("transforms.py", "index.py"))).hexdigest(),
+        "plugins": _plugin_versions(),
         "libs": {"pydicom": pydicom.__version__, "monai": monai.__version__, "numpy": np.__version__,
                  "torch": torch.__version__},
     }

@@ -1,0 +1,398 @@
+"""Fast per-sample clipping for DP-SGD: one backward pass, no redundant weight gradients, ghost norms
+for the convolutions where they are cheaper.
+
+Why: with Opacus' ``hooks`` mode a DP step does the ordinary backward (input *and* weight gradients), then
+recomputes every weight gradient once per sample, so the weight-gradient work is paid twice; its ``ghost``
+mode pays a second full backward instead, and its ghost norms cover Linear/Embedding only. The
+"book-keeping" scheme (Bu et al. 2023, *Differentially private optimization on large model at small cost*)
+pays for the weight-gradient work once:
+
+1. forward: a forward hook on every trainable layer (Conv1d/2d/3d, Linear, GroupNorm) records the layer's
+   input activation ``a`` and its output tensor;
+2. backward: ``torch.autograd.grad(loss, outputs)`` returns each layer's output gradient ``g`` (per sample,
+   because the loss is the SUM of per-sample losses and nothing mixes samples — no BatchNorm). Autograd
+   then computes only activation gradients: no parameter gradient, no gradient of the input image;
+3. per-sample norms, per layer, by the cheaper of two exact methods (mixed ghost clipping, Bu et al. 2022):
+   *instantiate* the per-sample weight gradients (a convolution's via one grouped-convolution backward with
+   the batch folded into the groups) or the *ghost* norm
+   ``||G_i||^2 = sum_{p,q} <a_ip, a_iq> <g_ip, g_iq>`` over output positions p, q (no per-sample gradient,
+   cost ~ T^2 instead of T * in * out, for layers with few positions T and many channels);
+4. clip factor ``c_i = min(1, C / (||grad_i|| + 1e-6))`` (Opacus' formula), then the clipped sum
+   ``sum_i c_i grad_i`` per layer: a weighted sum of the instantiated gradients, or one ordinary
+   weight-gradient kernel on ``c_i * g_i`` for ghost layers. It is written to ``p.grad``.
+
+Noise and scaling stay Opacus': ``make_private_bk`` pairs the module with
+``opacus.optimizers.DPOptimizerFastGradientClipping``, which adds N(0, (sigma C)^2) to ``p.grad`` and divides
+by the expected batch size — the mechanism (and what the accountant charges) is exactly the ``hooks`` one.
+
+Privacy-critical invariants, enforced rather than assumed: every trainable parameter belongs to a supported
+layer (else ``NotImplementedError`` at wrap time, never a silently unclipped parameter); a layer called twice
+in one forward (weight tying) or an output modified in place after the layer is refused; a step whose
+``p.grad`` was not cleared is refused (it would add two batches under one clip bound). The per-sample norms
+are tested against Opacus ``hooks`` mode in tests/test_dp_overhead_modes.py.
+
+``GradSampleModuleMixedGhost`` registers the same conv/GroupNorm norms into Opacus' own ghost-clipping
+pipeline (``GradSampleModuleFastGradientClipping`` + ``DPLossFastGradientClipping``, double backward); it is
+kept for comparison in bench/dp_overhead.py.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.utils.tensor_utils import unfold3d
+from torch import nn
+
+GhostPolicy = Literal["auto", "always", "never"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (*_CONVS, nn.Linear, nn.GroupNorm)
+
+#: Opacus' clip factor is ``C / (norm + CLIP_EPS)`` capped at 1; the same constant keeps both modes identical.
+CLIP_EPS = 1e-6
+
+
+# --------------------------------------------------------------------------------------------------- layers
+def _conv_padding(layer: nn.Module) -> tuple[int, ...]:
+    """Explicit symmetric zero padding of a conv (``"valid"``, ``"same"`` when symmetric, or numbers)."""
+    dims = len(layer.kernel_size)
+    if isinstance(layer.padding, str):
+        if layer.padding == "valid":
+            return (0,) * dims
+        total = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]
+        if any(t % 2 for t in total):
+            raise NotImplementedError(f"{type(layer).__name__} with asymmetric padding='same' is not supported")
+        return tuple(t // 2 for t in total)
+    return tuple(layer.padding)
+
+
+def _check_layer(name: str, layer: nn.Module) -> None:
+    if type(layer) in _CONVS and layer.padding_mode != "zeros":
+        raise NotImplementedError(
+            f"layer {name!r}: {type(layer).__name__}(padding_mode={layer.padding_mode!r}) is not supported "
+            "by fast clipping; use padding_mode='zeros' or grad_sample_mode='hooks'"
+        )
+    if type(layer) in _CONVS:
+        _conv_padding(layer)
+
+
+def conv_positions(layer: nn.Module, grad_out: torch.Tensor) -> tuple[int, int, int]:
+    """(T output positions, P = in/groups * kernel, O out channels) of a conv, the sizes the costs depend on."""
+    t = math.prod(grad_out.shape[2:])
+    p = layer.in_channels // layer.groups * math.prod(layer.kernel_size)
+    return t, p, layer.out_channels
+
+
+def use_ghost(layer: nn.Module, grad_out: torch.Tensor, policy: GhostPolicy = "auto") -> bool:
+    """Whether a conv's per-sample norm is computed as a ghost norm rather than by instantiation.
+
+    Ghost costs ~ n T^2 (P + O) and leaves one ordinary weight-gradient kernel for the clipped sum;
+    instantiation costs ~ n T P O and holds n P O floats. ``auto`` takes the ghost norm when its pairwise
+    term is at most half the instantiation cost, ``2 T (P + O) <= P O`` (measured on CPU/oneDNN for AtollNet:
+    its last conv, T=16, P=576, O=64, is ~1.4x faster as ghost; its third, T=49, P=288, O=64, ~2x slower).
+    Grouped convolutions are always instantiated.
+    """
+    if type(layer) not in _CONVS or layer.groups != 1 or policy == "never":
+        return False
+    if policy == "always":
+        return True
+    t, p, o = conv_positions(layer, grad_out)
+    return 2 * t * (p + o) <= p * o
+
+
+def _conv_weight_grad(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, *, per_sample: bool) -> torch.Tensor:
+    """Weight gradient of a conv from its input ``a`` and output gradient ``g`` with oneDNN's kernel.
+
+    ``per_sample=True`` folds the batch into the groups (input [1, n*Cin, ...], output [1, n*Cout, ...],
+    n*groups groups), so the same kernel returns the n per-sample gradients [n, Cout, Cin/groups, *k].
+    """
+    n = a.shape[0]
+    dims = a.dim() - 2
+    w_shape = tuple(layer.weight.shape)
+    groups = layer.groups
+    if per_sample:
+        a = a.reshape(1, n * a.shape[1], *a.shape[2:])
+        g = g.reshape(1, n * g.shape[1], *g.shape[2:])
+        w_shape = (n * w_shape[0], *w_shape[1:])
+        groups = n * groups
+    dummy = g.new_empty(1).expand(w_shape)  # shape only, as torch.nn.grad.conv2d_weight does
+    gw = torch.ops.aten.convolution_backward(
+        g, a, dummy, None, layer.stride, _conv_padding(layer), layer.dilation, False, [0] * dims, groups,
+        (False, True, False),
+    )[1]
+    return gw.view(n, *layer.weight.shape) if per_sample else gw
+
+
+def _unfold(layer: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """Input patches of a (groups=1) conv: [n, P, T] with P = Cin * prod(kernel)."""
+    pad = _conv_padding(layer)
+    if type(layer) is nn.Conv2d:
+        return F.unfold(a, layer.kernel_size, dilation=layer.dilation, padding=pad, stride=layer.stride)
+    if type(layer) is nn.Conv1d:
+        return F.unfold(
+            a.unsqueeze(2), (1, layer.kernel_size[0]), dilation=(1, layer.dilation[0]), padding=(0, pad[0]),
+            stride=(1, layer.stride[0]),
+        )
+    return unfold3d(a, kernel_size=layer.kernel_size, padding=pad, stride=layer.stride, dilation=layer.dilation)
+
+
+def conv_ghost_sq_norm(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample squared Frobenius norm of a conv's weight gradient without forming it:
+    ``sum_{p,q} <a_p, a_q> <g_p, g_q>`` over output positions (Bu et al. 2022)."""
+    n = a.shape[0]
+    patches = _unfold(layer, a)  # [n, P, T]
+    gg = g.reshape(n, g.shape[1], -1)  # [n, O, T]
+    aat = torch.bmm(patches.transpose(1, 2), patches)  # [n, T, T]
+    ggt = torch.bmm(gg.transpose(1, 2), gg)
+    return (aat * ggt).sum(dim=(1, 2)).clamp_(min=0)
+
+
+def per_sample_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    """Instantiated per-sample gradients [n, *param.shape] of a supported layer's trainable parameters."""
+    out: dict[nn.Parameter, torch.Tensor] = {}
+    weight, bias = layer.weight, getattr(layer, "bias", None)
+    if type(layer) in _CONVS:
+        if weight.requires_grad:
+            out[weight] = _conv_weight_grad(layer, a, g, per_sample=True)
+        if bias is not None and bias.requires_grad:
+            out[bias] = g.flatten(2).sum(-1)
+    elif type(layer) is nn.Linear:
+        if weight.requires_grad:
+            out[weight] = torch.einsum("n...o,n...i->noi", g, a)
+        if bias is not None and bias.requires_grad:
+            out[bias] = g.reshape(g.shape[0], -1, g.shape[-1]).sum(1)
+    elif type(layer) is nn.GroupNorm:
+        if weight is not None and weight.requires_grad:
+            xhat = F.group_norm(a, layer.num_groups, eps=layer.eps)
+            out[weight] = (xhat * g).flatten(2).sum(-1)
+        if bias is not None and bias.requires_grad:
+            out[bias] = g.flatten(2).sum(-1)
+    else:  # pragma: no cover - guarded at wrap time
+        raise NotImplementedError(type(layer).__name__)
+    return out
+
+
+def _sq_norms(grads: dict[nn.Parameter, torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:
+    return {p: gs.reshape(gs.shape[0], -1).pow(2).sum(1) for p, gs in grads.items()}
+
+
+def layer_sq_norms(
+    layer: nn.Module, a: torch.Tensor, g: torch.Tensor, policy: GhostPolicy = "auto"
+) -> tuple[dict[nn.Parameter, torch.Tensor], dict[nn.Parameter, torch.Tensor] | None]:
+    """Per-sample squared gradient norms of each trainable parameter of ``layer``, and the instantiated
+    per-sample gradients (``None`` when the weight's norm was a ghost norm)."""
+    if use_ghost(layer, g, policy):
+        norms: dict[nn.Parameter, torch.Tensor] = {}
+        if layer.weight.requires_grad:
+            norms[layer.weight] = conv_ghost_sq_norm(layer, a, g)
+        if layer.bias is not None and layer.bias.requires_grad:
+            norms[layer.bias] = g.flatten(2).sum(-1).pow(2).sum(1)
+        return norms, None
+    grads = per_sample_grads(layer, a, g)
+    return _sq_norms(grads), grads
+
+
+# ------------------------------------------------------------------------ Opacus ghost-pipeline norm samplers
+def opacus_norm_sampler(policy: GhostPolicy = "auto") -> Callable[..., dict[nn.Parameter, torch.Tensor]]:
+    """A norm sampler with Opacus' signature ``(layer, activations, backprops) -> {param: norm [n]}``."""
+
+    def sampler(layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor):
+        a = activations[0].to(backprops.dtype)
+        sq, _ = layer_sq_norms(layer, a, backprops, policy)
+        return {p: s.sqrt() for p, s in sq.items()}
+
+    return sampler
+
+
+class GradSampleModuleMixedGhost(GradSampleModuleFastGradientClipping):
+    """Opacus ghost clipping (double backward) with ghost/instantiated norms for convolutions and GroupNorm
+    too (stock Opacus has norm samplers for Linear/Embedding only and falls back to full per-sample
+    gradients elsewhere). A class-level registry, so the stock ``ghost`` mode is not changed."""
+
+    NORM_SAMPLERS = {
+        **GradSampleModuleFastGradientClipping.NORM_SAMPLERS,
+        **{cls: opacus_norm_sampler() for cls in (*_CONVS, nn.GroupNorm)},
+    }
+
+
+# --------------------------------------------------------------------------------------------- book-keeping
+@dataclass
+class _Record:
+    layer: nn.Module
+    activation: torch.Tensor
+    output: torch.Tensor
+    version: int
+
+
+class FastClipModule(nn.Module):
+    """Wraps a model for single-backward per-sample clipping (module docstring).
+
+    Use::
+
+        fc = FastClipModule(model, max_grad_norm=C)
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion_with_reduction_sum(fc(x), y)
+        norms = fc.clip_backward(loss)   # p.grad = sum_i min(1, C/||grad_i||) grad_i
+        optimizer.step()                  # a DPOptimizerFastGradientClipping adds the noise
+
+    Parameters
+    ----------
+    module: the network; every parameter that requires grad must sit directly in a Conv1d/2d/3d (zero
+        padding), Linear or GroupNorm, and nothing may mix samples (no BatchNorm).
+    max_grad_norm: C, the per-sample clip norm.
+    ghost: per-conv norm method: ``auto`` (cost rule of ``use_ghost``), ``always`` (ghost for every
+        ungrouped conv) or ``never`` (always instantiate).
+    """
+
+    def __init__(self, module: nn.Module, *, max_grad_norm: float, ghost: GhostPolicy = "auto") -> None:
+        super().__init__()
+        if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be finite and > 0, got {max_grad_norm}")
+        if ghost not in ("auto", "always", "never"):
+            raise ValueError(f"ghost must be 'auto', 'always' or 'never', got {ghost!r}")
+        self._module = module
+        self.max_grad_norm = float(max_grad_norm)
+        self.ghost: GhostPolicy = ghost
+        self._layers: list[nn.Module] = []
+        unsupported = []
+        for name, m in module.named_modules():
+            own = [p for p in m.parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            if type(m) not in SUPPORTED_LAYERS:
+                unsupported.append(f"{name or '<root>'} ({type(m).__name__})")
+                continue
+            _check_layer(name, m)
+            self._layers.append(m)
+        if unsupported:
+            raise NotImplementedError(
+                "fast clipping cannot bound the per-sample gradient of trainable parameters in "
+                f"{', '.join(unsupported)}; supported layers: {', '.join(c.__name__ for c in SUPPORTED_LAYERS)}. "
+                "Use grad_sample_mode='hooks' for this model."
+            )
+        self._params = [p for m in self._layers for p in m.parameters(recurse=False) if p.requires_grad]
+        self._records: list[_Record] = []
+        self._capturing = False  # only forwards through this wrapper are recorded
+        self._handles = [m.register_forward_hook(self._capture) for m in self._layers]
+        self.per_sample_norms: torch.Tensor | None = None
+
+    def _capture(self, layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if not self._capturing or not torch.is_grad_enabled():
+            return
+        if any(r.layer is layer for r in self._records):
+            raise NotImplementedError(
+                f"{type(layer).__name__} was called twice in one forward (weight tying / reuse): its per-sample "
+                "gradient would be split over two records; use grad_sample_mode='hooks'"
+            )
+        self._records.append(_Record(layer, inputs[0].detach(), output, output._version))
+
+    def forward(self, *args, **kwargs):  # noqa: D102 - plain delegation
+        self._records = []
+        self._capturing = True
+        try:
+            return self._module(*args, **kwargs)
+        finally:
+            self._capturing = False
+
+    def clip_backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """Backward of ``loss`` (the SUM of per-sample losses) that writes the clipped per-sample gradient sum
+        ``sum_i min(1, C / (||grad_i|| + 1e-6)) grad_i`` to every trainable ``p.grad``.
+
+        Returns the per-sample gradient norms [n] (also kept in ``self.per_sample_norms``; they are not
+        private — debugging/tests only).
+        """
+        records, self._records = self._records, []
+        if not records:
+            raise RuntimeError("clip_backward() needs a forward through the FastClipModule first")
+        for p in self._params:
+            if p.grad is not None:
+                raise RuntimeError(
+                    "p.grad is already set: call optimizer.zero_grad(set_to_none=True) before each step "
+                    "(two batches must not be summed under one clip bound)"
+                )
+        for r in records:
+            if r.output._version != r.version:
+                raise RuntimeError(
+                    f"the output of a {type(r.layer).__name__} was modified in place after the layer; its "
+                    "gradient would not be the layer's own. Make the following operation out-of-place."
+                )
+        outs = [r.output for r in records]
+        grads = torch.autograd.grad(loss, outs, allow_unused=True)
+        n = records[0].activation.shape[0]
+        total = None
+        kept: list[tuple[_Record, torch.Tensor, dict[nn.Parameter, torch.Tensor] | None]] = []
+        for r, g in zip(records, grads):
+            if g is None:  # layer output did not reach the loss: zero gradient
+                continue
+            a = r.activation.to(g.dtype)
+            sq, inst = layer_sq_norms(r.layer, a, g, self.ghost)
+            for s in sq.values():
+                total = s if total is None else total + s
+            kept.append((r, g, inst))
+        norms = total.sqrt() if total is not None else torch.zeros(n, device=records[0].activation.device)
+        coef = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
+        done: set[int] = set()
+        for r, g, inst in kept:
+            if inst is None:  # ghost conv: one weight-gradient kernel on the rescaled output gradient
+                gc = g * coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
+                layer = r.layer
+                if layer.weight.requires_grad:
+                    layer.weight.grad = _conv_weight_grad(layer, r.activation.to(g.dtype), gc, per_sample=False)
+                    done.add(id(layer.weight))
+                if layer.bias is not None and layer.bias.requires_grad:
+                    layer.bias.grad = gc.flatten(2).sum((0, 2))
+                    done.add(id(layer.bias))
+            else:
+                for p, gs in inst.items():
+                    p.grad = (coef.to(gs.dtype) @ gs.reshape(n, -1)).view_as(p)
+                    done.add(id(p))
+        for p in self._params:
+            if id(p) not in done:
+                p.grad = torch.zeros_like(p)
+        self.per_sample_norms = norms.detach()
+        return self.per_sample_norms
+
+    def zero_clipped_grads(self) -> None:
+        """An empty (Poisson) batch: the clipped sum is zero, so the optimizer step adds pure noise."""
+        self._records = []
+        for p in self._params:
+            p.grad = torch.zeros_like(p)
+
+    def to_standard_module(self) -> nn.Module:
+        """Remove the hooks and return the wrapped model (as Opacus' ``GradSampleModule`` does)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._records = []
+        return self._module
+
+
+def make_private_bk(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: int,
+    generator: torch.Generator | None = None,
+    ghost: GhostPolicy = "auto",
+) -> tuple[FastClipModule, DPOptimizerFastGradientClipping]:
+    """Fast-clipping module + Opacus' noise-adding optimizer (noise std ``noise_multiplier * max_grad_norm``,
+    the noisy sum divided by ``expected_batch_size``): the same mechanism as ``hooks`` + ``DPOptimizer``."""
+    fc = FastClipModule(model, max_grad_norm=max_grad_norm, ghost=ghost)
+    dp_opt = DPOptimizerFastGradientClipping(
+        optimizer,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        loss_reduction="mean",
+        generator=generator,
+    )
+    return fc, dp_opt
