@@ -58,11 +58,19 @@ def run_demo(out: Path, rounds: int = 3, *, dp: bool = True, verbose: bool = Fal
     configs = [out / h / "site.toml" for h in hospitals]
     for c in configs:
         load_site_config(c)  # a bad site config is rejected here, before any training
+    if not dp:
+        used = [h for h in hospitals if (out / h / "state" / "ledger.jsonl").exists()]
+        if used:
+            raise FileExistsError(
+                f"the demo sites in {out} already have a privacy history; a non-DP round spends an infinite "
+                f"epsilon and would make them refuse every later DP run. Use another --out for --no-dp")
     keys_dir = prepare_site_keys(out, hospitals)
     params = {**DEFAULTS, **(overrides or {})}
     settings = RunSettings(num_server_rounds=rounds, run_dir=str(out / "runs"), keys_dir=str(keys_dir),
                            dp=dp, min_sites=2, num_sites=len(hospitals), **params)
     settings.check()
+    digest = approve_run(configs, settings)
+    log.info("each site's admin approved run manifest %s (as `atoll site approve` records it)", digest[:16])
     log.info("training %d rounds with %s (%s) across %s", rounds, settings.model,
              f"DP-SGD, noise multiplier {settings.noise_multiplier}, clip {settings.clip_norm}" if dp else "no DP",
              ", ".join(hospitals))
@@ -84,6 +92,21 @@ def prepare_site_keys(out: Path, hospitals: list[str]) -> Path:
         pub_pem = ensure_site_key(out / h / "keys" / "site_ed25519.pem")
         (keys_dir / f"{h}.pub").write_bytes(pub_pem)
     return keys_dir
+
+
+def approve_run(site_configs: list[Path], settings, by: str = "atoll demo, for the site admin") -> str:
+    """Record each site's approval of the run manifest (what `atoll site approve --yes` does)."""
+    from client.approval import ApprovalStore, manifest_hash
+    from client.manifest import build_run_manifest
+    from client.site_config import load_site_config
+
+    manifest = build_run_manifest(settings.round_config("approval", 1))
+    digest = manifest_hash(manifest)
+    for c in site_configs:
+        store = ApprovalStore(load_site_config(c).state_dir)
+        if not store.is_approved(digest):
+            store.approve(manifest, by=by)
+    return digest
 
 
 def simulate(settings, site_configs: list[Path], *, verbose: bool = False):

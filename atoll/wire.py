@@ -24,6 +24,12 @@ NUM_EXAMPLES = "num-examples"
 # Refusal codes that are not the privacy guard's (its codes come from privacy.guard).
 SITE_ERROR = "SITE_ERROR"
 NO_SITE_CONFIG = "NO_SITE_CONFIG"
+NO_USABLE_DATA = "NO_USABLE_DATA"
+RUN_NOT_APPROVED = "RUN_NOT_APPROVED"
+EGRESS_BLOCKED = "EGRESS_BLOCKED"
+
+# Every metric Atoll's ClientApp can release; a site sends the subset its policy lists.
+APP_METRICS = ("num-examples", "train_loss", "train_seconds", "val_loss", "val_accuracy", "val_auc")
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,7 @@ class RoundConfig:
 
     run_id: str
     server_round: int
+    num_rounds: int = 1
     model: str = "atollnet"
     image_size: int = 28
     local_steps: int = 50

@@ -32,7 +32,7 @@ def main() -> None:
     args = ap.parse_args()
     rounds, steps = (3, 20) if args.quick else (5, 60)
 
-    from atoll.demo import prepare_site_keys, simulate
+    from atoll.demo import approve_run, prepare_site_keys, simulate
     from atoll.demo_data import HOSPITALS, generate_consortium
     from server.settings import RunSettings
 
@@ -41,18 +41,17 @@ def main() -> None:
     names = [h.name for h in HOSPITALS]
     configs = [work / n / "site.toml" for n in names]
     keys = prepare_site_keys(work, names)
+    settings = RunSettings(num_server_rounds=rounds, run_dir=str(work / "runs"), run_name="bench",
+                           keys_dir=str(keys), local_steps=steps, num_sites=3)
+    approve_run(configs, settings)
     t0 = time.perf_counter()
     if args.deployment:
         from atoll.localnet import LocalConsortium
 
         with LocalConsortium(REPO, configs, insecure=True, workdir=work / "net") as net:
-            rid = net.submit({"run-dir": str(work / "runs"), "run-name": "bench", "keys-dir": str(keys),
-                              "num-server-rounds": rounds, "local-steps": steps, "num-sites": 3})
-            net.wait(rid, timeout=1800)
+            net.wait(net.submit(settings.to_run_config()), timeout=1800)
         history = json.loads((work / "runs" / "bench" / "history.json").read_text())
     else:
-        settings = RunSettings(num_server_rounds=rounds, run_dir=str(work / "runs"), run_name="bench",
-                               keys_dir=str(keys), local_steps=steps, num_sites=3)
         history = simulate(settings, configs).history
     total = time.perf_counter() - t0
 

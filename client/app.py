@@ -24,7 +24,11 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from atoll import wire
+from client.approval import ApprovalStore, RunManifest, RunNotApproved
+from client.egress import EgressBlocked, EgressPolicy, check_reply
 from client.evaluation import evaluate_model
+from client.ingest import NoUsableImagesError
+from client.manifest import build_run_manifest
 from client.runtime import SiteRuntime, SiteSetupError, site_runtime
 from models import build_model, state_dict_sha256
 from privacy.dpsgd import DPConfig, train_local
@@ -53,6 +57,14 @@ def site_errors_stay_local(handler: Callable[[Message, Context], Message]):
     def wrapped(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
+        except NoUsableImagesError as exc:
+            log.error("no usable images: %s", exc)
+            return _refuse(msg, wire.NO_USABLE_DATA, str(exc))
+        except _Refusal as exc:
+            return _refuse(msg, exc.code, exc.message, exc.site)
+        except EgressBlocked:
+            return _refuse(msg, wire.EGRESS_BLOCKED, "the site's egress guard blocked the reply "
+                                                     "(details in the site log)")
         except SiteSetupError as exc:
             log.error("site setup failed: %s", exc)
             return _refuse(msg, wire.NO_SITE_CONFIG,
@@ -77,6 +89,34 @@ def _num_classes(site: SiteRuntime) -> int:
     return max(2, int(site.data.train.labels.max().item()) + 1) if len(site.data.train.labels) else 2
 
 
+class _Refusal(Exception):
+    """A refusal raised deep in a handler, carrying the site's name to the reply."""
+
+    def __init__(self, code: str, message: str, site: str) -> None:
+        super().__init__(message)
+        self.code, self.message, self.site = code, message, site
+
+
+def _approved_manifest(site: SiteRuntime, cfg: wire.RoundConfig) -> RunManifest:
+    """The manifest of this run as the site computes it; refuses unless the site approved it."""
+    manifest = build_run_manifest(cfg, in_channels=site.data.train.images.shape[1],
+                                  num_classes=_num_classes(site))
+    try:
+        ApprovalStore(site.config.state_dir).check_approved(manifest)
+    except RunNotApproved as exc:
+        log.warning("refused an unapproved run: %s", exc.message)
+        raise _Refusal(wire.RUN_NOT_APPROVED, exc.message, site.name) from None
+    return manifest
+
+
+def _checked(site: SiteRuntime, manifest: RunManifest, content: RecordDict) -> RecordDict:
+    """Egress guard: only the approved tensors and the policy's metrics may leave."""
+    allowed = set(manifest.metrics) & (set(site.config.privacy.released_metrics) | {wire.NUM_EXAMPLES})
+    policy = EgressPolicy.from_manifest(manifest)
+    check_reply(content, EgressPolicy(policy.tensors, frozenset(allowed) | {wire.NUM_EXAMPLES}))
+    return content
+
+
 def _released(site: SiteRuntime, metrics: dict[str, float]) -> MetricRecord:
     """Only what the hospital's policy lists as released in the clear leaves the site."""
     allowed = set(site.config.privacy.released_metrics) | {wire.NUM_EXAMPLES}
@@ -88,6 +128,9 @@ def _released(site: SiteRuntime, metrics: dict[str, float]) -> MetricRecord:
 def train(msg: Message, context: Context) -> Message:
     cfg = wire.RoundConfig.from_record(msg.content[wire.CONFIG])
     site = site_runtime(context.node_config, cfg.image_size)
+    if len(site.data.train.labels) == 0 or int(site.data.train.labels.min()) < 0:
+        return _refuse(msg, wire.NO_USABLE_DATA, "the site has no labelled training images", site.name)
+    manifest = _approved_manifest(site, cfg)
     arrays: ArrayRecord = msg.content[wire.ARRAYS]
     global_sd = arrays.to_torch_state_dict()
     train_split = site.data.train
@@ -119,7 +162,7 @@ def train(msg: Message, context: Context) -> Message:
         wire.LEDGER: wire.ledger_record(record),
         wire.SITE: wire.site_record(site.name),
     })
-    return Message(content, reply_to=msg)
+    return Message(_checked(site, manifest, content), reply_to=msg)
 
 
 @app.evaluate()
@@ -127,10 +170,11 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     cfg = wire.RoundConfig.from_record(msg.content[wire.CONFIG])
     site = site_runtime(context.node_config, cfg.image_size)
+    manifest = _approved_manifest(site, cfg)
     model = _load_global(site, cfg, msg.content[wire.ARRAYS])
     val = site.data.val
     m = evaluate_model(model, val.images, val.labels, site.device)
     metrics = _released(site, {wire.NUM_EXAMPLES: m["n"], "val_loss": m["loss"],
                                "val_accuracy": m["accuracy"], "val_auc": m["auc"]})
-    return Message(RecordDict({wire.METRICS: metrics, wire.SITE: wire.site_record(site.name)}),
-                   reply_to=msg)
+    content = RecordDict({wire.METRICS: metrics, wire.SITE: wire.site_record(site.name)})
+    return Message(_checked(site, manifest, content), reply_to=msg)

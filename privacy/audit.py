@@ -19,9 +19,10 @@ What is checked (every failure is a :class:`Finding` naming the source, line, si
    would flag every honest PRV record). A recorded epsilon *lower* than a recomputation by more than the
    tolerance is an error (an under-count); higher is a warning (over-counting is safe).
    Tolerances: Opacus recomputation ``rel 1e-6`` (same code, only float noise); dp_accounting
-   ``rel 1% + abs 0.01`` (different RDP order grids and RDP-to-DP conversions; measured differences at
-   sigma >= 0.5 are below 0.1%). At sigma < 0.5 with epsilon in the hundreds the two RDP libraries can differ
-   several-fold: such records are flagged, which is the safe direction.
+   ``rel 1% + abs 0.01``. dp_accounting's RDP at fractional orders is looser than Opacus' (Opacus matches a
+   high-precision integration), so at large sampling rates (q >= 0.1) an honest RDP record can be 2-5% below
+   dp_accounting's RDP (e.g. sigma=1.5, q=0.3, 100 steps, delta=1e-3: 9.948 vs 10.15). Such a record is then
+   checked against dp_accounting's tight ``PLDAccountant`` instead, and is an error only if below that too.
 5. **Budgets:** no DP record's ``epsilon_after`` above the site's declared ``max_epsilon``. A non-DP round
    (epsilon infinite, allowed only by ``allow_non_dp``) is a warning, shown in the verdict.
 
@@ -331,6 +332,16 @@ class _Auditor:
                 self.add("warning", f"recorded ε={recorded:.6g} is higher than Opacus {accountant} recomputed: "
                                     f"{recomputed:.6g} (over-count, safe)", rec, source=source, line=line, field=name)
         if not (math.isinf(independent) and math.isinf(after)):
+            if method == "rdp" and after < independent * (1 - INDEPENDENT_RTOL) - INDEPENDENT_ATOL:
+                # dp_accounting 0.6's RDP of the subsampled Gaussian at FRACTIONAL orders is a looser bound than
+                # Opacus' (which matches a 40-digit mpmath integration; dp_accounting gives e.g. 0.0163 vs 0.0027 at
+                # sigma=5, q=0.3, alpha=1.5, or inf when its series does not converge), so at large q an honest
+                # record can sit a few % below it. Confirm with dp_accounting's tight PLD accountant (an upper
+                # bound close to the true epsilon, hence below any honest RDP number): an error only if the
+                # recorded epsilon is below that too.
+                pld = google_epsilon(hist, delta, "pld")
+                if after >= pld * (1 - INDEPENDENT_RTOL) - INDEPENDENT_ATOL:
+                    independent, method = pld, "pld"
             if after < independent * (1 - INDEPENDENT_RTOL) - INDEPENDENT_ATOL:
                 self.add("error", f"recorded ε={after:.6g} is LOWER than dp_accounting {method.upper()} recomputed "
                                   f"independently: {independent:.6g} (beyond tolerance rel {INDEPENDENT_RTOL:g} + "

@@ -8,10 +8,10 @@ removing *all* images of one patient. The mechanism, per step:
 2. **One image per sampled patient**: for each sampled patient one of their images is drawn uniformly at
    random. A batch therefore holds at most one example per patient, so Opacus' *per-sample* clipping is
    exactly *per-patient* clipping.
-3. **Clip and noise (Opacus)**: ``opacus.GradSampleModule`` computes per-sample gradients, and
-   ``opacus.optimizers.DPOptimizer`` clips each to L2 norm ``C = clip_norm``, sums them, adds Gaussian noise
-   N(0, (sigma*C)^2 I) with ``sigma = noise_multiplier``, and divides by the expected batch size ``q*P``
-   (a fixed constant, i.e. post-processing).
+3. **Clip and noise (Opacus)**: each example's gradient is clipped to L2 norm ``C = clip_norm`` with
+   Opacus' factor ``min(1, C / (||g_i|| + 1e-6))``, the clipped gradients are summed, Opacus' optimizer adds
+   Gaussian noise N(0, (sigma*C)^2 I) with ``sigma = noise_multiplier`` and divides by the expected batch
+   size ``q*P`` (a fixed constant, i.e. post-processing).
 
 Sensitivity: adding or removing one patient adds or removes at most one clipped term of norm <= C in the
 pre-noise sum, however many images the patient has (tests/test_dpsgd.py checks this on the real step and
@@ -23,9 +23,19 @@ module does no accounting itself.
 Empty Poisson batches still take a step: zero per-sample gradients go through Opacus' optimizer, which
 adds pure noise (skipping the step would reveal that the batch was empty).
 
-Per-sample gradients: ``grad_sample_mode="hooks"`` (Opacus' autograd hooks, which register a grad sampler
-for every layer AtollNet/MONAI networks use); ``"functorch"`` is available for comparison. The measured
-cost of each mode is in bench/dp_overhead.py.
+How the per-sample norms and the clipped sum are computed (``grad_sample_mode``; all give the same clipped
+sum as Opacus' stock ``hooks`` mode to float precision — tests/test_dpsgd.py — and differ only in cost, see
+bench/dp_overhead.py):
+
+* ``bk`` (Atoll's default through ``auto`` for Conv/Linear/GroupNorm networks; ``hooks`` otherwise):
+  Opacus' ``GradSampleModuleFastGradientClipping`` hooks with the norm samplers of ``privacy.ghost_conv``
+  (ghost norms where cheaper, "mixed ghost clipping"), Opacus' ``get_clipping_coef``, then book-keeping:
+  the clipped sum is written to ``p.grad`` from the stashed per-layer quantities in ONE backward pass, and
+  Opacus' ``DPOptimizerFastGradientClipping`` adds the noise.
+* ``fast``: Opacus hooks + ``DPOptimizer`` (Opacus clips the per-sample gradients), with the conv per-sample
+  gradients from ``privacy.ghost_conv`` and no wasted summed weight gradient.
+* ``hooks`` / ``functorch`` / ``ghost``: stock Opacus; ``ghost-conv``: Opacus' two-backward ghost clipping
+  with ``privacy.ghost_conv``'s conv norms.
 """
 
 from __future__ import annotations
@@ -46,7 +56,16 @@ from torch import nn
 from .ghost_conv import accumulate_clipped, fast_layers, unsupported_layers
 
 GRAD_SAMPLE_MODES: tuple[str, ...] = ("bk", "fast", "hooks", "functorch", "ghost", "ghost-conv")
-DEFAULT_GRAD_SAMPLE_MODE = "fast"
+DEFAULT_GRAD_SAMPLE_MODE = "auto"  # "bk" when every trainable layer is Conv/Linear/GroupNorm, else "hooks"
+
+
+def resolve_grad_sample_mode(model: nn.Module, mode: str = DEFAULT_GRAD_SAMPLE_MODE) -> str:
+    """``auto`` -> the fastest mode that can clip ``model`` exactly (``bk``, else Opacus' ``hooks``)."""
+    if mode == "auto":
+        return "hooks" if unsupported_layers(model) else "bk"
+    if mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"grad_sample_mode must be 'auto' or one of {GRAD_SAMPLE_MODES}, got {mode!r}")
+    return mode
 
 
 class TrainData(Protocol):
@@ -153,11 +172,7 @@ class PrivateStep:
     Opacus hook and attribute and restores the model's classes. The bench uses this exact object, so the
     timings it reports are those of training.
 
-    Modes (``GRAD_SAMPLE_MODES``): ``"fast"`` (Atoll's default: Opacus hooks + DPOptimizer, convolutions via
-    ``privacy.ghost_conv`` with no wasted summed weight gradient), ``"hooks"`` and ``"functorch"`` (stock
-    Opacus per-sample gradients), ``"ghost"`` (stock Opacus ghost clipping: norms, then a second
-    backward on the re-weighted loss) and ``"ghost-conv"`` (ghost clipping with ghost/instantiated conv norms
-    from ``privacy.ghost_conv``).
+    Modes: ``"auto"`` or one of ``GRAD_SAMPLE_MODES`` (module docstring).
     """
 
     def __init__(
@@ -170,8 +185,7 @@ class PrivateStep:
         grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
         generator: torch.Generator | None = None,
     ) -> None:
-        if grad_sample_mode not in GRAD_SAMPLE_MODES:
-            raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
+        grad_sample_mode = resolve_grad_sample_mode(model, grad_sample_mode)
         self.mode = grad_sample_mode
         self.model = model
         self._fast_ctx = None
@@ -285,7 +299,8 @@ def train_local(
     dp: ``None`` = plain minibatch training over images (shuffled epochs of ``batch_size``); otherwise
         patient-level DP-SGD (module docstring) and ``batch_size`` is ignored (the batch is ~ q * P).
     seed: makes sampling, image choice and noise reproducible; ``None`` draws fresh randomness.
-    grad_sample_mode: how Opacus computes per-sample gradients (``GRAD_SAMPLE_MODES``).
+    grad_sample_mode: how per-sample norms / clipped sums are computed (``auto`` or ``GRAD_SAMPLE_MODES``);
+        every mode is the same mechanism, only the cost differs.
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")

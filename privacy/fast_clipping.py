@@ -31,9 +31,11 @@ in one forward (weight tying) or an output modified in place after the layer is 
 ``p.grad`` was not cleared is refused (it would add two batches under one clip bound). The per-sample norms
 are tested against Opacus ``hooks`` mode in tests/test_dp_overhead_modes.py.
 
-``GradSampleModuleMixedGhost`` registers the same conv/GroupNorm norms into Opacus' own ghost-clipping
-pipeline (``GradSampleModuleFastGradientClipping`` + ``DPLossFastGradientClipping``, double backward); it is
-kept for comparison in bench/dp_overhead.py.
+Relation to ``privacy.ghost_conv`` (mode ``bk`` of ``privacy.dpsgd.PrivateStep``): the same arithmetic, but
+that one runs inside Opacus' module backward hooks (``GradSampleModuleFastGradientClipping``), which wrap
+every layer's inputs and outputs in hook functions and still compute the summed GroupNorm/Linear gradients;
+here the only hooks are a forward hook per layer and a tensor hook per layer output, which measured ~15%
+less step time on AtollNet (bench/dp_overhead.py).
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.utils.tensor_utils import unfold3d
 from torch import nn
@@ -171,7 +172,7 @@ def per_sample_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict
     elif type(layer) is nn.GroupNorm:
         if weight is not None and weight.requires_grad:
             xhat = F.group_norm(a, layer.num_groups, eps=layer.eps)
-            out[weight] = (xhat * g).flatten(2).sum(-1)
+            out[weight] = xhat.mul_(g).flatten(2).sum(-1)  # in place: one activation-sized buffer less
         if bias is not None and bias.requires_grad:
             out[bias] = g.flatten(2).sum(-1)
     else:  # pragma: no cover - guarded at wrap time
@@ -180,7 +181,7 @@ def per_sample_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict
 
 
 def _sq_norms(grads: dict[nn.Parameter, torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:
-    return {p: gs.reshape(gs.shape[0], -1).pow(2).sum(1) for p, gs in grads.items()}
+    return {p: torch.linalg.vector_norm(gs.reshape(gs.shape[0], -1), dim=1).square() for p, gs in grads.items()}
 
 
 def layer_sq_norms(
@@ -199,29 +200,6 @@ def layer_sq_norms(
     return _sq_norms(grads), grads
 
 
-# ------------------------------------------------------------------------ Opacus ghost-pipeline norm samplers
-def opacus_norm_sampler(policy: GhostPolicy = "auto") -> Callable[..., dict[nn.Parameter, torch.Tensor]]:
-    """A norm sampler with Opacus' signature ``(layer, activations, backprops) -> {param: norm [n]}``."""
-
-    def sampler(layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor):
-        a = activations[0].to(backprops.dtype)
-        sq, _ = layer_sq_norms(layer, a, backprops, policy)
-        return {p: s.sqrt() for p, s in sq.items()}
-
-    return sampler
-
-
-class GradSampleModuleMixedGhost(GradSampleModuleFastGradientClipping):
-    """Opacus ghost clipping (double backward) with ghost/instantiated norms for convolutions and GroupNorm
-    too (stock Opacus has norm samplers for Linear/Embedding only and falls back to full per-sample
-    gradients elsewhere). A class-level registry, so the stock ``ghost`` mode is not changed."""
-
-    NORM_SAMPLERS = {
-        **GradSampleModuleFastGradientClipping.NORM_SAMPLERS,
-        **{cls: opacus_norm_sampler() for cls in (*_CONVS, nn.GroupNorm)},
-    }
-
-
 # --------------------------------------------------------------------------------------------- book-keeping
 @dataclass
 class _Record:
@@ -229,6 +207,7 @@ class _Record:
     activation: torch.Tensor
     output: torch.Tensor
     version: int
+    root: bool  # the layer's input depends on no trainable parameter (it is the image or a constant)
 
 
 class FastClipModule(nn.Module):
@@ -291,7 +270,7 @@ class FastClipModule(nn.Module):
                 f"{type(layer).__name__} was called twice in one forward (weight tying / reuse): its per-sample "
                 "gradient would be split over two records; use grad_sample_mode='hooks'"
             )
-        self._records.append(_Record(layer, inputs[0].detach(), output, output._version))
+        self._records.append(_Record(layer, inputs[0].detach(), output, output._version, inputs[0].grad_fn is None))
 
     def forward(self, *args, **kwargs):  # noqa: D102 - plain delegation
         self._records = []
@@ -323,19 +302,37 @@ class FastClipModule(nn.Module):
                     f"the output of a {type(r.layer).__name__} was modified in place after the layer; its "
                     "gradient would not be the layer's own. Make the following operation out-of-place."
                 )
-        outs = [r.output for r in records]
-        grads = torch.autograd.grad(loss, outs, allow_unused=True)
         n = records[0].activation.shape[0]
-        total = None
-        kept: list[tuple[_Record, torch.Tensor, dict[nn.Parameter, torch.Tensor] | None]] = []
-        for r, g in zip(records, grads):
-            if g is None:  # layer output did not reach the loss: zero gradient
-                continue
-            a = r.activation.to(g.dtype)
-            sq, inst = layer_sq_norms(r.layer, a, g, self.ghost)
-            for s in sq.values():
-                total = s if total is None else total + s
-            kept.append((r, g, inst))
+        # Each layer's norms are computed in a hook on its output, while autograd walks back: an output
+        # gradient that is not needed later (instantiated layers) is freed right away instead of being held
+        # to the end. Autograd is asked only for the outputs of the "root" layers (whose input depends on no
+        # trainable parameter); every other hooked output that reaches the loss lies between the loss and a
+        # root, so its hook fires; one whose hook does not fire has no path to the loss (zero gradient).
+        done_layers: list[tuple[_Record, torch.Tensor | None, dict[nn.Parameter, torch.Tensor] | None]] = []
+        sq_total: list[torch.Tensor] = []
+
+        def on_grad(r: _Record) -> Callable[[torch.Tensor], None]:
+            def hook(g: torch.Tensor) -> None:
+                sq, inst = layer_sq_norms(r.layer, r.activation.to(g.dtype), g, self.ghost)
+                sq_total.extend(sq.values())
+                done_layers.append((r, g if inst is None else None, inst))
+
+            return hook
+
+        handles = [r.output.register_hook(on_grad(r)) for r in records if r.output.requires_grad]
+        try:
+            roots = [r.output for r in records if r.root and r.output.requires_grad]
+            if not roots:
+                raise RuntimeError(
+                    "no trainable layer takes the model input directly (the input carries an autograd history): "
+                    "fast clipping cannot walk the backward; detach the input or use grad_sample_mode='hooks'"
+                )
+            torch.autograd.grad(loss, roots, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        total = torch.stack(sq_total).sum(0) if sq_total else None
+        kept = done_layers
         norms = total.sqrt() if total is not None else torch.zeros(n, device=records[0].activation.device)
         coef = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
         done: set[int] = set()

@@ -159,7 +159,7 @@ class BudgetGuard:
         refusal: BudgetRefused | None = None
         with self.ledger.transaction() as txn:
             records = txn.records
-            hist = charges(records)
+            hist = list(canonical_history(charges(records)))  # merged once: the accountant sees few entries
             spent = self.epsilon_of(hist)
             problem = self._policy_problem(req)
             replay = self._find_replay(records, req, weights_in_sha256) if problem is None else None
@@ -295,9 +295,10 @@ class BudgetGuard:
                     raise LedgerError(
                         f"reservation seq {res.seq} (run {res.run_id!r} round {res.server_round}) was already "
                         "completed with a different update; releasing a second update would not be charged")
-            hist = charges(records)
-            before_hist = list(hist)
-            before_hist.remove(tuple(_charge(rsv)))
+            raw = charges(records)
+            hist = list(canonical_history(raw))
+            raw.remove(_charge(rsv))
+            before_hist = list(canonical_history(raw))
             after = self.epsilon_of(hist)
             before = self.epsilon_of(before_hist)
             body = {"type": "round", **{k: rsv[k] for k in ("run_id", "server_round", *_MECHANISM)},

@@ -30,7 +30,8 @@ body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,Arial,sans-serif;marg
 color:#222;padding:0 1em}
 h1{font-size:1.6em;margin-bottom:.2em}h2{margin-top:1.6em;border-bottom:1px solid #ccc;padding-bottom:.2em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.25em .5em;
-text-align:right}th{background:#f3f3f3}td.l,th.l{text-align:left}
+text-align:right;white-space:nowrap}th{background:#f3f3f3;white-space:normal}
+td.l,th.l{text-align:left;white-space:normal}
 .pass{color:#fff;background:#2e7d32;padding:.15em .6em;border-radius:.3em}
 .fail{color:#fff;background:#c62828;padding:.15em .6em;border-radius:.3em}
 .warn{color:#8a5a00}.err{color:#c62828}.muted{color:#666;font-size:.9em}
@@ -167,7 +168,8 @@ def render_report(result: AuditResult, run_dir: Path | None = None) -> str:
         f'<tr><td class="l">{_e(n)}</td><td>{"OK" if v.ok else "<b class=err>FAIL</b>"}</td><td>{v.server_records}</td>'
         f'<td>{_eps(v.epsilon)}</td><td>{_eps(v.max_epsilon, 2)}</td><td>{(v.delta or 0):.2e}</td>'
         f'<td class="l">{_e(v.accountant or "—")}</td>'
-        f'<td class="l">{_e(v.site_ledger or "not given")}</td><td>{v.reservations}</td><td>{v.refusals}</td></tr>'
+        f'<td class="l">{_e(v.site_ledger or "not given")}</td>'
+        f'<td>{v.reservations if v.cross_checked else "—"}</td><td>{v.refusals if v.cross_checked else "—"}</td></tr>'
         for n, v in sorted(result.sites.items()))
     findings = "".join(
         f'<li class="{"err" if f.level == "error" else "warn"}">{_e(str(f))}</li>' for f in result.findings

@@ -15,13 +15,15 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import Strategy
 
 from atoll import wire
 from models import build_model
+from server import robust
 from server.outputs import RunOutputs
 from server.settings import RunSettings
 from server.sitebook import RoundBook
+from server.validation import make_validator
 
 log = logging.getLogger("atoll.server")
 
@@ -35,14 +37,15 @@ class RunStopped(RuntimeError):
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(dict(context.run_config))
+    build_strategy(settings)  # a bad strategy setting fails here, before round 1
     run_consortium(grid, settings, context.run_id)
 
 
 def build_strategy(settings: RunSettings) -> Strategy:
-    """Flower's strategy for the run. Robust options land with server-side validation."""
+    """Flower's strategy for the run (FedAvg or a robust one), every connected site each round."""
     n = settings.num_sites or settings.min_sites
-    return FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=n,
-                  min_evaluate_nodes=n, min_available_nodes=n)
+    return robust.build_strategy(settings.strategy, fraction_train=1.0, fraction_evaluate=1.0,
+                                 min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n)
 
 
 def run_consortium(grid: Grid, settings: RunSettings, flower_run_id: int) -> RunOutputs:
@@ -68,7 +71,7 @@ def run_consortium(grid: Grid, settings: RunSettings, flower_run_id: int) -> Run
 
 def _one_round(grid: Grid, strategy: Strategy, settings: RunSettings, run_name: str, rnd: int,
                arrays: ArrayRecord, out: RunOutputs) -> ArrayRecord:
-    book = RoundBook(rnd, out.ledger)
+    book = RoundBook(rnd, out.ledger, make_validator(settings.max_update_norm or None))
     cfg = settings.round_config(run_name, rnd).to_record()
     t0 = time.perf_counter()
     replies = list(grid.send_and_receive(strategy.configure_train(rnd, arrays, cfg, grid),

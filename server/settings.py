@@ -32,6 +32,7 @@ class RunSettings:
     noise_multiplier: float = 1.0
     clip_norm: float = 1.0
     strategy: str = "fedavg"
+    max_update_norm: float = 0.0  # reject updates with ||update - global|| above this; 0 = no bound
     min_sites: int = 2
     num_sites: int = 0            # 0 = every connected site; otherwise wait for this many
     round_timeout: float = 3600.0
@@ -68,15 +69,21 @@ class RunSettings:
         need(self.min_sites >= 1, "min-sites", "must be >= 1")
         need(not self.dp or self.noise_multiplier > 0, "noise-multiplier", "must be > 0 when dp = true")
         need(not self.dp or self.clip_norm > 0, "clip-norm", "must be > 0 when dp = true")
+        need(self.max_update_norm >= 0, "max-update-norm", "must be >= 0 (0 = no bound)")
         need(self.round_timeout > 0, "round-timeout", "must be > 0")
         need(bool(self.run_dir) and Path(self.run_dir).is_absolute(), "run-dir",
              "must be an absolute path (relative paths resolve against the SuperLink's working directory)")
+
+    def to_run_config(self) -> dict[str, Any]:
+        """As Flower's `--run-config` keys (the inverse of from_run_config)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
 
     def name_for(self, flower_run_id: int) -> str:
         return self.run_name or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{flower_run_id % 100000:05d}"
 
     def round_config(self, run_name: str, server_round: int) -> RoundConfig:
-        return RoundConfig(run_id=run_name, server_round=server_round, model=self.model,
+        return RoundConfig(run_id=run_name, server_round=server_round, num_rounds=self.num_server_rounds,
+                           model=self.model,
                            image_size=self.image_size, local_steps=self.local_steps, lr=self.lr,
                            batch_size=self.batch_size, sample_rate=self.sample_rate, dp=self.dp, noise_multiplier=self.noise_multiplier,
                            clip_norm=self.clip_norm, seed=self.seed)

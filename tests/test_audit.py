@@ -202,11 +202,13 @@ def _resign_last_server_record(run_dir: Path, change) -> None:
 
 
 def test_validly_signed_under_count_is_an_error(run_dir: Path) -> None:
-    _resign_last_server_record(run_dir, lambda r: r.update(epsilon_after=r["epsilon_after"] * 0.9))
+    # x0.5: below even the tight PLD epsilon, so the independent check fires too (a 10% under-count of an RDP bound
+    # that is still above dp_accounting's PLD is flagged by the Opacus recomputation only: see audit.py tolerances)
+    _resign_last_server_record(run_dir, lambda r: r.update(epsilon_after=r["epsilon_after"] * 0.5))
     errors = _errors(run_dir, site_ledgers=[])
     assert any("server copy line 6 (site hospital-b, run run-1, round 3) field 'epsilon_after': recorded ε=" in e
                and "LOWER than Opacus rdp" in e for e in errors), errors
-    assert any("LOWER than dp_accounting RDP recomputed independently" in e for e in errors), errors
+    assert any("LOWER than dp_accounting" in e and "recomputed independently" in e for e in errors), errors
 
 
 def test_dropped_reservation_in_history_is_an_error(run_dir: Path) -> None:

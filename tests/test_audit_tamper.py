@@ -292,3 +292,28 @@ def test_site_ledger_appended_record_signed_by_another_key(world: World) -> None
     _write(path, recs)
     result = _verify(world)
     _has(result, site="hospital-b", line=len(recs), field="key_id", source=str(path))
+
+
+# ---------------------------------------------------------------------------------------------- no false alarms
+
+
+def test_honest_large_sample_rate_record_passes(tmp_path: Path) -> None:
+    """A small hospital (100 patients, q=0.3): Opacus' exact RDP is ~2% below dp_accounting's looser RDP at
+    fractional orders; the audit must not call that an under-count (it confirms with dp_accounting's PLD)."""
+    from privacy.audit import google_epsilon
+
+    run_dir = tmp_path / "runs" / "r1"
+    (run_dir / "keys").mkdir(parents=True)
+    key = generate_private_key()
+    write_public_key(key, run_dir / "keys" / "small.pub")
+    policy = SitePolicy.from_table({"max_epsilon": 12.0, "noise_multiplier": [1.0, 10.0]}, where="test [privacy]")
+    guard = BudgetGuard(SiteLedger(tmp_path / "small.jsonl", site="small", signing_key=key), policy, num_patients=100)
+    rec = guard.complete(guard.reserve(RoundRequest("r1", 1, 1.5, 1.0, 0.3, 100), weights_in_sha256=W),
+                         update_sha256=_h("u"))
+    ConsortiumLedger(run_dir, run_dir / "keys").accept(json.loads(json.dumps(rec)), site="small")
+    hist = ((1.5, 0.3, 100),)
+    assert rec["epsilon_after"] < google_epsilon(hist, 1e-3, "rdp") * 0.99 - 0.01  # the situation is real
+    assert rec["epsilon_after"] >= google_epsilon(hist, 1e-3, "pld")
+    result = verify_run(run_dir, [tmp_path / "small.jsonl"], run_dir / "keys")
+    assert result.ok, result.text()
+    assert result.sites["small"].points[0].independent_method == "dp_accounting PLD"

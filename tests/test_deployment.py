@@ -8,10 +8,11 @@ import signal
 
 import pytest
 
-from atoll.demo import prepare_site_keys
+from atoll.demo import approve_run, prepare_site_keys
 from atoll.demo_data import HOSPITALS
 from atoll.localnet import LocalConsortium
 from conftest import REPO
+from server.settings import RunSettings
 
 pytestmark = pytest.mark.slow
 
@@ -29,9 +30,11 @@ def test_two_rounds_across_three_supernodes(demo_consortium, tmp_path):
     keys = prepare_site_keys(demo_consortium, [h.name for h in HOSPITALS])
     run_dir = tmp_path / "runs"
     net = LocalConsortium(REPO, configs, insecure=True, workdir=tmp_path / "net")
+    settings = RunSettings(run_dir=str(run_dir), run_name="deploy-test", keys_dir=str(keys),
+                           num_server_rounds=2, local_steps=5, num_sites=3)
+    approve_run(configs, settings)
     with net:
-        run_id = net.submit({"run-dir": str(run_dir), "run-name": "deploy-test", "keys-dir": str(keys),
-                             "num-server-rounds": 2, "local-steps": 5, "num-sites": 3})
+        run_id = net.submit(settings.to_run_config())
         status = net.wait(run_id, timeout=480)
         assert status == "finished:completed", net.tail("superlink")
         pids = [p.pid for p in net.procs]

@@ -11,7 +11,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
-from atoll.demo import prepare_site_keys
+from atoll.demo import approve_run, prepare_site_keys
 from atoll.demo_data import CANARY_ACCESSION, CANARY_ID, CANARY_NAME, HOSPITALS
 from client.app import app as client_app
 from client.runtime import SIM_SITE_CONFIGS_ENV
@@ -78,6 +78,7 @@ def test_two_round_simulation_trains_signs_and_leaks_nothing(demo_consortium, tm
     keys = prepare_site_keys(demo_consortium, names)
     settings = RunSettings(num_server_rounds=2, run_dir=str(tmp_path), run_name="sim", keys_dir=str(keys),
                            local_steps=5, num_sites=3)
+    approve_run(configs, settings)
     outputs, grid = _simulate(configs, settings)
     history = outputs.history
     assert [h["round"] for h in history] == [1, 2]
@@ -94,7 +95,62 @@ def test_two_round_simulation_trains_signs_and_leaks_nothing(demo_consortium, tm
     wire = _wire_text(grid.replies)
     server_files = "\n".join(p.read_text(errors="replace") for p in outputs.root.rglob("*.json*"))
     for text in (wire, server_files):
-        for canary in (CANARY_NAME, CANARY_ID, CANARY_ACCESSION, str(demo_consortium)):
+        site_paths = [str(demo_consortium / n) for n in names]
+        for canary in (CANARY_NAME, CANARY_ID, CANARY_ACCESSION, *site_paths):
             assert canary not in text
         assert not re.search(r"\b1\.2\.826\.0\.1\.3680043\.", text), "no DICOM UID may leave a site"
         assert "P0000" not in text and ".dcm" not in text
+
+
+def _copy_sites(src, dst, names):
+    import shutil
+
+    for n in names:
+        shutil.copytree(src / n, dst / n, ignore=shutil.ignore_patterns("state"))
+    return [dst / n / "site.toml" for n in names]
+
+
+def _edit_privacy(config, **changes):
+    text = config.read_text()
+    for key, value in changes.items():
+        lines = [ln for ln in text.splitlines() if not ln.startswith(f"{key} =")]
+        at = lines.index("[privacy]") + 1
+        lines.insert(at, f"{key} = {value}")
+        text = "\n".join(lines) + "\n"
+    config.write_text(text)
+
+
+def test_refusing_sites_are_reported_and_the_run_goes_on_or_stops_clearly(demo_consortium, tmp_path):
+    names = [h.name for h in HOSPITALS]
+    configs = _copy_sites(demo_consortium, tmp_path / "sites", names)
+    keys = prepare_site_keys(tmp_path / "sites", names)
+    _edit_privacy(configs[1], max_epsilon=0.5)           # hospital-b: a budget one round would exceed
+    settings = RunSettings(num_server_rounds=2, run_dir=str(tmp_path / "runs"), run_name="on",
+                           keys_dir=str(keys), local_steps=3, num_sites=3, min_sites=1)
+    approve_run(configs[1:], settings)                    # hospital-a never approved this run
+    outputs, grid = _simulate(configs, settings)
+    assert [h["round"] for h in outputs.history] == [1, 2]
+    for entry in outputs.history:
+        sites = entry["sites"]
+        assert sites["hospital-a"]["status"] == "refused" and sites["hospital-a"]["code"] == "RUN_NOT_APPROVED"
+        assert sites["hospital-b"]["status"] == "refused" and sites["hospital-b"]["code"] == "BUDGET_EXCEEDED"
+        assert "0.5" in sites["hospital-b"]["message"], "the lead sees the budget in the reason"
+        assert sites["hospital-c"]["status"] == "contributed"
+    status = json.loads((outputs.root / "status.json").read_text())
+    assert status["status"] == "completed"
+    ledger_b = (tmp_path / "sites" / "hospital-b" / "state" / "ledger.jsonl").read_text()
+    assert "refus" in ledger_b, "the refusal is recorded in the site's own ledger"
+    assert not (tmp_path / "sites" / "hospital-a" / "state" / "ledger.jsonl").exists() or \
+        "reserv" not in (tmp_path / "sites" / "hospital-a" / "state" / "ledger.jsonl").read_text(), \
+        "an unapproved run is refused before any privacy is reserved"
+
+    # Too few sites left: the run stops at round 1 with a message naming why.
+    _edit_privacy(configs[2], noise_multiplier="[2.0, 10.0]")   # hospital-c: sigma 1.0 is out of policy
+    stop = RunSettings(num_server_rounds=2, run_dir=str(tmp_path / "runs"), run_name="stop",
+                       keys_dir=str(keys), local_steps=3, num_sites=3, min_sites=2)
+    approve_run(configs, stop)
+    outputs, _ = _simulate(configs, stop)
+    status = json.loads((outputs.root / "status.json").read_text())
+    assert status["status"] == "stopped"
+    assert "min-sites is 2" in status["reason"] and "NOISE_OUT_OF_POLICY" in status["reason"]
+    assert "BUDGET_EXCEEDED" in status["reason"]

@@ -1,0 +1,382 @@
+"""privacy/dpsgd.py + privacy/ghost_conv.py: patient-level DP-SGD through Opacus.
+
+The privacy-critical claims, each tested with the real Opacus step:
+* a sampled batch holds at most one image per patient, patients are included with probability q;
+* the pre-noise clipped sum changes by at most C when one patient (with many images) is added/removed,
+  and an image-level batch would break that bound (so the test can fail);
+* every grad-sample mode (Atoll's default included) produces the same clipped sum as Opacus' stock hooks;
+  the custom per-sample gradients and norms equal Opacus' hooks to 1e-5;
+* the noise has std sigma*C (divided by the expected batch), also on empty batches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from opacus import GradSampleModule
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from torch import nn
+
+from models import build_model
+from privacy.dpsgd import (
+    DEFAULT_GRAD_SAMPLE_MODE,
+    GRAD_SAMPLE_MODES,
+    DPConfig,
+    LocalTrainResult,
+    PatientSampler,
+    PrivateStep,
+    resolve_device,
+    resolve_grad_sample_mode,
+    train_local,
+)
+from privacy.ghost_conv import FastConv1d, FastConv2d, FastConv3d, fast_layers, use_ghost
+
+
+
+# torch warns that the first layer's full backward hook fires although its input needs no gradient
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+
+@dataclass
+class Split:
+    images: torch.Tensor
+    labels: torch.Tensor
+    patients: torch.Tensor
+
+
+class SmallNet(nn.Module):
+    """Every layer kind the samplers handle: strided/dilated/biased convs, a grouped conv, GroupNorm, Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1, bias=True)
+        self.n1 = nn.GroupNorm(4, 8)
+        self.c2 = nn.Conv2d(8, 16, 3, stride=2, padding=2, dilation=2)
+        self.c3 = nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=2, bias=False)
+        self.c4 = nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False)  # few positions: ghost norm
+        self.fc = nn.Linear(32, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.n1(self.c1(x)))
+        x = torch.tanh(self.c4(torch.relu(self.c3(torch.relu(self.c2(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def _clipped_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float, mode: str) -> torch.Tensor:
+    """Pre-noise clipped sum of the real private step: sigma = 0, SGD lr = 0, expected batch 1 -> p.grad."""
+    step = PrivateStep(
+        model, torch.optim.SGD(model.parameters(), lr=0.0), DPConfig(0.0, clip, 0.5),
+        expected_batch_size=1, grad_sample_mode=mode,
+    )
+    step.step(x, y)
+    out = torch.cat([p.grad.flatten().clone() for p in model.parameters()])
+    step.close()
+    return out
+
+
+def _patient_batch(data: Split, seed: int = 0) -> torch.Tensor:
+    """Indices of a real sampler batch with q = 1 (every patient in, one image each)."""
+    return PatientSampler(data.patients, 1.0, torch.Generator().manual_seed(seed)).sample()
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_sampler_one_image_per_patient_and_rate_q() -> None:
+    patients = torch.repeat_interleave(torch.arange(200), torch.randint(1, 6, (200,), generator=torch.Generator().manual_seed(1)))
+    sampler = PatientSampler(patients, 0.1, torch.Generator().manual_seed(0))
+    included = torch.zeros(200)
+    sizes = []
+    for _ in range(400):
+        idx = sampler.sample()
+        pats = patients[idx]
+        assert len(pats.unique()) == len(pats)  # never two images of one patient in a step
+        included[pats] += 1
+        sizes.append(len(idx))
+    rate = included.sum() / (400 * 200)
+    assert abs(rate - 0.1) < 0.01  # 80,000 Bernoulli(0.1) trials: sd 0.001
+    assert included.min() > 10  # every patient gets in, whatever its number of images
+    assert min(sizes) < max(sizes)  # Poisson: the batch size varies
+
+
+def test_sampler_picks_each_image_of_a_patient_uniformly() -> None:
+    patients = torch.tensor([0, 1, 1, 1, 1, 2])
+    sampler = PatientSampler(patients, 1.0, torch.Generator().manual_seed(0))
+    counts = torch.zeros(6)
+    for _ in range(2000):
+        counts[sampler.sample()] += 1
+    assert counts[0] == counts[5] == 2000
+    assert all(abs(c - 500) < 100 for c in counts[1:5])
+
+
+def test_sampler_can_be_empty() -> None:
+    sampler = PatientSampler(torch.arange(10), 1e-9, torch.Generator().manual_seed(0))
+    assert len(sampler.sample()) == 0
+
+
+# ---------------------------------------------------------------- sensitivity (the privacy bound)
+
+
+def _one_heavy_patient() -> tuple[Split, Split]:
+    """Patient 0 has 16 near-identical images (aligned gradients); patients 1..7 one image each."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 1, 16, 16, generator=g)
+    heavy = base + 0.01 * torch.randn(16, 1, 16, 16, generator=g)
+    others = torch.randn(7, 1, 16, 16, generator=g)
+    with_p0 = Split(
+        images=torch.cat([heavy, others]),
+        labels=torch.cat([torch.ones(16, dtype=torch.long), torch.randint(0, 2, (7,), generator=g)]),
+        patients=torch.cat([torch.zeros(16, dtype=torch.long), torch.arange(1, 8)]),
+    )
+    without = Split(with_p0.images[16:], with_p0.labels[16:], with_p0.patients[16:] - 1)
+    return with_p0, without
+
+
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+def test_patient_sensitivity_bounded_by_clip_norm(mode: str) -> None:
+    clip = 0.01  # far below every per-sample gradient norm: all contributions are clipped to exactly C
+    with_p0, without = _one_heavy_patient()
+    torch.manual_seed(0)
+    init = build_model("atollnet", channels=(8, 16), groups=4).state_dict()
+
+    def run(data: Split, idx: torch.Tensor) -> torch.Tensor:
+        model = build_model("atollnet", channels=(8, 16), groups=4)
+        model.load_state_dict(init)
+        return _clipped_sum(model, data.images[idx], data.labels[idx], clip, mode)
+
+    s_with = run(with_p0, _patient_batch(with_p0))
+    s_without = run(without, _patient_batch(without))
+    assert (s_with - s_without).norm() <= clip * (1 + 1e-4)
+    assert (s_with - s_without).norm() > 0.9 * clip  # patient 0 did contribute, clipped to C
+
+    # An image-level batch (all of patient 0's images) breaks the bound: ~16 C.
+    image_level = torch.arange(len(with_p0.labels))
+    s_images = run(with_p0, image_level)
+    assert (s_images - s_without).norm() > 8 * clip
+
+
+# ---------------------------------------------------------------- custom samplers == Opacus hooks
+
+
+def _hooks_grad_samples(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
+    out = {n: p.grad_sample.clone() for n, p in model.named_parameters()}
+    gsm.to_standard_module()
+    for p in model.parameters():
+        p.grad = None
+    return out
+
+
+def _models() -> list[tuple[str, nn.Module, torch.Tensor]]:
+    torch.manual_seed(0)
+    return [
+        ("small", SmallNet(), torch.randn(5, 1, 20, 20)),
+        ("atollnet-3d", build_model("atollnet", spatial_dims=3, channels=(8, 16, 16), groups=4), torch.randn(5, 1, 12, 12, 12)),
+        ("conv1d", nn.Sequential(nn.Conv1d(1, 4, 5, stride=2, padding=2), nn.ReLU(), nn.Conv1d(4, 8, 3), nn.Flatten(), nn.Linear(8 * 14, 2)), torch.randn(5, 1, 32)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_fast_grad_samples_equal_opacus_hooks(case: int) -> None:
+    name, model, x = _models()[case]
+    y = torch.randint(0, 2, (len(x),))
+    ref = _hooks_grad_samples(model, x, y)
+    with fast_layers(model, skip_weight_grad=True):
+        assert any(isinstance(m, (FastConv1d, FastConv2d, FastConv3d)) for m in model.modules())
+        got = _hooks_grad_samples(model, x, y)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-6 * ref[n].abs().max().item(), msg=f"{name}:{n}")
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_ghost_norms_equal_opacus_hooks(case: int) -> None:
+    name, model, x = _models()[case]
+    y = torch.randint(0, 2, (len(x),))
+    ref = _hooks_grad_samples(model, x, y)
+    ref_norms = {n: g.reshape(len(x), -1).norm(dim=1) for n, g in ref.items()}
+    with fast_layers(model, skip_weight_grad=False):
+        gsm = GradSampleModuleFastGradientClipping(model, loss_reduction="sum", use_ghost_clipping=True)
+        nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
+        got = {n: p._norm_sample.clone() for n, p in model.named_parameters()}
+        total = gsm.get_norm_sample()
+        gsm.to_standard_module()
+    for n in ref_norms:
+        torch.testing.assert_close(got[n], ref_norms[n], rtol=1e-5, atol=1e-7, msg=f"{name}:{n}")
+    torch.testing.assert_close(total, torch.stack(list(ref_norms.values())).norm(dim=0), rtol=1e-5, atol=1e-7)
+
+
+def test_small_net_exercises_both_norm_paths() -> None:
+    net = SmallNet()
+    assert use_ghost(net.c4, positions=9)  # 3x3 output, 144 x 32 weights: ghost
+    assert not use_ghost(net.c1, positions=400)  # 20x20 output, 9 x 8 weights: instantiate
+    assert not use_ghost(net.c3, positions=25)  # grouped conv: always instantiate
+
+
+@pytest.mark.parametrize("mode", [m for m in GRAD_SAMPLE_MODES if m != "hooks"])
+def test_every_mode_clips_like_opacus_hooks(mode: str) -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 1, 20, 20), torch.randint(0, 2, (6,))
+    init = SmallNet().state_dict()
+    sums = {}
+    for m in ("hooks", mode):
+        net = SmallNet()
+        net.load_state_dict(init)
+        sums[m] = _clipped_sum(net, x, y, clip=0.05, mode=m)
+    torch.testing.assert_close(sums[mode], sums["hooks"], rtol=1e-5, atol=1e-5 * sums["hooks"].abs().max().item())
+
+
+def test_auto_mode_picks_bk_only_when_it_can_clip_every_layer() -> None:
+    assert resolve_grad_sample_mode(build_model("atollnet")) == "bk"
+    odd = nn.Sequential(nn.Conv2d(1, 4, 3), nn.LayerNorm([4, 6, 6]), nn.Flatten(), nn.Linear(144, 2))
+    assert resolve_grad_sample_mode(odd) == "hooks"
+    reflect = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect"), nn.Flatten(), nn.Linear(256, 2))
+    assert resolve_grad_sample_mode(reflect) == "hooks"
+    with pytest.raises(ValueError, match="grad_sample_mode"):
+        resolve_grad_sample_mode(odd, "turbo")
+
+
+def test_bk_refuses_layers_it_cannot_clip() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.LayerNorm([4, 6, 6]), nn.Flatten(), nn.Linear(144, 2))
+    with pytest.raises(ValueError, match="LayerNorm"):
+        PrivateStep(model, torch.optim.SGD(model.parameters(), 0.1), DPConfig(1, 1, 0.1), expected_batch_size=1, grad_sample_mode="bk")
+    assert type(model[0]) is nn.Conv2d
+
+
+# ---------------------------------------------------------------- noise
+
+
+@pytest.mark.parametrize("mode", [DEFAULT_GRAD_SAMPLE_MODE, "hooks"])
+@pytest.mark.parametrize("empty", [True, False])
+def test_noise_std_is_sigma_c_over_expected_batch(mode: str, empty: bool) -> None:
+    torch.manual_seed(0)
+    model = build_model("atollnet")
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    sigma, clip, expected = 3.0, 2.0, 4
+    step = PrivateStep(
+        model, torch.optim.SGD(model.parameters(), lr=1.0), DPConfig(sigma, clip, 0.5),
+        expected_batch_size=expected, grad_sample_mode=mode, generator=torch.Generator().manual_seed(1),
+    )
+    n = 0 if empty else 2
+    loss = step.step(torch.randn(n, 1, 28, 28), torch.zeros(n, dtype=torch.long))
+    step.close()
+    assert (loss is None) == empty
+    delta = torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+    # 60k coordinates: the std estimate is within ~1%; the clipped signal (norm <= 2C/4) is negligible
+    assert abs(delta.std().item() / (sigma * clip / expected) - 1) < 0.03
+
+
+# ---------------------------------------------------------------- train_local
+
+
+def _toy(n_patients: int = 60, seed: int = 0) -> Split:
+    """Bright vs dark 12x12 images, 1-3 images per patient, label per patient."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(1, 4, (n_patients,), generator=g)
+    patients = torch.repeat_interleave(torch.arange(n_patients), counts)
+    labels = (patients % 2).long()
+    images = torch.randn(len(patients), 1, 12, 12, generator=g) * 0.5 + (labels.float() * 2 - 1).view(-1, 1, 1, 1)
+    return Split(images, labels, patients)
+
+
+def _accuracy(model: nn.Module, data: Split) -> float:
+    model.eval()
+    with torch.no_grad():
+        return (model(data.images).argmax(1) == data.labels).float().mean().item()
+
+
+@pytest.mark.parametrize("dp", [None, DPConfig(noise_multiplier=0.8, clip_norm=1.0, sample_rate=0.3)])
+def test_train_local_learns_and_reports(dp: DPConfig | None) -> None:
+    torch.manual_seed(0)
+    data = _toy()
+    model = build_model("atollnet", channels=(8, 16), groups=4)
+    result = train_local(model, data, steps=40, lr=3e-3, device="cpu", dp=dp, batch_size=16, seed=0)
+    assert isinstance(result, LocalTrainResult)
+    assert result.steps == 40 and result.dp == dp and result.num_examples == len(data.labels)
+    assert math.isfinite(result.train_loss) and result.seconds > 0
+    assert _accuracy(model, _toy(seed=1)) > 0.9
+    # the model is handed back clean: no Opacus hooks/attributes, original layer classes
+    assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
+    assert all(not hasattr(p, "grad_sample") and not hasattr(p, "_norm_sample") for p in model.parameters())
+    assert type(model.features[0].conv) is nn.Conv2d and type(model.classifier) is nn.Linear
+
+
+def test_train_local_is_reproducible_with_a_seed_and_random_without() -> None:
+    data = _toy()
+    dp = DPConfig(1.0, 1.0, 0.2)
+    init = build_model("atollnet", channels=(8, 16), groups=4).state_dict()
+    finals = []
+    for seed in (5, 5, None):
+        model = build_model("atollnet", channels=(8, 16), groups=4)
+        model.load_state_dict(init)
+        train_local(model, data, steps=3, lr=1e-2, device="cpu", dp=dp, seed=seed)
+        finals.append(torch.cat([p.flatten() for p in model.parameters()]))
+    assert torch.equal(finals[0], finals[1])
+    assert not torch.equal(finals[0], finals[2])
+
+
+def test_train_local_zero_steps_and_all_empty_batches() -> None:
+    data = _toy()
+    model = build_model("atollnet", channels=(8, 16), groups=4)
+    w0 = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    r = train_local(model, data, steps=0, lr=1e-3, device="cpu", dp=DPConfig(1, 1, 0.1))
+    assert r.steps == 0 and math.isnan(r.train_loss)
+    r = train_local(model, data, steps=3, lr=1e-3, device="cpu", dp=DPConfig(1, 1, 1e-12), seed=0)
+    assert r.steps == 3 and math.isnan(r.train_loss)  # no example seen, but noise steps taken
+    assert not torch.equal(w0, torch.cat([p.detach().flatten() for p in model.parameters()]))
+
+
+def test_train_local_rejects_bad_input() -> None:
+    data = _toy()
+    model = build_model("atollnet", channels=(8, 16), groups=4)
+    with pytest.raises(ValueError, match="patients"):
+        train_local(model, Split(data.images, data.labels, data.patients[:-1]), steps=1, lr=1e-3, device="cpu", dp=None)
+    with pytest.raises(ValueError, match="labels"):
+        train_local(model, Split(data.images, data.labels.int(), data.patients), steps=1, lr=1e-3, device="cpu", dp=None)
+    with pytest.raises(ValueError, match="no images"):
+        train_local(model, Split(data.images[:0], data.labels[:0], data.patients[:0]), steps=1, lr=1e-3, device="cpu", dp=None)
+    with pytest.raises(ValueError, match="lr"):
+        train_local(model, data, steps=1, lr=float("nan"), device="cpu", dp=None)
+    for bad in [(1.0, 0.0, 0.1), (1.0, 1.0, 0.0), (1.0, 1.0, 1.5), (-1.0, 1.0, 0.1), (float("inf"), 1.0, 0.1)]:
+        with pytest.raises(ValueError, match="DPConfig"):
+            DPConfig(*bad)
+
+
+def test_device_falls_back_to_cpu() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("cuda") == torch.device("cpu")
+        assert resolve_device("auto") == torch.device("cpu")
+
+
+# ---------------------------------------------------------------- real data (slow)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+PNEUMONIA = SHARED / "data" / "pneumoniamnist" / "pneumoniamnist_28.npz"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not PNEUMONIA.exists(), reason=f"PneumoniaMNIST not found at {PNEUMONIA} (shared data absent)")
+@pytest.mark.parametrize("dp", [None, DPConfig(noise_multiplier=1.0, clip_norm=1.0, sample_rate=256 / 4708)])
+def test_pneumoniamnist_auc(dp: DPConfig | None) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    d = np.load(PNEUMONIA)
+    perm = np.random.default_rng(0).permutation(len(d["train_labels"]))  # train is sorted by class
+
+    def prep(a: np.ndarray) -> torch.Tensor:
+        return (torch.from_numpy(a).float() / 255 - 0.5).div(0.25).unsqueeze(1)
+
+    train = Split(prep(d["train_images"][perm]), torch.from_numpy(d["train_labels"][perm, 0]).long(), torch.arange(len(perm)))
+    torch.manual_seed(0)
+    model = build_model()
+    train_local(model, train, steps=150, lr=2e-3, device="cpu", dp=dp, seed=0)
+    model.eval()
+    with torch.no_grad():
+        prob = model(prep(d["test_images"])).softmax(1)[:, 1].numpy()
+    assert roc_auc_score(d["test_labels"][:, 0], prob) > (0.9 if dp is None else 0.85)
