@@ -20,7 +20,8 @@ def _demo(args: argparse.Namespace) -> int:
     from atoll.demo import run_demo
 
     overrides = {k: v for k, v in {"local_steps": args.local_steps, "noise_multiplier": args.noise_multiplier,
-                                   "model": args.model}.items() if v is not None}
+                                   "model": args.model, "lr": args.lr,
+                                   "sample_rate": args.sample_rate}.items() if v is not None}
     summary = run_demo(Path(args.out), rounds=args.rounds, dp=not args.no_dp, verbose=args.verbose,
                        overrides=overrides)
     return 0 if summary["status"] == "completed" else 1
@@ -37,6 +38,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-dp", action="store_true", help="train without DP-SGD (the demo sites allow it)")
     p.add_argument("--local-steps", type=_positive_int, default=None, help="local steps per round per site")
     p.add_argument("--noise-multiplier", type=float, default=None, help="DP-SGD noise multiplier sigma")
+    p.add_argument("--lr", type=float, default=None, help="local learning rate (Adam)")
+    p.add_argument("--sample-rate", type=float, default=None,
+                   help="DP-SGD: probability that a patient is in a step's batch")
     p.add_argument("--model", default=None, help="network name (see models.MODEL_NAMES)")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
     p.set_defaults(func=_demo)

@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from models import DEFAULT_MODEL, build_model  # noqa: E402
-from privacy.dpsgd import DEFAULT_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES, DPConfig, PrivateStep  # noqa: E402
+from privacy.dpsgd import GRAD_SAMPLE_MODES, DPConfig, PrivateStep, resolve_grad_sample_mode  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         name, px, batch, mode = args._mem
         _mem_child(name, int(px), int(batch), mode)
         return 0
+    atoll_mode = resolve_grad_sample_mode(build_model(DEFAULT_MODEL))  # what train_local uses by default
     configs = QUICK if args.quick else FULL
     rounds = args.rounds or (8 if args.quick else 15)
     results = []
@@ -202,13 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{name} {px}px batch {batch} ({r} rounds, {args.threads} thread(s))")
         print(f"  {'mode':12s} {'cpu ms':>9s} {'wall ms':>9s} {'ratio':>7s} {'mem MB':>8s} {'mem ratio':>9s}")
         for k, v in rows.items():
-            mark = "  <- Atoll default" if k == DEFAULT_GRAD_SAMPLE_MODE else ""
+            mark = "  <- Atoll default" if k == atoll_mode else ""
             print(f"  {k:12s} {v['cpu_ms']:9.1f} {v['wall_ms']:9.1f} {v['ratio']:7.2f} {v['mem_mb']:8.1f} {v['mem_ratio']:9.2f}{mark}")
     head = next(c for c in results if c["model"] == DEFAULT_MODEL and c["image_size"] == DEFAULT_IMAGE_SIZE)
     summary = {
-        "ratio": head["steps"][DEFAULT_GRAD_SAMPLE_MODE]["ratio"],
-        "mem_ratio": head["steps"][DEFAULT_GRAD_SAMPLE_MODE]["mem_ratio"],
-        "mode": DEFAULT_GRAD_SAMPLE_MODE,
+        "ratio": head["steps"][atoll_mode]["ratio"],
+        "mem_ratio": head["steps"][atoll_mode]["mem_ratio"],
+        "mode": atoll_mode,
         "model": DEFAULT_MODEL,
         "image_size": DEFAULT_IMAGE_SIZE,
         "batch": BATCH,

@@ -9,9 +9,11 @@ pays for the weight-gradient work once:
 
 1. forward: a forward hook on every trainable layer (Conv1d/2d/3d, Linear, GroupNorm) records the layer's
    input activation ``a`` and its output tensor;
-2. backward: ``torch.autograd.grad(loss, outputs)`` returns each layer's output gradient ``g`` (per sample,
-   because the loss is the SUM of per-sample losses and nothing mixes samples — no BatchNorm). Autograd
-   then computes only activation gradients: no parameter gradient, no gradient of the input image;
+2. backward: ``torch.autograd.grad(loss, <outputs of the layers that read the input>)``; a tensor hook on
+   every layer output receives that layer's output gradient ``g`` (per sample, because the loss is the SUM
+   of per-sample losses and nothing mixes samples — no BatchNorm) and takes its norms at once, so ``g`` is
+   freed as in a plain backward. Autograd computes only activation gradients: no parameter gradient, no
+   gradient of the input image;
 3. per-sample norms, per layer, by the cheaper of two exact methods (mixed ghost clipping, Bu et al. 2022):
    *instantiate* the per-sample weight gradients (a convolution's via one grouped-convolution backward with
    the batch folded into the groups) or the *ghost* norm
@@ -26,8 +28,9 @@ Noise and scaling stay Opacus': ``make_private_bk`` pairs the module with
 by the expected batch size — the mechanism (and what the accountant charges) is exactly the ``hooks`` one.
 
 Privacy-critical invariants, enforced rather than assumed: every trainable parameter belongs to a supported
-layer (else ``NotImplementedError`` at wrap time, never a silently unclipped parameter); a layer called twice
-in one forward (weight tying) or an output modified in place after the layer is refused; a step whose
+layer (else ``NotImplementedError`` at wrap time, never a silently unclipped parameter); a parameter shared by
+two layers, a layer called twice in one forward (weight tying) or an output modified in place after the
+layer is refused; a step whose
 ``p.grad`` was not cleared is refused (it would add two batches under one clip bound). The per-sample norms
 are tested against Opacus ``hooks`` mode in tests/test_dp_overhead_modes.py.
 
@@ -204,8 +207,8 @@ def layer_sq_norms(
 @dataclass
 class _Record:
     layer: nn.Module
-    activation: torch.Tensor
-    output: torch.Tensor
+    activation: torch.Tensor | None  # dropped once the layer's norms are taken, unless its ghost sum needs it
+    output: torch.Tensor | None
     version: int
     root: bool  # the layer's input depends on no trainable parameter (it is the image or a constant)
 
@@ -257,6 +260,13 @@ class FastClipModule(nn.Module):
                 "Use grad_sample_mode='hooks' for this model."
             )
         self._params = [p for m in self._layers for p in m.parameters(recurse=False) if p.requires_grad]
+        if len({id(p) for p in self._params}) != len(self._params):
+            # two layers sharing a parameter: their per-sample gradients add up before the norm is taken,
+            # so per-layer norms would under-estimate it
+            raise NotImplementedError(
+                "a parameter is shared by two layers (weight tying); fast clipping would under-estimate its "
+                "per-sample norm. Use grad_sample_mode='hooks'"
+            )
         self._records: list[_Record] = []
         self._capturing = False  # only forwards through this wrapper are recorded
         self._handles = [m.register_forward_hook(self._capture) for m in self._layers]
@@ -302,7 +312,7 @@ class FastClipModule(nn.Module):
                     f"the output of a {type(r.layer).__name__} was modified in place after the layer; its "
                     "gradient would not be the layer's own. Make the following operation out-of-place."
                 )
-        n = records[0].activation.shape[0]
+        n, device = records[0].activation.shape[0], records[0].activation.device
         # Each layer's norms are computed in a hook on its output, while autograd walks back: an output
         # gradient that is not needed later (instantiated layers) is freed right away instead of being held
         # to the end. Autograd is asked only for the outputs of the "root" layers (whose input depends on no
@@ -316,12 +326,19 @@ class FastClipModule(nn.Module):
                 sq, inst = layer_sq_norms(r.layer, r.activation.to(g.dtype), g, self.ghost)
                 sq_total.extend(sq.values())
                 done_layers.append((r, g if inst is None else None, inst))
+                # let autograd free what this layer no longer needs, as a plain backward would
+                r.output = None
+                if inst is not None:
+                    r.activation = None
 
             return hook
 
         handles = [r.output.register_hook(on_grad(r)) for r in records if r.output.requires_grad]
+        roots = [r.output for r in records if r.root and r.output.requires_grad]
+        for r in records:
+            if not r.root:
+                r.output = None  # the tensor hook holds what it needs; keep no extra reference
         try:
-            roots = [r.output for r in records if r.root and r.output.requires_grad]
             if not roots:
                 raise RuntimeError(
                     "no trainable layer takes the model input directly (the input carries an autograd history): "
@@ -333,7 +350,7 @@ class FastClipModule(nn.Module):
                 h.remove()
         total = torch.stack(sq_total).sum(0) if sq_total else None
         kept = done_layers
-        norms = total.sqrt() if total is not None else torch.zeros(n, device=records[0].activation.device)
+        norms = total.sqrt() if total is not None else torch.zeros(n, device=device)
         coef = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
         done: set[int] = set()
         for r, g, inst in kept:

@@ -165,6 +165,10 @@ def test_refuses_weight_tying_inplace_edits_and_uncleared_grads() -> None:
     tied = FastClipModule(nn.Sequential(lin, nn.Tanh(), lin), max_grad_norm=1.0)
     with pytest.raises(NotImplementedError, match="twice"):
         tied(torch.randn(2, 3))
+    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+    b.weight = a.weight  # one parameter in two layers: per-layer norms would under-estimate its norm
+    with pytest.raises(NotImplementedError, match="shared"):
+        FastClipModule(nn.Sequential(a, nn.Tanh(), b), max_grad_norm=1.0)
 
     class InPlace(nn.Module):
         def __init__(self) -> None:
