@@ -94,8 +94,9 @@ class LocalConsortium(AbstractContextManager):
         self._wait_port(self.port, "superlink")
         self._write_cli_config()
         if self.node_keys:
-            for pub in self.node_keys:
-                self.flwr(["supernode", "register", str(Path(str(pub) + ".pub")), "local"], check=True)
+            for i, key in enumerate(self.node_keys):
+                self.flwr(["supernode", "register", str(Path(str(key) + ".pub")), "local", "--name", f"site-{i}"],
+                          check=True)
         for i, cfg in enumerate(self.site_configs):
             self.start_supernode(i, cfg)
         return self

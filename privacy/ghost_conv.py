@@ -16,7 +16,8 @@ collect activations and backprops and Opacus still computes the clipping factors
   cheaper than instantiating (``use_ghost``), otherwise the gradient is instantiated and its norm taken.
   Linear (ghost norm ||g|| ||a||) and GroupNorm (instantiated, tiny) get matching samplers.
 * Book-keeping ("BK", Bu et al. 2023): with ``stash=True`` each sampler also keeps what it needs — the
-  instantiated per-sample gradients, or (activations, backprops) for ghost layers — so that after Opacus has
+  instantiated per-sample gradients, or (activations, backprops) for ghost layers and for layers whose
+  per-sample gradients would outweigh them (``STASH_GRADS_MAX_RATIO``) — so that after Opacus has
   turned the norms into clipping factors c_i, ``accumulate_clipped`` writes sum_i c_i g_i into ``p.grad``
   directly (one ordinary weight-gradient per ghost layer, a weighted sum per instantiated one) instead of
   Opacus' second backward pass. The result equals Opacus' clipped sum (tests/test_dpsgd.py, to 1e-5).
@@ -41,6 +42,10 @@ from torch import nn
 
 # Below this many output positions per sample, unfold + bmm beats a batch-grouped convolution (CPU, oneDNN).
 UNFOLD_MAX_POSITIONS = 32
+# Book-keeping keeps a layer's instantiated per-sample gradients for the clipped sum only if they are at most
+# this many times the size of its (input, output-gradient) pair; otherwise it keeps the pair and re-runs one
+# ordinary weight gradient on the re-weighted output gradient (less memory, a little more time).
+STASH_GRADS_MAX_RATIO = 2.0
 # Cost of touching one float of a materialised per-sample gradient, in multiply-adds (write, norm, weighted
 # sum are memory-bound). Calibrated on CPU with bench/dp_overhead.py; only affects speed, never the result.
 MATERIALISE_COST = 8.0
@@ -200,10 +205,13 @@ def conv_norm_sample(
         out = {layer.weight: (aa * gg).sum((1, 2)).clamp_min(0).sqrt()}
         if layer.bias is not None and layer.bias.requires_grad:
             out[layer.bias] = g.sum(-1).norm(2, dim=-1)
-        _stash(layer, "ghost", (x, backprops))
+        _stash(layer, "acts", (x, backprops))
         return out
     grads = conv_grad_sample(layer, activations, backprops)
-    _stash(layer, "grads", grads)
+    if sum(gs.numel() for gs in grads.values()) <= STASH_GRADS_MAX_RATIO * (x.numel() + backprops.numel()):
+        _stash(layer, "grads", grads)
+    else:
+        _stash(layer, "acts", (x, backprops))
     return {p: gs.reshape(n, -1).norm(2, dim=-1) for p, gs in grads.items()}
 
 

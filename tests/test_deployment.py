@@ -10,7 +10,7 @@ import pytest
 
 from atoll.demo import approve_run, prepare_site_keys
 from atoll.demo_data import HOSPITALS
-from atoll.localnet import LocalConsortium
+from atoll.localnet import BIN, LocalConsortium, free_port
 from conftest import REPO
 from server.settings import RunSettings
 
@@ -66,3 +66,36 @@ def test_processes_are_cleaned_up_when_the_test_body_fails(demo_consortium, tmp_
 def test_a_deployment_without_tls_must_say_insecure(tmp_path):
     with pytest.raises(ValueError, match="insecure"):
         LocalConsortium(REPO, [], insecure=False)
+
+
+def test_tls_and_node_auth_run_and_a_plaintext_node_cannot_join(demo_consortium, tmp_path):
+    """Deployment as documented: consortium CA + SuperLink cert, enrolled node keys, TLS everywhere."""
+    import time
+
+    from client.enroll import enroll_site
+    from server.pki import init_consortium
+
+    names = [h.name for h in HOSPITALS]
+    configs = [demo_consortium / n / "site.toml" for n in names]
+    keys = prepare_site_keys(demo_consortium, names)
+    pki = init_consortium(tmp_path / "pki", hosts=["localhost"])
+    node_keys = [enroll_site(tmp_path / "nodes" / n, n, ca_cert=pki.ca_cert)[0].private_key for n in names]
+    settings = RunSettings(run_dir=str(tmp_path / "runs"), run_name="tls", keys_dir=str(keys),
+                           num_server_rounds=2, local_steps=3, num_sites=3)
+    approve_run(configs, settings)
+    tls = {"ca": pki.ca_cert, "cert": pki.server_cert, "key": pki.server_key}
+    with LocalConsortium(REPO, configs, tls=tls, node_keys=node_keys, workdir=tmp_path / "net") as net:
+        plain = net._spawn("plaintext-node", [
+            str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{net.port}",
+            "--port", str(free_port()), "--node-config", f'site-config="{configs[0]}"'])
+        status = net.wait(net.submit(settings.to_run_config()), timeout=480)
+        assert status == "finished:completed", net.tail("superlink")
+        nodes = net.flwr(["supernode", "ls", "--format", "json"]).stdout
+        time.sleep(1)
+        assert plain.poll() is not None or "plaintext" not in nodes
+    history = json.loads((tmp_path / "runs" / "tls" / "history.json").read_text())
+    assert len(history) == 2
+    assert all(s["status"] == "contributed" for h in history for s in h["sites"].values())
+    assert sorted(history[-1]["sites"]) == sorted(names)
+    ledger = (tmp_path / "runs" / "tls" / "ledger.jsonl").read_text().splitlines()
+    assert len(ledger) == 6, "only the three enrolled TLS nodes took part; the plaintext node never did"

@@ -231,6 +231,22 @@ def test_every_mode_clips_like_opacus_hooks(mode: str) -> None:
     torch.testing.assert_close(sums[mode], sums["hooks"], rtol=1e-5, atol=1e-5 * sums["hooks"].abs().max().item())
 
 
+def test_bk_recomputing_from_activations_clips_like_opacus_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Book-keeping's other path: instantiated layers keep (input, output-gradient), not per-sample grads."""
+    import privacy.ghost_conv as gc
+
+    monkeypatch.setattr(gc, "STASH_GRADS_MAX_RATIO", 0.0)
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 1, 20, 20), torch.randint(0, 2, (6,))
+    init = SmallNet().state_dict()
+    sums = {}
+    for m in ("hooks", "bk"):
+        net = SmallNet()
+        net.load_state_dict(init)
+        sums[m] = _clipped_sum(net, x, y, clip=0.05, mode=m)
+    torch.testing.assert_close(sums["bk"], sums["hooks"], rtol=1e-5, atol=1e-5 * sums["hooks"].abs().max().item())
+
+
 def test_auto_mode_picks_bk_only_when_it_can_clip_every_layer() -> None:
     assert resolve_grad_sample_mode(build_model("atollnet")) == "bk"
     odd = nn.Sequential(nn.Conv2d(1, 4, 3), nn.LayerNorm([4, 6, 6]), nn.Flatten(), nn.Linear(144, 2))
