@@ -85,11 +85,51 @@ def _add_rooms(sub: argparse._SubParsersAction) -> None:
     if add_site_approve:
         add_site_approve(site_sub)
     add_run(sub)
+    _add_run_manifest(sub)
     audit = sub.add_parser("audit", help="auditor: verify signed privacy ledgers, render reports")
     audit_sub = audit.add_subparsers(dest="audit_command", metavar="COMMAND")
     audit.set_defaults(func=lambda a: _usage(audit))
     add_audit_parser(audit_sub)
     add_consortium(sub)
+
+
+def _add_run_manifest(sub: argparse._SubParsersAction) -> None:
+    """`atoll run manifest`: the file the lead sends to every site to review with `atoll site approve`.
+
+    Lives here, not in server/, because the manifest is computed exactly as the sites compute it
+    (client.manifest), and only the CLI may compose both sides."""
+    run = sub.choices["run"]
+    run_sub = next(a for a in run._actions if isinstance(a, argparse._SubParsersAction))
+    p = run_sub.add_parser("manifest", help="write the run manifest the sites must approve",
+                           description="Builds the run manifest (app bundle hash of this checkout, model, DP "
+                                       "parameters, rounds, declared outputs) exactly as each site recomputes it.")
+    p.add_argument("--out", required=True, help="where to write run-manifest.json")
+    p.add_argument("--rounds", type=_positive_int, default=3)
+    p.add_argument("--model", default="atollnet")
+    p.add_argument("--local-steps", type=_positive_int, default=50)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--sample-rate", type=float, default=0.06)
+    p.add_argument("--noise-multiplier", type=float, default=1.0)
+    p.add_argument("--clip-norm", type=float, default=1.0)
+    p.add_argument("--no-dp", action="store_true")
+    p.set_defaults(func=_run_manifest)
+
+
+def _run_manifest(args: argparse.Namespace) -> int:
+    from atoll.wire import RoundConfig
+    from client.approval import manifest_hash, save_manifest
+    from client.manifest import build_run_manifest
+
+    cfg = RoundConfig(run_id="manifest", server_round=1, num_rounds=args.rounds, model=args.model,
+                      local_steps=args.local_steps, lr=args.lr, batch_size=args.batch_size,
+                      sample_rate=args.sample_rate, dp=not args.no_dp, noise_multiplier=args.noise_multiplier,
+                      clip_norm=args.clip_norm)
+    manifest = build_run_manifest(cfg)
+    path = save_manifest(manifest, args.out)
+    print(f"wrote {path} (manifest {manifest_hash(manifest)}); send it to every site for `atoll site approve`. "
+          "Start the run with the same parameters (`atoll run start ...`).")
+    return 0
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:

@@ -41,3 +41,19 @@ def test_bad_settings_are_rejected_before_any_round(tmp_path, key, value, match)
     cfg = {"run-dir": str(tmp_path), key: value}
     with pytest.raises(SettingsError, match=match):
         RunSettings.from_run_config(cfg)
+
+
+def test_lead_manifest_is_the_one_sites_recompute(tmp_path):
+    from atoll.cli import main
+    from atoll.wire import RoundConfig
+    from client.approval import load_manifest, manifest_hash
+    from client.manifest import build_run_manifest
+
+    out = tmp_path / "run-manifest.json"
+    assert main(["run", "manifest", "--out", str(out), "--rounds", "4", "--local-steps", "7"]) == 0
+    site_view = build_run_manifest(RoundConfig(run_id="any", server_round=3, num_rounds=4, local_steps=7, lr=0.05,
+                                               noise_multiplier=1.0))
+    assert manifest_hash(load_manifest(out)) == manifest_hash(site_view)
+    other = build_run_manifest(RoundConfig(run_id="any", server_round=3, num_rounds=4, local_steps=8, lr=0.05,
+                                           noise_multiplier=1.0))
+    assert manifest_hash(other) != manifest_hash(site_view), "a changed DP parameter needs a new approval"
