@@ -20,6 +20,12 @@ rate q this is the sampled Gaussian mechanism that Opacus' RDP/PRV accountants c
 ``(noise_multiplier, sample_rate, steps)`` — which is what ``LocalTrainResult`` returns to the caller; this
 module does no accounting itself.
 
+Randomness: patient sampling, image choice and noise come from torch generators seeded from OS entropy
+(``secrets``) on every call — never from a caller's seed, which is usually derived from run/round values the
+server knows and would let it recompute (and subtract) the noise and see which patients were sampled;
+``reproducible_dp=True`` exists for tests and benchmarks only. (Opacus' ``secure_mode`` needs torchcsprng,
+which is not installed; the Mersenne-Twister noise is not hardened against floating-point attacks.)
+
 Empty Poisson batches still take a step: zero per-sample gradients go through Opacus' optimizer, which
 adds pure noise (skipping the step would reveal that the batch was empty).
 
@@ -41,6 +47,7 @@ bench/dp_overhead.py):
 from __future__ import annotations
 
 import math
+import secrets
 import time
 import warnings
 from dataclasses import dataclass
@@ -285,6 +292,7 @@ def train_local(
     batch_size: int = 64,
     seed: int | None = None,
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
+    reproducible_dp: bool = False,
 ) -> LocalTrainResult:
     """Train ``model`` in place for exactly ``steps`` optimizer steps.
 
@@ -298,7 +306,12 @@ def train_local(
     device: where to train; cuda falls back to cpu when unavailable.
     dp: ``None`` = plain minibatch training over images (shuffled epochs of ``batch_size``); otherwise
         patient-level DP-SGD (module docstring) and ``batch_size`` is ignored (the batch is ~ q * P).
-    seed: makes sampling, image choice and noise reproducible; ``None`` draws fresh randomness.
+    seed: makes the non-private path reproducible (shuffling). It does NOT drive the DP randomness unless
+        ``reproducible_dp`` is set: whoever can recompute the noise can subtract it from the update, and whoever
+        knows which patients were sampled voids the amplification the accountant counts on — and a seed is
+        typically derived from run/round values the server knows.
+    reproducible_dp: tests and benchmarks only — let ``seed`` also drive Poisson sampling, image choice and
+        the Gaussian noise. Otherwise they come from OS entropy (``secrets``) on every call.
     grad_sample_mode: how per-sample norms / clipped sums are computed (``auto`` or ``GRAD_SAMPLE_MODES``);
         every mode is the same mechanism, only the cost differs.
     """
@@ -311,17 +324,13 @@ def train_local(
     images, labels, patients = _check_data(data)
     dev = resolve_device(device)
     home = next(model.parameters()).device
+    use_seed = seed is not None and (dp is None or reproducible_dp)
     generator = torch.Generator()
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
+    generator.manual_seed(seed if use_seed else secrets.randbits(63))
     noise_gen = None
     if dp is not None:
         noise_gen = torch.Generator(device=dev)
-        noise_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-        if seed is None:
-            noise_gen.seed()
+        noise_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)) if use_seed else secrets.randbits(63))
 
     images = images.to(dev)
     labels = labels.to(dev)

@@ -311,7 +311,7 @@ def test_train_local_learns_and_reports(dp: DPConfig | None) -> None:
     torch.manual_seed(0)
     data = _toy()
     model = build_model("atollnet", channels=(8, 16), groups=4)
-    result = train_local(model, data, steps=40, lr=3e-3, device="cpu", dp=dp, batch_size=16, seed=0)
+    result = train_local(model, data, steps=40, lr=3e-3, device="cpu", dp=dp, batch_size=16, seed=0, reproducible_dp=True)
     assert isinstance(result, LocalTrainResult)
     assert result.steps == 40 and result.dp == dp and result.num_examples == len(data.labels)
     assert math.isfinite(result.train_loss) and result.seconds > 0
@@ -322,18 +322,22 @@ def test_train_local_learns_and_reports(dp: DPConfig | None) -> None:
     assert type(model.features[0].conv) is nn.Conv2d and type(model.classifier) is nn.Linear
 
 
-def test_train_local_is_reproducible_with_a_seed_and_random_without() -> None:
+def test_dp_randomness_ignores_the_seed_unless_reproducible_dp() -> None:
+    """A seed the server could know must not fix the noise or the sample (it could subtract / un-amplify)."""
     data = _toy()
     dp = DPConfig(1.0, 1.0, 0.2)
     init = build_model("atollnet", channels=(8, 16), groups=4).state_dict()
-    finals = []
-    for seed in (5, 5, None):
+
+    def final(seed: int | None, dp: DPConfig | None, reproducible: bool) -> torch.Tensor:
         model = build_model("atollnet", channels=(8, 16), groups=4)
         model.load_state_dict(init)
-        train_local(model, data, steps=3, lr=1e-2, device="cpu", dp=dp, seed=seed)
-        finals.append(torch.cat([p.flatten() for p in model.parameters()]))
-    assert torch.equal(finals[0], finals[1])
-    assert not torch.equal(finals[0], finals[2])
+        train_local(model, data, steps=3, lr=1e-2, device="cpu", dp=dp, seed=seed, reproducible_dp=reproducible)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert not torch.equal(final(5, dp, False), final(5, dp, False))  # same seed, fresh OS entropy
+    assert torch.equal(final(5, dp, True), final(5, dp, True))  # tests/benchmarks only
+    assert not torch.equal(final(5, dp, True), final(6, dp, True))
+    assert torch.equal(final(5, None, False), final(5, None, False))  # non-DP: the seed drives shuffling
 
 
 def test_train_local_zero_steps_and_all_empty_batches() -> None:
@@ -342,7 +346,7 @@ def test_train_local_zero_steps_and_all_empty_batches() -> None:
     w0 = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     r = train_local(model, data, steps=0, lr=1e-3, device="cpu", dp=DPConfig(1, 1, 0.1))
     assert r.steps == 0 and math.isnan(r.train_loss)
-    r = train_local(model, data, steps=3, lr=1e-3, device="cpu", dp=DPConfig(1, 1, 1e-12), seed=0)
+    r = train_local(model, data, steps=3, lr=1e-3, device="cpu", dp=DPConfig(1, 1, 1e-12))
     assert r.steps == 3 and math.isnan(r.train_loss)  # no example seen, but noise steps taken
     assert not torch.equal(w0, torch.cat([p.detach().flatten() for p in model.parameters()]))
 
@@ -391,7 +395,7 @@ def test_pneumoniamnist_auc(dp: DPConfig | None) -> None:
     train = Split(prep(d["train_images"][perm]), torch.from_numpy(d["train_labels"][perm, 0]).long(), torch.arange(len(perm)))
     torch.manual_seed(0)
     model = build_model()
-    train_local(model, train, steps=150, lr=2e-3, device="cpu", dp=dp, seed=0)
+    train_local(model, train, steps=150, lr=2e-3, device="cpu", dp=dp, seed=0, reproducible_dp=True)
     model.eval()
     with torch.no_grad():
         prob = model(prep(d["test_images"])).softmax(1)[:, 1].numpy()
