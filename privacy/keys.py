@@ -68,7 +68,7 @@ def write_private_key(key: Ed25519PrivateKey, path: str | Path, *, passphrase: b
         fh.write(pem)
         fh.flush()
         os.fsync(fh.fileno())
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -156,7 +156,7 @@ def ensure_site_key(private_key_path: str | Path, passphrase: bytes | str | None
     return public_key_pem(key)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make a newly created directory entry durable (POSIX); a no-op where directories cannot be opened."""
     try:
         fd = os.open(path, os.O_RDONLY)

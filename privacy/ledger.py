@@ -49,6 +49,8 @@ from typing import Any, Iterator, Mapping
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from privacy.keys import fsync_dir
+
 log = logging.getLogger("atoll.ledger")
 
 SCHEMA_VERSION = 1
@@ -184,19 +186,6 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict | None, str]]:
     return out
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -264,7 +253,7 @@ class SiteLedger:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             if created:
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
             fcntl.flock(fd, fcntl.LOCK_EX)
             self._refresh(fd, writable=True)
             yield LedgerTransaction(self, fd)
@@ -442,7 +431,7 @@ class ConsortiumLedger:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             if created:
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
             fcntl.flock(fd, fcntl.LOCK_EX)
             _write_all(fd, line)
             os.fsync(fd)
