@@ -29,6 +29,7 @@ from client.egress import EgressBlocked, EgressPolicy, check_reply
 from client.evaluation import evaluate_model
 from client.ingest import NoUsableImagesError
 from client.manifest import build_run_manifest
+from client.release_cache import ReleaseCache, Released
 from client.runtime import SiteRuntime, SiteSetupError, site_runtime
 from models import build_model, state_dict_sha256
 from privacy.dpsgd import DPConfig, train_local
@@ -138,11 +139,22 @@ def train(msg: Message, context: Context) -> Message:
     request = RoundRequest(run_id=cfg.run_id, server_round=cfg.server_round,
                            noise_multiplier=cfg.noise_multiplier, clip_norm=cfg.clip_norm,
                            sample_rate=sample_rate, steps=cfg.local_steps, dp=cfg.dp)
+    released = ReleaseCache(site.config.state_dir)
     try:
-        reservation = site.guard.reserve(request, weights_in_sha256=state_dict_sha256(global_sd))
+        reservation = site.guard.reserve(request, weights_in_sha256=state_dict_sha256(global_sd),
+                                         resend=released.get)
     except BudgetRefused as refusal:
         log.warning("refused round %s of run %s: %s", cfg.server_round, cfg.run_id, refusal.message)
         return _refuse(msg, refusal.code, refusal.message, site.name)
+    if reservation.completed is not None:  # the same round again: the same bytes again, not charged
+        again: Released = reservation.resent
+        content = RecordDict({
+            wire.ARRAYS: ArrayRecord(again.update),
+            wire.METRICS: _released(site, again.metrics),
+            wire.LEDGER: wire.ledger_record(reservation.completed),
+            wire.SITE: wire.site_record(site.name),
+        })
+        return Message(_checked(site, manifest, content), reply_to=msg)
 
     model = _load_global(site, cfg, arrays)
     dp = DPConfig(cfg.noise_multiplier, cfg.clip_norm, sample_rate) if cfg.dp else None
@@ -151,11 +163,13 @@ def train(msg: Message, context: Context) -> Message:
     result = train_local(model, train_split, steps=cfg.local_steps, lr=cfg.lr, device=site.device,
                          dp=dp, batch_size=cfg.batch_size, seed=seed)
     update = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    record = site.guard.complete(reservation, update_sha256=state_dict_sha256(update))
+    raw_metrics = {wire.NUM_EXAMPLES: len(train_split.labels), "train_loss": result.train_loss,
+                   "train_seconds": result.seconds}
+    update_sha = released.put(update, raw_metrics)  # before the round record: completed => resendable
+    record = site.guard.complete(reservation, update_sha256=update_sha)
     log.info("round %s of run %s: %d steps in %.1fs, epsilon now %.3f", cfg.server_round, cfg.run_id,
              result.steps, result.seconds, float(record.get("epsilon_after", float("nan"))))
-    metrics = _released(site, {wire.NUM_EXAMPLES: len(train_split.labels), "train_loss": result.train_loss,
-                               "train_seconds": result.seconds})
+    metrics = _released(site, raw_metrics)
     content = RecordDict({
         wire.ARRAYS: ArrayRecord(update),
         wire.METRICS: metrics,

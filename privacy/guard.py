@@ -14,8 +14,12 @@ Rules that keep epsilon from ever being under-counted:
 * Replay: ``reserve`` for a ``(run_id, server_round)`` that already has an *uncompleted* reservation with the
   same mechanism parameters and the same incoming weights returns that reservation and adds nothing (the
   crashed attempt released nothing: a ``round`` record is written before any update leaves the site). Policy and
-  budget are re-checked against the current policy. If the earlier reservation was *completed* (its update may
-  have left the site) or the parameters differ, the request is charged as a new round.
+  budget are re-checked against the current policy. If the earlier reservation was *completed*, its update may
+  already have left the site: the round is not charged again only if the caller can send **the very same
+  bytes** again (``resend``: the site's cache of released updates, keyed by the update's SHA-256 in the signed
+  ``round`` record) — re-sending a released output is post-processing and costs no privacy. Without that exact
+  update (cache pruned, or different parameters or incoming weights), the request is charged as a new round:
+  fresh noise on the same data would be a second release.
 * ``complete`` twice for one reservation returns the existing record when the update hash is the same (the same
   bytes released again cost nothing) and raises :class:`~privacy.ledger.LedgerError` otherwise (a second,
   different update under one charge would be an uncharged release).
@@ -36,11 +40,12 @@ Record bodies (envelope fields are documented in :mod:`privacy.ledger`):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from privacy.accounting import canonical_history, compute_epsilon
 from privacy.ledger import LedgerError, SiteLedger, epsilon_json, record_hash
@@ -96,6 +101,9 @@ class Reservation:
     delta: float
     replayed: bool = False
     record: dict = field(default_factory=dict, compare=False, repr=False)
+    #: for a replay of a *completed* round: its signed ``round`` record and what ``resend`` returned for it
+    completed: dict | None = field(default=None, compare=False, repr=False)
+    resent: Any = field(default=None, compare=False, repr=False)
 
 
 def charges(records: Iterable[dict]) -> list[tuple[float, float, int]]:
@@ -153,8 +161,14 @@ class BudgetGuard:
 
     # ----------------------------------------------------------------- reserve
 
-    def reserve(self, req: RoundRequest, *, weights_in_sha256: str) -> Reservation:
-        """Check ``req`` and charge it write-ahead; raise :class:`BudgetRefused` (recorded) if not acceptable."""
+    def reserve(self, req: RoundRequest, *, weights_in_sha256: str,
+                resend: Callable[[str], Any] | None = None) -> Reservation:
+        """Check ``req`` and charge it write-ahead; raise :class:`BudgetRefused` (recorded) if not acceptable.
+
+        ``resend(update_sha256)`` returns the released update with that hash (anything not ``None``) or
+        ``None``; with it, a replay of a completed round returns a :class:`Reservation` whose ``completed`` and
+        ``resent`` are set and charges nothing — the caller must send exactly ``resent`` and ``completed``.
+        """
         _check_hash("weights_in_sha256", weights_in_sha256)
         refusal: BudgetRefused | None = None
         with self.ledger.transaction() as txn:
@@ -163,6 +177,14 @@ class BudgetGuard:
             spent = self.epsilon_of(hist)
             problem = self._policy_problem(req)
             replay = self._find_replay(records, req, weights_in_sha256) if problem is None else None
+            done = (self._find_completed(records, req, weights_in_sha256)
+                    if problem is None and replay is None and resend is not None else None)
+            payload = resend(done["update_sha256"]) if done is not None and resend is not None else None
+            if problem is None and done is not None and payload is not None:
+                log.info("run %s round %s: replay of a completed round (record seq %d); the same released update "
+                         "is sent again, not charged", req.run_id, req.server_round, done["seq"])
+                rsv = records[done["reservation_seq"]]
+                return dataclasses.replace(self._reservation(rsv, replayed=True), completed=done, resent=payload)
             if problem is not None:
                 refusal = BudgetRefused(*problem)
                 self._append_refusal(txn, req, refusal, hist, spent, None, weights_in_sha256)
@@ -250,6 +272,15 @@ class BudgetGuard:
         for r in reversed(records):
             if (r.get("type") == "reservation" and r["seq"] not in completed
                     and all(r.get(k) == v for k, v in want.items())
+                    and r.get("weights_in_sha256") == weights_in):
+                return r
+        return None
+
+    def _find_completed(self, records: list[dict], req: RoundRequest, weights_in: str) -> dict | None:
+        """The newest ``round`` record of this exact request (same mechanism, same incoming weights)."""
+        want = self._mechanism(req)
+        for r in reversed(records):
+            if (r.get("type") == "round" and all(r.get(k) == v for k, v in want.items())
                     and r.get("weights_in_sha256") == weights_in):
                 return r
         return None

@@ -300,9 +300,27 @@ class SiteLedger:
             if rec["prev"] != self._last_hash:
                 raise LedgerError(f"{self.path} line {line_no}: field 'prev' does not match the hash of line "
                                   f"{line_no - 1} (the ledger was edited)")
+            if self._key is not None:
+                self._check_own_signature(rec, line_no)
             self._last_hash = record_hash(rec)
             self._records.append(rec)
         self._offset += end
+
+    def _check_own_signature(self, rec: dict, line_no: int) -> None:
+        """A signed ledger accepts only records its own key signed.
+
+        The hash chain alone cannot protect the *last* record (nothing links to it yet): without this
+        check, editing the newest reservation's charge would silently lower :meth:`BudgetGuard.spent`.
+        An unsigned record in a signed ledger is refused for the same reason (stripping the signature
+        would otherwise be the way around it).
+        """
+        assert self._key is not None
+        try:
+            verify_record(rec, self._key.public_key())
+        except LedgerError as exc:
+            raise LedgerError(f"{self.path} line {line_no}: {exc}; the ledger was altered or written with another "
+                              "key — restore it from backup (do not delete it: the budget would restart at zero)"
+                              ) from None
 
 
 class LedgerTransaction:

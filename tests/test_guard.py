@@ -103,6 +103,84 @@ def test_replay_of_uncompleted_round_is_not_charged_twice(tmp_path: Path) -> Non
     assert guard.spent() == pytest.approx(compute_epsilon([(SIGMA, Q, 2 * STEPS)], 1e-4))
 
 
+def test_replay_of_a_completed_round_resends_the_same_bytes_without_a_charge(tmp_path: Path) -> None:
+    path = tmp_path / "l.jsonl"
+    rec = _round(_guard(path), "run-1", 1)
+    asked: list[str] = []
+    cache = {W_OUT: "the released update"}
+
+    def resend(sha: str):
+        asked.append(sha)
+        return cache.get(sha)
+
+    guard = _guard(path)  # restart; the server asks for round 1 again with the same weights
+    again = guard.reserve(_req("run-1", 1), weights_in_sha256=W_IN, resend=resend)
+    assert again.replayed and again.completed == rec and again.resent == "the released update"
+    assert asked == [W_OUT], "the update to resend is the one the signed round record names"
+    assert _types(guard) == ["reservation", "round"], "nothing charged, nothing written"
+    assert guard.spent() == pytest.approx(compute_epsilon([(SIGMA, Q, STEPS)], 1e-4))
+    # other incoming weights or parameters are a different round: charged, whatever the cache holds
+    assert guard.reserve(_req("run-1", 1), weights_in_sha256=W_OTHER, resend=resend).completed is None
+    assert guard.reserve(_req("run-1", 1, steps=STEPS + 1), weights_in_sha256=W_IN, resend=resend).completed is None
+    assert len(guard.history()) == 3
+
+
+def test_replay_of_a_completed_round_without_its_bytes_is_charged(tmp_path: Path) -> None:
+    path = tmp_path / "l.jsonl"
+    _round(_guard(path), "run-1", 1)
+    guard = _guard(path)
+    again = guard.reserve(_req("run-1", 1), weights_in_sha256=W_IN, resend=lambda sha: None)  # cache pruned
+    assert not again.replayed and again.completed is None
+    assert guard.spent() == pytest.approx(compute_epsilon([(SIGMA, Q, 2 * STEPS)], 1e-4))
+
+
+def test_a_resend_is_still_subject_to_the_current_policy(tmp_path: Path) -> None:
+    path = tmp_path / "l.jsonl"
+    _round(_guard(path), "run-1", 1)
+    stricter = _guard(path, local_steps=[1, STEPS - 1])
+    with pytest.raises(BudgetRefused) as err:
+        stricter.reserve(_req("run-1", 1), weights_in_sha256=W_IN, resend=lambda sha: "bytes")
+    assert err.value.code == STEPS_OUT_OF_POLICY
+
+
+def _rewrite_last(path: Path, change) -> None:
+    import json
+
+    lines = path.read_text().splitlines()
+    rec = json.loads(lines[-1])
+    change(rec)
+    lines[-1] = json.dumps(rec, sort_keys=True, separators=(",", ":"))
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("change", [
+    pytest.param(lambda r: r.update(charge=[50.0, r["charge"][1], r["charge"][2]]), id="charge-lowered"),
+    pytest.param(lambda r: (r.update(charge=[50.0, r["charge"][1], r["charge"][2]], key_id=None), r.pop("sig")),
+                 id="charge-lowered-and-signature-stripped"),
+])
+def test_editing_the_newest_record_of_a_signed_ledger_cannot_lower_the_spent_budget(tmp_path: Path, change) -> None:
+    """The hash chain cannot protect the last record (nothing links to it yet); its signature does."""
+    key = generate_private_key()
+    path = tmp_path / "l.jsonl"
+    guard = _guard(path, key)
+    _round(guard, "run-1", 1)
+    guard.reserve(_req("run-1", 2), weights_in_sha256=W_IN)  # the newest record is a reservation
+    honest = guard.spent()
+    _rewrite_last(path, change)
+    with pytest.raises(LedgerError, match=r"line 3: .*(signature|unsigned)"):
+        _guard(path, key).spent()
+    with pytest.raises(LedgerError):
+        _guard(path, key).reserve(_req("run-1", 3), weights_in_sha256=W_IN)
+    assert honest == pytest.approx(compute_epsilon([(SIGMA, Q, 2 * STEPS)], 1e-4))
+
+
+def test_a_signed_ledger_refuses_records_of_another_key(tmp_path: Path) -> None:
+    path = tmp_path / "l.jsonl"
+    _round(_guard(path, generate_private_key()), "run-1", 1)
+    with pytest.raises(LedgerError, match="line 1: field 'key_id'"):
+        _guard(path, generate_private_key()).spent()
+
+
 def test_replay_with_different_parameters_is_charged(tmp_path: Path) -> None:
     guard = _guard(tmp_path / "l.jsonl")
     guard.reserve(_req("run-1", 1), weights_in_sha256=W_IN)
