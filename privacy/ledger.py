@@ -44,7 +44,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -358,8 +358,33 @@ class LedgerTransaction:
 # ------------------------------------------------------------------------------------------------ consortium ledger
 
 
+def _newest_records_of_earlier_runs(ledgers: Iterable[Path]) -> dict[str, tuple[str, dict]]:
+    """Per site, the highest-seq record it sent in the given ledgers of earlier runs (named by their folder).
+
+    A site's ledger only grows, so a later run that receives a lower ``seq`` (or a lower epsilon) has
+    met a site whose ledger was deleted or rolled back — the one way a site could make its lifetime
+    budget restart. Unreadable lines in old runs are skipped here (``atoll audit verify`` reports them).
+    """
+    out: dict[str, tuple[str, dict]] = {}
+    for other in ledgers:
+        if not Path(other).is_file():
+            continue
+        for _line, rec, _raw in read_jsonl(other):
+            if not isinstance(rec, dict) or not isinstance(rec.get("seq"), int) or isinstance(rec.get("seq"), bool):
+                continue
+            site = str(rec.get("site", ""))
+            if site not in out or rec["seq"] > out[site][1]["seq"]:
+                out[site] = (Path(other).parent.name, rec)
+    return out
+
+
+
 class ConsortiumLedger:
     """The server's copy of the sites' ``round`` records for one run: ``run_root/ledger.jsonl``.
+
+    ``earlier_runs``: ledger files of the consortium's earlier runs. A site's ledger only grows, so a record
+    whose ``seq`` or epsilon is below what the site reported there means its ledger was deleted or rolled
+    back (the one way a site could restart its lifetime budget): rejected.
 
     With ``keys_dir`` (enrolled ``<site>.pub`` files) every record must be signed by its site's enrolled key;
     without it records are stored unverified (a warning says so). Accepted records are appended verbatim
@@ -368,7 +393,8 @@ class ConsortiumLedger:
 
     FILENAME = "ledger.jsonl"
 
-    def __init__(self, run_root: str | Path, keys_dir: str | Path | None = None) -> None:
+    def __init__(self, run_root: str | Path, keys_dir: str | Path | None = None, *,
+                 earlier_runs: Iterable[str | Path] = ()) -> None:
         self.root = Path(run_root)
         self.path = self.root / self.FILENAME
         self.keys_dir = Path(keys_dir) if keys_dir else None
@@ -380,6 +406,8 @@ class ConsortiumLedger:
         self._keys: dict[str, Ed25519PublicKey] = {}
         self._last: dict[str, dict] = {}
         self._records: list[dict] = []
+        self._earlier = _newest_records_of_earlier_runs(
+            Path(p) for p in earlier_runs if Path(p).resolve() != self.path.resolve())
         if self.path.exists():
             for line, rec, _raw in read_jsonl(self.path):
                 if rec is None:
@@ -424,6 +452,22 @@ class ConsortiumLedger:
             except LedgerError as exc:
                 raise LedgerError(f"site {site!r} record seq {record['seq']} (run {record.get('run_id')!r} round "
                                   f"{record.get('server_round')!r}): {exc}") from None
+        earlier = self._earlier.get(site)
+        if earlier is not None and site not in self._last:
+            run, prev = earlier
+            if record["seq"] <= prev["seq"]:
+                raise LedgerError(
+                    f"site {site!r} record seq {record['seq']}: its ledger is behind what it reported in run {run!r} "
+                    f"(seq {prev['seq']}, ε={prev.get('epsilon_after')}): the site's ledger was reset or restored "
+                    "from an older copy, which would under-report its spent budget. The site must restore its newest "
+                    "ledger; a genuinely new dataset must be enrolled under a new site name")
+            try:
+                prev_eps = epsilon_value(prev.get("epsilon_after"))
+            except LedgerError:
+                prev_eps = 0.0
+            if eps < prev_eps:
+                raise LedgerError(f"site {site!r} record seq {record['seq']}: field 'epsilon_after' {eps:.4g} is "
+                                  f"below the {prev_eps:.4g} it reported in run {run!r} (spent privacy cannot decrease)")
         last = self._last.get(site)
         if last is not None:
             if record["seq"] <= last["seq"]:

@@ -74,4 +74,7 @@ def _consortium_ledger(root: Path, settings: Any):
     from privacy.ledger import ConsortiumLedger
 
     keys = Path(settings.keys_dir) if getattr(settings, "keys_dir", "") else None
-    return ConsortiumLedger(root, keys_dir=keys)
+    # every earlier run in this runs folder: a site whose ledger went backwards since then is rejected
+    earlier = [p for p in sorted(root.parent.glob(f"*/{ConsortiumLedger.FILENAME}"))
+               if p.parent != root and (p.parent / "settings.json").is_file()]
+    return ConsortiumLedger(root, keys_dir=keys, earlier_runs=earlier)

@@ -211,6 +211,25 @@ def test_unenrolled_site_and_replays_are_rejected(tmp_path: Path, site_key) -> N
     cl.accept(recs[2], site="hospital-a")
 
 
+def test_a_site_whose_ledger_was_deleted_is_rejected_in_the_next_run(tmp_path: Path, site_key) -> None:
+    """Deleting its ledger is the one way a site could restart its lifetime budget: the server notices."""
+    key, keys = site_key
+    runs = tmp_path / "runs"
+    first = _site_rounds(tmp_path / "before", key, 3)
+    earlier = [runs / "run-1" / "ledger.jsonl"]
+    cl = ConsortiumLedger(runs / "run-1", keys_dir=keys, earlier_runs=earlier)
+    for r in first:
+        cl.accept(r, site="hospital-a")
+    restarted = _site_rounds(tmp_path / "after-deletion", key, 1)  # same key, a fresh ledger: seq 1 again
+    with pytest.raises(LedgerError, match=r"behind what it reported in run 'run-1' \(seq 5.*reset or restored"):
+        ConsortiumLedger(runs / "run-2", keys_dir=keys, earlier_runs=earlier).accept(restarted[0], site="hospital-a")
+    # a ledger that went on growing is fine in a later run
+    led = SiteLedger(tmp_path / "before" / "state" / "ledger.jsonl", site="hospital-a", signing_key=key)
+    led.append({"type": "reservation", "run_id": "run-2", "server_round": 1})
+    more = json.loads(json.dumps(led.append(_round_body(1, eps=4.0))))
+    ConsortiumLedger(runs / "run-2", keys_dir=keys, earlier_runs=earlier).accept(more, site="hospital-a")
+
+
 def test_consortium_without_keys_stores_but_warns(tmp_path: Path, caplog) -> None:
     led = SiteLedger(tmp_path / "l.jsonl", site="s1")
     rec = led.append(_round_body(1))
@@ -266,3 +285,22 @@ def test_site_init_rejects_bad_name_and_missing_passphrase(tmp_path: Path, capsy
     args = _site_init_args(["--out", str(tmp_path / "a"), "--name", "ok", "--passphrase-env", "NOPE_VAR"])
     assert args.func(args) == 2 and "NOPE_VAR" in capsys.readouterr().err
     assert not (tmp_path / "a" / "site_ed25519.pem").exists()
+
+
+def test_the_server_checks_each_run_against_the_earlier_runs_in_its_folder(tmp_path: Path, site_key) -> None:
+    from types import SimpleNamespace
+
+    from server.outputs import _consortium_ledger
+
+    key, keys = site_key
+    settings = SimpleNamespace(keys_dir=str(keys))
+    runs = tmp_path / "runs"
+    (runs / "run-1").mkdir(parents=True)
+    (runs / "run-1" / "settings.json").write_text("{}")
+    for r in _site_rounds(tmp_path / "before", key, 2):
+        _consortium_ledger(runs / "run-1", settings).accept(r, site="hospital-a")
+    restarted = _site_rounds(tmp_path / "after-deletion", key, 1)[0]
+    with pytest.raises(LedgerError, match="reset or restored"):
+        _consortium_ledger(runs / "run-2", settings).accept(restarted, site="hospital-a")
+    (runs / "run-1" / "settings.json").unlink()  # not a run folder: not an earlier run
+    _consortium_ledger(runs / "run-3", settings).accept(restarted, site="hospital-a")
