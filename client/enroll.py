@@ -20,7 +20,6 @@ import argparse
 import base64
 import datetime as _dt
 import hashlib
-import os
 import re
 import stat
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from privacy.keys import write_new_file
 
 PRIVATE_KEY = "node_auth_key"
 PUBLIC_KEY = "node_auth_key.pub"
@@ -80,16 +81,6 @@ def public_key_fingerprint(public_key_line: str | bytes) -> str:
     return f"SHA256:{digest}"
 
 
-def _write_exclusive(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(path, mode)
-
-
 def _check_ca_cert(path: Path) -> x509.Certificate:
     try:
         cert = x509.load_pem_x509_certificate(path.read_bytes())
@@ -125,7 +116,7 @@ def _install_ca(root: Path, ca_cert: Path) -> Path:
                 "Move it away deliberately if the consortium re-issued its CA"
             )
         return target
-    _write_exclusive(target, data, 0o644)
+    write_new_file(target, data, 0o644)
     return target
 
 
@@ -178,9 +169,9 @@ def enroll_site(out_dir: str | Path, name: str, *, ca_cert: str | Path | None = 
     public_line = key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     ).decode("ascii") + f" atoll-site:{name}"
-    _write_exclusive(priv, private_bytes, 0o600)
+    write_new_file(priv, private_bytes, 0o600)
     try:
-        _write_exclusive(pub, (public_line + "\n").encode("ascii"), 0o644)
+        write_new_file(pub, (public_line + "\n").encode("ascii"), 0o644)
         if ca_cert is not None:
             _install_ca(root, Path(ca_cert).expanduser())
     except (OSError, EnrollError):

@@ -61,13 +61,9 @@ def write_private_key(key: Ed25519PrivateKey, path: str | Path, *, passphrase: b
     )
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        write_new_file(path, pem, 0o600)
     except FileExistsError:
         raise KeyFileError(f"{path}: already exists; refusing to overwrite a site key (move it away first)") from None
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
-        fh.flush()
-        os.fsync(fh.fileno())
     fsync_dir(path.parent)
     return path
 
@@ -154,6 +150,23 @@ def ensure_site_key(private_key_path: str | Path, passphrase: bytes | str | None
     if not pub_path.exists():
         write_public_key(key, pub_path)
     return public_key_pem(key)
+
+
+def write_new_file(path: str | Path, data: bytes, mode: int) -> None:
+    """Create ``path`` with ``mode`` from the start (no window with wider permissions), never overwrite, fsync.
+
+    The one way Atoll writes key and certificate files (site keys, node keys, the consortium CA):
+    raises :class:`FileExistsError` if ``path`` exists.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(path, mode)  # the umask may have narrowed it; certificates and public keys stay world-readable
 
 
 def fsync_dir(path: Path) -> None:

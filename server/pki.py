@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import re
 import stat
 from collections.abc import Sequence
@@ -40,6 +39,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from privacy.keys import write_new_file
 
 __all__ = [
     "CA_CERT", "CA_DAYS", "CA_KEY", "SERVER_CERT", "SERVER_DAYS", "SERVER_KEY", "LOOPBACK_HOSTS",
@@ -120,17 +121,6 @@ def _validate_days(days: int, option: str) -> int:
     if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_DAYS:
         raise PKIError(f"{option} must be a whole number of days between 1 and {MAX_DAYS}, got {days!r}")
     return days
-
-
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """Create ``path`` with ``mode`` from the start (no window with wider permissions); never overwrite."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(path, mode)  # the umask may have narrowed it; certificates stay world-readable
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -230,7 +220,7 @@ def init_consortium(out: str | Path, hosts: Sequence[str] = (), ips: Sequence[st
     written: list[Path] = []
     try:
         for path, data, mode in outputs:
-            _write_new(path, data, mode)
+            write_new_file(path, data, mode)
             written.append(path)
     except OSError as exc:
         for path in written:  # leave no half-made PKI behind
