@@ -99,3 +99,31 @@ def test_tls_and_node_auth_run_and_a_plaintext_node_cannot_join(demo_consortium,
     assert sorted(history[-1]["sites"]) == sorted(names)
     ledger = (tmp_path / "runs" / "tls" / "ledger.jsonl").read_text().splitlines()
     assert len(ledger) == 6, "only the three enrolled TLS nodes took part; the plaintext node never did"
+
+
+def test_a_run_the_sites_did_not_approve_is_refused_by_every_site(demo_consortium, tmp_path):
+    """Real SuperNodes, no approval for this run's manifest: every site refuses before reserving any privacy."""
+    names = [h.name for h in HOSPITALS]
+    configs = [demo_consortium / n / "site.toml" for n in names]
+    keys = prepare_site_keys(demo_consortium, names)
+    ledgers = [demo_consortium / n / "state" / "ledger.jsonl" for n in names]
+    before = [p.read_bytes() if p.exists() else b"" for p in ledgers]
+    # lr 0.0123 appears in no approved manifest: nobody at the sites has seen this run
+    settings = RunSettings(run_dir=str(tmp_path / "runs"), run_name="unapproved", keys_dir=str(keys),
+                           num_server_rounds=2, local_steps=3, num_sites=3, lr=0.0123)
+    with LocalConsortium(REPO, configs, insecure=True, workdir=tmp_path / "net") as net:
+        status = net.wait(net.submit(settings.to_run_config()), timeout=300)
+    assert status.startswith("finished"), status
+    out = tmp_path / "runs" / "unapproved"
+    stopped = json.loads((out / "status.json").read_text())
+    assert stopped["status"] == "stopped"
+    assert stopped["reason"].count("RUN_NOT_APPROVED") == 3, stopped["reason"]
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 1, "the run stops at round 1"
+    for name in names:
+        site = history[0]["sites"][name]
+        assert site["status"] == "refused" and site["code"] == "RUN_NOT_APPROVED", site
+        assert "approve" in site["message"] and str(demo_consortium) not in site["message"]
+    after = [p.read_bytes() if p.exists() else b"" for p in ledgers]
+    assert after == before, "an unapproved run is refused before any privacy is reserved"
+    assert not (out / "ledger.jsonl").exists()
