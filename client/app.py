@@ -24,6 +24,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from atoll import wire
+from client import secagg as client_secagg
 from client.approval import ApprovalStore, RunManifest, RunNotApproved
 from client.egress import EgressBlocked, EgressPolicy, check_reply
 from client.evaluation import evaluate_model
@@ -127,6 +128,8 @@ def _released(site: SiteRuntime, metrics: dict[str, float]) -> MetricRecord:
 @app.train()
 @site_errors_stay_local
 def train(msg: Message, context: Context) -> Message:
+    if client_secagg.is_secaggplus(msg):  # secagg = true: the protocol runs this handler on a plain round
+        return client_secagg.handle(msg, context, train)
     cfg = wire.RoundConfig.from_record(msg.content[wire.CONFIG])
     site = site_runtime(context.node_config, cfg.image_size)
     if len(site.data.train.labels) == 0 or int(site.data.train.labels.min()) < 0:

@@ -21,6 +21,7 @@ from atoll import wire
 from models import build_model
 from server import robust
 from server.outputs import RunOutputs
+from server.secagg import SecAggRounds
 from server.settings import RunSettings
 from server.sitebook import RoundBook
 from server.validation import make_validator
@@ -59,31 +60,44 @@ def run_consortium(grid: Grid, settings: RunSettings, flower_run_id: int) -> Run
     out.save_weights(0, arrays)
     log.info("run %s: %d rounds, model %s, %s", run_name, settings.num_server_rounds, settings.model,
              f"DP-SGD sigma={settings.noise_multiplier} C={settings.clip_norm}" if settings.dp else "no DP")
+    secagg = SecAggRounds(grid, settings) if settings.secagg else None  # the fit under SecAgg+
     try:
         for rnd in range(1, settings.num_server_rounds + 1):
-            arrays = _one_round(grid, strategy, settings, run_name, rnd, arrays, out)
+            arrays = _one_round(grid, strategy, settings, run_name, rnd, arrays, out, secagg)
         out.finish("completed")
     except RunStopped as stop:
         log.error("run %s stopped: %s", run_name, stop)
         out.finish("stopped", str(stop))
+    finally:
+        if secagg is not None:
+            secagg.close()
     return out
 
 
 def _one_round(grid: Grid, strategy: Strategy, settings: RunSettings, run_name: str, rnd: int,
-               arrays: ArrayRecord, out: RunOutputs) -> ArrayRecord:
-    book = RoundBook(rnd, out.ledger, make_validator(settings.max_update_norm or None))
+               arrays: ArrayRecord, out: RunOutputs, secagg: SecAggRounds | None = None) -> ArrayRecord:
+    # Under SecAgg+ the server never holds one site's update: nothing to validate one by one.
+    book = RoundBook(rnd, out.ledger, None if secagg else make_validator(settings.max_update_norm or None))
     cfg = settings.round_config(run_name, rnd).to_record()
     t0 = time.perf_counter()
-    replies = list(grid.send_and_receive(strategy.configure_train(rnd, arrays, cfg, grid),
-                                         timeout=settings.round_timeout))
-    accepted = [m for m in replies if book.admit_train_reply(m, arrays)]
+    if secagg is not None:
+        new_arrays = secagg.train(rnd, arrays, cfg, book)
+        accepted = book.contributors()
+    else:
+        replies = list(grid.send_and_receive(strategy.configure_train(rnd, arrays, cfg, grid),
+                                             timeout=settings.round_timeout))
+        accepted = [m for m in replies if book.admit_train_reply(m, arrays)]
     if len(accepted) < settings.min_sites:
         out.record_round(book, time.perf_counter() - t0)
         raise RunStopped(f"round {rnd}: only {len(accepted)} site(s) contributed an update, "
                          f"min-sites is {settings.min_sites} ({book.refusal_summary()})")
-    new_arrays, _ = strategy.aggregate_train(rnd, accepted)
+    if secagg is None:
+        new_arrays, _ = strategy.aggregate_train(rnd, accepted)
     if new_arrays is None:
-        raise RunStopped(f"round {rnd}: the strategy could not aggregate the accepted updates")
+        if secagg is not None:  # who contributed, refused or dropped before the protocol failed
+            out.record_round(book, time.perf_counter() - t0)
+        raise RunStopped(f"round {rnd}: the strategy could not aggregate the accepted updates"
+                         + (f" ({secagg.problem})" if secagg is not None else ""))
     train_wall = time.perf_counter() - t0
     ev_cfg = settings.round_config(run_name, rnd).to_record()
     ev_replies = grid.send_and_receive(strategy.configure_evaluate(rnd, new_arrays, ev_cfg, grid),

@@ -44,6 +44,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     start.add_argument("--clip-norm", type=float, default=1.0)
     start.add_argument("--no-dp", action="store_true", help="ask for non-DP training (sites refuse unless allowed)")
     start.add_argument("--min-sites", type=int, default=2)
+    start.add_argument("--secagg", action="store_true",
+                       help="aggregate under SecAgg+ (the server sees only the sum of the masked updates; "
+                            "needs strategy fedavg and no max-update-norm; see docs/security.md)")
+    start.add_argument("--secagg-num-shares", type=float, default=1.0,
+                       help="SecAgg+: key shares per site, an odd count >= 3 or a fraction of the sites (1 = all)")
+    start.add_argument("--secagg-reconstruction-threshold", type=float, default=0.6,
+                       help="SecAgg+: shares needed to rebuild a dropped site's masks, a count >= 2 or a fraction")
+    start.add_argument("--secagg-max-weight", type=float, default=10000.0,
+                       help="SecAgg+: at least the largest number of training examples at any site")
     start.add_argument("--app", default=str(APP_DIR), help="Flower app folder (default: this Atoll checkout)")
     start.add_argument("--stream", action="store_true", help="follow the run's logs")
     start.set_defaults(func=_start)
@@ -59,6 +68,10 @@ def _start(args: argparse.Namespace) -> int:
            "keys-dir": args.keys_dir, "model": args.model, "local-steps": args.local_steps, "lr": args.lr,
            "batch-size": args.batch_size, "sample-rate": args.sample_rate, "noise-multiplier": args.noise_multiplier, "clip-norm": args.clip_norm,
            "dp": not args.no_dp, "min-sites": args.min_sites}
+    if args.secagg:
+        cfg.update({"secagg": True, "secagg-num-shares": args.secagg_num_shares,
+                    "secagg-reconstruction-threshold": args.secagg_reconstruction_threshold,
+                    "secagg-max-weight": args.secagg_max_weight})
     try:
         RunSettings.from_run_config(cfg)
     except SettingsError as exc:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from atoll.wire import RoundConfig
+from privacy.secagg_prg import check_num_shares
 
 
 class SettingsError(ValueError):
@@ -37,6 +38,11 @@ class RunSettings:
     num_sites: int = 0            # 0 = every connected site; otherwise wait for this many
     round_timeout: float = 3600.0
     seed: int = 0
+    # SecAgg+ (Flower's protocol, ChaCha20 masks): the server sees only the sum of the updates.
+    secagg: bool = False
+    secagg_num_shares: float = 1.0                # shares per site: odd count >= 3, or fraction of sites (<= 1)
+    secagg_reconstruction_threshold: float = 0.6  # shares that rebuild a secret: count >= 2, or fraction (<= 1)
+    secagg_max_weight: float = 10000.0            # largest num-examples a site may weight its update by
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> "RunSettings":
@@ -73,6 +79,44 @@ class RunSettings:
         need(self.round_timeout > 0, "round-timeout", "must be > 0")
         need(bool(self.run_dir) and Path(self.run_dir).is_absolute(), "run-dir",
              "must be an absolute path (relative paths resolve against the SuperLink's working directory)")
+        if self.secagg:
+            self._check_secagg(need)
+
+    def _check_secagg(self, need) -> None:
+        """SecAgg+ hides single updates from the server, so nothing may need a single update."""
+        strategy = self.strategy.strip().lower().replace("-", "").replace("_", "")
+        need(strategy == "fedavg", "strategy",
+             f"is {self.strategy!r} but must be \"fedavg\" when secagg = true: under SecAgg+ the server only "
+             "sees the sum of the sites' masked updates, so a robust rule (median, trimmed mean, Krum, Bulyan) "
+             "has no single update to act on, and FedProx is not available on the legacy SecAgg+ path")
+        need(self.max_update_norm == 0, "max-update-norm",
+             f"is {self.max_update_norm} but must be 0 when secagg = true: under SecAgg+ the server never holds "
+             "one site's update, so it cannot bound its norm (the sites' DP-SGD clipping still bounds it)")
+        need(self.min_sites >= 2, "min-sites", "must be >= 2 when secagg = true (a sum over one site is its update)")
+        need(self.secagg_max_weight >= 1, "secagg-max-weight", "must be >= 1 (the largest num-examples of a site)")
+        num_shares, threshold = self.secagg_parameters()
+        try:
+            check_num_shares(num_shares, threshold)
+        except ValueError as exc:
+            raise SettingsError(f"run config 'secagg-num-shares'/'secagg-reconstruction-threshold': {exc}") from None
+        for key, value in (("secagg-num-shares", num_shares), ("secagg-reconstruction-threshold", threshold)):
+            need(not (self.num_sites and isinstance(value, int) and value > self.num_sites), key,
+                 f"is {value} shares but num-sites is {self.num_sites}")
+
+    def secagg_parameters(self) -> tuple[int | float, int | float]:
+        """(num_shares, reconstruction_threshold) as Flower's SecAggPlusWorkflow takes them.
+
+        A run-config value of 1 means all (Flower's 1.0); a value in (0, 1) a fraction; a whole number
+        >= 2 a count. Anything else is a SettingsError naming the key.
+        """
+        out: list[int | float] = []
+        for key, value in (("secagg-num-shares", self.secagg_num_shares),
+                           ("secagg-reconstruction-threshold", self.secagg_reconstruction_threshold)):
+            if value <= 0 or (value > 1 and not float(value).is_integer()):
+                raise SettingsError(f"run config '{key}' must be a fraction in (0, 1] or a whole number of "
+                                    f"shares, got {value!r}")
+            out.append(float(value) if value <= 1 else int(value))
+        return out[0], out[1]
 
     def to_run_config(self) -> dict[str, Any]:
         """As Flower's `--run-config` keys (the inverse of from_run_config)."""
