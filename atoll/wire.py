@@ -19,6 +19,7 @@ METRICS = "metrics"
 LEDGER = "ledger"
 REFUSAL = "refusal"
 SITE = "site"
+MASKED_ROUND = "masked-round"  # inbound marker: this round's update goes out under SecAgg+
 NUM_EXAMPLES = "num-examples"
 
 # Refusal codes that are not the privacy guard's (its codes come from privacy.guard).
@@ -27,6 +28,7 @@ NO_SITE_CONFIG = "NO_SITE_CONFIG"
 NO_USABLE_DATA = "NO_USABLE_DATA"
 RUN_NOT_APPROVED = "RUN_NOT_APPROVED"
 EGRESS_BLOCKED = "EGRESS_BLOCKED"
+ROUND_ALREADY_ANSWERED = "ROUND_ALREADY_ANSWERED"
 
 # Every metric Atoll's ClientApp can release; a site sends the subset its policy lists.
 APP_METRICS = ("num-examples", "train_loss", "train_seconds", "val_loss", "val_accuracy", "val_auc")

@@ -142,10 +142,17 @@ def train(msg: Message, context: Context) -> Message:
     request = RoundRequest(run_id=cfg.run_id, server_round=cfg.server_round,
                            noise_multiplier=cfg.noise_multiplier, clip_norm=cfg.clip_norm,
                            sample_rate=sample_rate, steps=cfg.local_steps, dp=cfg.dp)
+    masked = wire.MASKED_ROUND in msg.content.config_records
+    if masked and site.guard.answered(cfg.run_id, cfg.server_round):
+        # Under SecAgg+ the server only learns sums; answering one round twice (resent bytes or fresh
+        # ones) would let it subtract two sums over different site sets and isolate one update.
+        return _refuse(msg, wire.ROUND_ALREADY_ANSWERED,
+                       f"this site already answered round {cfg.server_round} of this run under secure "
+                       "aggregation; a second answer would let the server isolate an update", site.name)
     released = ReleaseCache(site.config.state_dir)
     try:
         reservation = site.guard.reserve(request, weights_in_sha256=state_dict_sha256(global_sd),
-                                         resend=released.get)
+                                         resend=None if masked else released.get)
     except BudgetRefused as refusal:
         log.warning("refused round %s of run %s: %s", cfg.server_round, cfg.run_id, refusal.message)
         return _refuse(msg, refusal.code, refusal.message, site.name)

@@ -108,7 +108,8 @@ class _AtollSite(NumPyClient):
             raise ValueError("SecAgg+ round config does not name the model's tensors")
         round_config = ConfigRecord({k: v for k, v in config.items() if k != wire.ARRAYS})
         arrays = ArrayRecord({n: Array(np.asarray(p)) for n, p in zip(names, parameters)})
-        inner = Message(RecordDict({wire.CONFIG: round_config, wire.ARRAYS: arrays}),
+        inner = Message(RecordDict({wire.CONFIG: round_config, wire.ARRAYS: arrays,
+                                    wire.MASKED_ROUND: ConfigRecord({"secaggplus": True})}),
                         metadata=copy.copy(self._msg.metadata))
         content = self._train(inner, self._context).content
         if wire.REFUSAL in content.config_records or wire.ARRAYS not in content.array_records:

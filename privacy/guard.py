@@ -156,6 +156,11 @@ class BudgetGuard:
         """Epsilon over the whole persisted history (``inf`` once a non-DP round was run)."""
         return self.epsilon_of(self.history())
 
+    def answered(self, run_id: str, server_round: int) -> bool:
+        """Whether this site already released an update for ``(run_id, server_round)`` (a ``round`` record exists)."""
+        return any(r.get("type") == "round" and r.get("run_id") == run_id and r.get("server_round") == server_round
+                   for r in self.ledger.records())
+
     def remaining(self) -> float:
         return max(0.0, self.policy.max_epsilon - self.spent())
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
 from atoll import wire
 from client.release_cache import ReleaseCache
@@ -89,6 +89,14 @@ def test_the_clientapp_answers_a_replayed_round_with_the_same_update_and_no_new_
     sd2 = again.content[wire.ARRAYS].to_torch_state_dict()
     assert state_dict_sha256(sd1) == state_dict_sha256(sd2), "the same released bytes, not a new noisy update"
     assert dict(again.content[wire.LEDGER]) == dict(first.content[wire.LEDGER])
+    assert len(guard.ledger.records()) == records and guard.spent() == spent
+
+    # under SecAgg+ a second answer (even the same bytes) would let the server subtract two sums: refused
+    masked = _train_message(settings, arrays)
+    masked.content[wire.MASKED_ROUND] = ConfigRecord({"secaggplus": True})
+    refused = train(masked, ctx)
+    assert wire.refusal_of(refused.content)[0] == wire.ROUND_ALREADY_ANSWERED
+    assert wire.ARRAYS not in refused.content.array_records
     assert len(guard.ledger.records()) == records and guard.spent() == spent
 
     # with the cached copy gone, the same request is a second release and is charged
