@@ -45,6 +45,11 @@ class LocalConsortium(AbstractContextManager):
 
     TLS material and node authentication keys can be given (tls_dir with ca.crt/server.pem/server.key;
     node_keys one private key path per site); insecure mode must be asked for explicitly.
+
+    Tests may also give per-site extra `--node-config` entries (`node_configs`, one dict per site, next
+    to `site-config`) and point the SuperNodes at another address than the SuperLink's own
+    (`supernode_superlink_address`, e.g. a capturing proxy in front of it); the `flwr` CLI always
+    talks to the SuperLink directly.
     """
 
     app_dir: Path
@@ -55,6 +60,8 @@ class LocalConsortium(AbstractContextManager):
     workdir: Path | None = None
     procs: list[subprocess.Popen] = field(default_factory=list)
     logs: dict[str, Path] = field(default_factory=dict)
+    node_configs: list[dict[str, str | int | float | bool]] | None = None  # extra entries, one dict per site
+    supernode_superlink_address: str | None = None   # default: 127.0.0.1:<SuperLink port>
 
     def __post_init__(self) -> None:
         if not self.insecure and not self.tls:
@@ -102,13 +109,24 @@ class LocalConsortium(AbstractContextManager):
         return self
 
     def start_supernode(self, i: int, cfg: Path, key: Path | None = None) -> subprocess.Popen:
+        superlink = self.supernode_superlink_address or f"127.0.0.1:{self.port}"
         args = [str(BIN / "flower-supernode"), *self._transport_args(False),
-                "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1", "--port", str(free_port()),
-                "--node-config", f'site-config="{Path(cfg).resolve()}"']
+                "--superlink", superlink, "--host", "127.0.0.1", "--port", str(free_port()),
+                "--node-config", self.node_config_arg(i, cfg)]
         key = key or (self.node_keys[i] if self.node_keys else None)
         if key:
             args += ["--auth-supernode-private-key", str(key)]
         return self._spawn(f"supernode-{i}", args)
+
+    def node_config_arg(self, i: int, cfg: Path) -> str:
+        """`--node-config` of site i: its site config plus the test's extra entries for that site."""
+        entries: dict = {"site-config": str(Path(cfg).resolve())}
+        if self.node_configs and i < len(self.node_configs):
+            extra = self.node_configs[i] or {}
+            if "site-config" in extra:
+                raise ValueError("node_configs must not override site-config (give site_configs instead)")
+            entries.update(extra)
+        return " ".join(f"{k}={json.dumps(v)}" for k, v in entries.items())
 
     def _write_cli_config(self) -> None:
         lines = ["[superlink]", 'default = "local"', "", "[superlink.local]",
@@ -140,7 +158,10 @@ class LocalConsortium(AbstractContextManager):
         overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
         res = self.flwr(["run", str(self.app_dir), "local", "--run-config", overrides, "--format", "json"],
                         check=True)
-        return int(json.loads(res.stdout)["run-id"])
+        try:
+            return int(json.loads(res.stdout)["run-id"])
+        except (ValueError, KeyError):
+            raise RuntimeError(f"flwr run did not start a run:\n{res.stdout}\n{res.stderr}") from None
 
     def wait(self, run_id: int, timeout: float = 600) -> str:
         """Poll `flwr ls` until the run is finished; returns its status string (e.g. finished:completed)."""
