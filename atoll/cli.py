@@ -104,15 +104,21 @@ def _add_run_manifest(sub: argparse._SubParsersAction) -> None:
                            description="Builds the run manifest (app bundle hash of this checkout, model, DP "
                                        "parameters, rounds, declared outputs) exactly as each site recomputes it.")
     p.add_argument("--out", required=True, help="where to write run-manifest.json")
-    p.add_argument("--rounds", type=_positive_int, default=3)
-    p.add_argument("--model", default="atollnet")
-    p.add_argument("--local-steps", type=_positive_int, default=50)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--sample-rate", type=float, default=0.06)
-    p.add_argument("--noise-multiplier", type=float, default=1.0)
-    p.add_argument("--clip-norm", type=float, default=1.0)
+    from server.settings import RunSettings
+
+    d = RunSettings()  # the same defaults `atoll run start` and the ServerApp use: the hashes must agree
+    p.add_argument("--rounds", type=_positive_int, default=d.num_server_rounds)
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--local-steps", type=_positive_int, default=d.local_steps)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    p.add_argument("--sample-rate", type=float, default=d.sample_rate)
+    p.add_argument("--noise-multiplier", type=float, default=d.noise_multiplier)
+    p.add_argument("--clip-norm", type=float, default=d.clip_norm)
+    p.add_argument("--image-size", type=_positive_int, default=d.image_size)
     p.add_argument("--no-dp", action="store_true")
+    p.add_argument("--secagg", action="store_true",
+                   help="the run sends updates masked under SecAgg+ (start it with `atoll run start --secagg`)")
     p.set_defaults(func=_run_manifest)
 
 
@@ -124,7 +130,7 @@ def _run_manifest(args: argparse.Namespace) -> int:
     cfg = RoundConfig(run_id="manifest", server_round=1, num_rounds=args.rounds, model=args.model,
                       local_steps=args.local_steps, lr=args.lr, batch_size=args.batch_size,
                       sample_rate=args.sample_rate, dp=not args.no_dp, noise_multiplier=args.noise_multiplier,
-                      clip_norm=args.clip_norm)
+                      clip_norm=args.clip_norm, image_size=args.image_size, secagg=args.secagg)
     manifest = build_run_manifest(cfg)
     path = save_manifest(manifest, args.out)
     print(f"wrote {path} (manifest {manifest_hash(manifest)}); send it to every site for `atoll site approve`. "

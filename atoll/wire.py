@@ -19,7 +19,6 @@ METRICS = "metrics"
 LEDGER = "ledger"
 REFUSAL = "refusal"
 SITE = "site"
-MASKED_ROUND = "masked-round"  # inbound marker: this round's update goes out under SecAgg+
 NUM_EXAMPLES = "num-examples"
 
 # Refusal codes that are not the privacy guard's (its codes come from privacy.guard).
@@ -29,6 +28,7 @@ NO_USABLE_DATA = "NO_USABLE_DATA"
 RUN_NOT_APPROVED = "RUN_NOT_APPROVED"
 EGRESS_BLOCKED = "EGRESS_BLOCKED"
 ROUND_ALREADY_ANSWERED = "ROUND_ALREADY_ANSWERED"
+SECAGG_MISMATCH = "SECAGG_MISMATCH"
 
 # Every metric Atoll's ClientApp can release; a site sends the subset its policy lists.
 APP_METRICS = ("num-examples", "train_loss", "train_seconds", "val_loss", "val_accuracy", "val_auc")
@@ -51,6 +51,7 @@ class RoundConfig:
     noise_multiplier: float = 1.0
     clip_norm: float = 1.0
     seed: int = 0
+    secagg: bool = False          # the update leaves masked under SecAgg+ (part of what a site approves)
 
     def to_record(self) -> ConfigRecord:
         rec = {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}

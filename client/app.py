@@ -135,6 +135,14 @@ def train(msg: Message, context: Context) -> Message:
     if len(site.data.train.labels) == 0 or int(site.data.train.labels.min()) < 0:
         return _refuse(msg, wire.NO_USABLE_DATA, "the site has no labelled training images", site.name)
     manifest = _approved_manifest(site, cfg)
+    masked = client_secagg.masking()
+    if masked != manifest.secure_aggregation:
+        # The approved manifest says whether the update leaves masked; the server cannot change that.
+        return _refuse(msg, wire.SECAGG_MISMATCH,
+                       "the approved run sends its update masked under SecAgg+, but this round asked for it in the "
+                       "clear" if manifest.secure_aggregation else
+                       "this round uses SecAgg+ but the approved run does not; approve the SecAgg+ run first",
+                       site.name)
     arrays: ArrayRecord = msg.content[wire.ARRAYS]
     global_sd = arrays.to_torch_state_dict()
     train_split = site.data.train
@@ -142,7 +150,6 @@ def train(msg: Message, context: Context) -> Message:
     request = RoundRequest(run_id=cfg.run_id, server_round=cfg.server_round,
                            noise_multiplier=cfg.noise_multiplier, clip_norm=cfg.clip_norm,
                            sample_rate=sample_rate, steps=cfg.local_steps, dp=cfg.dp)
-    masked = wire.MASKED_ROUND in msg.content.config_records
     if masked and site.guard.answered(cfg.run_id, cfg.server_round):
         # Under SecAgg+ the server only learns sums; answering one round twice (resent bytes or fresh
         # ones) would let it subtract two sums over different site sets and isolate one update.

@@ -124,6 +124,7 @@ class RunManifest:
     num_rounds: int
     outputs: tuple[TensorSpec, ...]
     metrics: tuple[str, ...]
+    secure_aggregation: bool = False  # updates leave masked (SecAgg+): the server only ever sees their sum
     version: int = field(default=MANIFEST_VERSION)
 
     def __post_init__(self) -> None:
@@ -141,6 +142,7 @@ class RunManifest:
             "num_rounds": self.num_rounds,
             "outputs": [t.to_dict() for t in self.outputs],
             "metrics": list(self.metrics),
+            "secure_aggregation": self.secure_aggregation,
         }
 
     def canonical_json(self) -> bytes:
@@ -153,7 +155,7 @@ class RunManifest:
         if not isinstance(data, Mapping):
             raise ManifestError(f"{where}: expected a JSON object")
         expected = {"atoll_run_manifest", "app_hash", "model", "training", "num_rounds", "outputs", "metrics"}
-        unknown, missing = set(data) - expected, expected - set(data)
+        unknown, missing = set(data) - expected - {"secure_aggregation"}, expected - set(data)
         if unknown:
             raise ManifestError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
         if missing:
@@ -192,6 +194,7 @@ class RunManifest:
                 num_rounds=data["num_rounds"],
                 outputs=tuple(specs),
                 metrics=tuple(data["metrics"]),
+                secure_aggregation=data.get("secure_aggregation", False),
             )
         except ManifestError as err:
             raise ManifestError(f"{where}: {err}") from None
@@ -229,6 +232,8 @@ def _validate(m: RunManifest) -> None:
     for name in m.metrics:
         if not isinstance(name, str) or not name:
             raise ManifestError("metrics must be non-empty names")
+    if not isinstance(m.secure_aggregation, bool):
+        raise ManifestError(f"secure_aggregation must be true or false, got {m.secure_aggregation!r}")
 
 
 def manifest_hash(manifest: RunManifest) -> str:
@@ -456,7 +461,9 @@ def describe_manifest(manifest: RunManifest) -> str:
     else:
         lines.append("  Privacy        DP OFF: model updates leave WITHOUT differential privacy")
     lines.append("  Leaves the site each round:")
-    lines.append("    model update: " + ", ".join(f"{o.name} {o.dtype}{list(o.shape)}" for o in manifest.outputs))
+    lines.append(("    model update (masked by SecAgg+: the server sees only the sum over sites): "
+                  if manifest.secure_aggregation else "    model update (in the clear to the server): ")
+                 + ", ".join(f"{o.name} {o.dtype}{list(o.shape)}" for o in manifest.outputs))
     lines.append("    metrics: " + (", ".join(manifest.metrics) if manifest.metrics else "(none)"))
     return "\n".join(lines)
 

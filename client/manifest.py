@@ -38,4 +38,4 @@ def build_run_manifest(cfg: RoundConfig, *, app_hash: str | None = None, in_chan
                               lr=cfg.lr, sample_rate=cfg.sample_rate if cfg.dp else None)
     return RunManifest(app_hash=app_hash or installed_app_hash(), model=cfg.model, training=training,
                        num_rounds=cfg.num_rounds, outputs=_outputs(cfg.model, in_channels, num_classes),
-                       metrics=APP_METRICS)
+                       metrics=APP_METRICS, secure_aggregation=cfg.secagg)

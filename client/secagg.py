@@ -24,6 +24,7 @@ failure propagates to the caller (`site_errors_stay_local` turns it into a sanit
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import json
 import logging
@@ -57,6 +58,16 @@ _STAGE_KEYS = {
     Stage.UNMASK: {Key.NODE_ID_LIST, Key.SHARE_LIST},
 }
 _FITRES = ("fitres.parameters", "fitres.metrics", "fitres.num_examples", "fitres.status")
+
+
+# Set only while this module runs Atoll's train handler inside the SecAgg+ masked-vector stage. A
+# context variable, not a message field: nothing the server sends can claim that a round is masked.
+_MASKING: contextvars.ContextVar[bool] = contextvars.ContextVar("atoll_secagg_masking", default=False)
+
+
+def masking() -> bool:
+    """True inside the SecAgg+ masked-vector stage: the update being computed will leave masked."""
+    return _MASKING.get()
 
 
 def is_secaggplus(msg: Message) -> bool:
@@ -108,10 +119,13 @@ class _AtollSite(NumPyClient):
             raise ValueError("SecAgg+ round config does not name the model's tensors")
         round_config = ConfigRecord({k: v for k, v in config.items() if k != wire.ARRAYS})
         arrays = ArrayRecord({n: Array(np.asarray(p)) for n, p in zip(names, parameters)})
-        inner = Message(RecordDict({wire.CONFIG: round_config, wire.ARRAYS: arrays,
-                                    wire.MASKED_ROUND: ConfigRecord({"secaggplus": True})}),
+        inner = Message(RecordDict({wire.CONFIG: round_config, wire.ARRAYS: arrays}),
                         metadata=copy.copy(self._msg.metadata))
-        content = self._train(inner, self._context).content
+        token = _MASKING.set(True)
+        try:
+            content = self._train(inner, self._context).content
+        finally:
+            _MASKING.reset(token)
         if wire.REFUSAL in content.config_records or wire.ARRAYS not in content.array_records:
             raise _Refused(content)
         update = content[wire.ARRAYS]

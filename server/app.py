@@ -77,7 +77,8 @@ def run_consortium(grid: Grid, settings: RunSettings, flower_run_id: int) -> Run
 def _one_round(grid: Grid, strategy: Strategy, settings: RunSettings, run_name: str, rnd: int,
                arrays: ArrayRecord, out: RunOutputs, secagg: SecAggRounds | None = None) -> ArrayRecord:
     # Under SecAgg+ the server never holds one site's update: nothing to validate one by one.
-    book = RoundBook(rnd, out.ledger, None if secagg else make_validator(settings.max_update_norm or None))
+    book = RoundBook(rnd, out.ledger, None if secagg else make_validator(settings.max_update_norm or None),
+                     bind_updates=not secagg)
     cfg = settings.round_config(run_name, rnd).to_record()
     t0 = time.perf_counter()
     if secagg is not None:

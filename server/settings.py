@@ -130,4 +130,4 @@ class RunSettings:
                            model=self.model,
                            image_size=self.image_size, local_steps=self.local_steps, lr=self.lr,
                            batch_size=self.batch_size, sample_rate=self.sample_rate, dp=self.dp, noise_multiplier=self.noise_multiplier,
-                           clip_norm=self.clip_norm, seed=self.seed)
+                           clip_norm=self.clip_norm, seed=self.seed, secagg=self.secagg)

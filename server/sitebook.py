@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from atoll import wire
+from models import state_dict_sha256
 
 log = logging.getLogger("atoll.server")
 
@@ -41,12 +42,17 @@ class SiteRound:
 class RoundBook:
     """What happened at each site in one round, keyed by the site's name (node id if unnamed)."""
 
-    def __init__(self, server_round: int, ledger=None, validator=None) -> None:
+    def __init__(self, server_round: int, ledger=None, validator=None, *, bind_updates: bool = True) -> None:
+        """``bind_updates``: an update must be the one its signed record names (``update_sha256``), trained
+        on the weights this round sent (``weights_in_sha256``). Off only under SecAgg+, where the server
+        never holds a single update to hash."""
         self.server_round = server_round
         self.sites: dict[str, SiteRound] = {}
         self.node_names: dict[int, str] = {}
         self._ledger = ledger
         self._validator = validator
+        self._bind = bind_updates
+        self._global_sha: tuple[int, str] | None = None
 
     def _site(self, msg: Message) -> tuple[str, SiteRound]:
         node = msg.metadata.src_node_id
@@ -86,6 +92,10 @@ class RoundBook:
             problem = self._validator(content[wire.ARRAYS], global_arrays)
             if problem:
                 return self._reject(name, site, "UPDATE_REJECTED", problem)
+        if self._bind and record is not None:
+            problem = self._binding_problem(record, content[wire.ARRAYS], global_arrays)
+            if problem:
+                return self._reject(name, site, "UPDATE_NOT_AS_SIGNED", problem)
         metrics = content[wire.METRICS]
         site.train = {k: float(v) for k, v in metrics.items()}
         site.status = "contributed"
@@ -94,6 +104,26 @@ class RoundBook:
             wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: float(metrics.get(wire.NUM_EXAMPLES, 1.0))}),
         })
         return True
+
+    def _binding_problem(self, record: dict, update: ArrayRecord, global_arrays: ArrayRecord) -> str | None:
+        """Why the update is not the one the site's signed record vouches for (None if it is).
+
+        Without this, a signed record proves only that *some* update was trained with that privacy
+        spend, not that it is the one being aggregated; the auditor could not tie the model to it.
+        """
+        try:
+            got = state_dict_sha256(update.to_torch_state_dict())
+        except Exception as exc:  # noqa: BLE001 - unreadable arrays: reject, never crash the round
+            return f"the update's tensors cannot be read ({type(exc).__name__})"
+        if record.get("update_sha256") != got:
+            return (f"the update's SHA-256 {got[:12]}… is not the update_sha256 "
+                    f"{str(record.get('update_sha256'))[:12]}… in the site's signed ledger record")
+        if self._global_sha is None or self._global_sha[0] != id(global_arrays):
+            self._global_sha = (id(global_arrays), state_dict_sha256(global_arrays.to_torch_state_dict()))
+        if record.get("weights_in_sha256") != self._global_sha[1]:
+            return ("the site's signed record says it trained on other weights than this round sent "
+                    "(weights_in_sha256 differs): a stale or replayed update")
+        return None
 
     def _reject(self, name: str, site: SiteRound, code: str, message: str) -> bool:
         site.status, site.code, site.message = "rejected", code, message

@@ -121,6 +121,7 @@ def test_hash_is_canonical_over_order_and_int_float_spelling() -> None:
         {"training": TrainingParams(dp=True, noise_multiplier=1.1, clip_norm=1.0, batch_size=32, local_steps=5, lr=0.01,
                                     sample_rate=0.1)},
         {"training": TrainingParams(dp=False, noise_multiplier=1.1, clip_norm=1.0, batch_size=32, local_steps=5, lr=0.01)},
+        {"secure_aggregation": True},
     ],
 )
 def test_every_field_changes_the_hash(change: dict) -> None:
@@ -339,3 +340,32 @@ def test_cli_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_replace_keeps_validation() -> None:
     with pytest.raises(ManifestError):
         replace(_manifest(), num_rounds=-1)
+
+
+def test_secure_aggregation_is_shown_and_round_trips(tmp_path: Path) -> None:
+    from client.approval import describe_manifest
+
+    masked = _manifest(secure_aggregation=True)
+    assert "masked by SecAgg+" in describe_manifest(masked)
+    assert "in the clear to the server" in describe_manifest(_manifest())
+    assert load_manifest(save_manifest(masked, tmp_path / "m.json")) == masked
+    with pytest.raises(ManifestError, match="secure_aggregation must be true or false"):
+        RunManifest.from_dict({**masked.to_dict(), "secure_aggregation": "yes"})
+
+
+def test_the_approved_app_hash_covers_the_app_code_and_nothing_else(tmp_path: Path) -> None:
+    """pyproject's fab-include: tests, fixtures and benchmarks are not shipped to sites and cannot move the hash."""
+    import shutil
+
+    from conftest import REPO
+
+    app = tmp_path / "app"
+    shutil.copytree(REPO, app, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", ".venv", "venv"))
+    before = app_bundle_hash(app)
+    (app / "tests" / "helper_module.py").write_text("X = 1\n")
+    (app / "bench" / "extra.py").write_text("Y = 2\n")
+    (app / "docs" / "note.md").write_text("# note\n")
+    assert app_bundle_hash(app) == before
+    with open(app / "client" / "app.py", "a") as fh:
+        fh.write("\n# a changed line of site code\n")
+    assert app_bundle_hash(app) != before

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ArrayRecord, Context, Message, Metadata, RecordDict
 
 from atoll import wire
 from client.release_cache import ReleaseCache
@@ -92,11 +92,24 @@ def test_the_clientapp_answers_a_replayed_round_with_the_same_update_and_no_new_
     assert len(guard.ledger.records()) == records and guard.spent() == spent
 
     # under SecAgg+ a second answer (even the same bytes) would let the server subtract two sums: refused
-    masked = _train_message(settings, arrays)
-    masked.content[wire.MASKED_ROUND] = ConfigRecord({"secaggplus": True})
-    refused = train(masked, ctx)
-    assert wire.refusal_of(refused.content)[0] == wire.ROUND_ALREADY_ANSWERED
-    assert wire.ARRAYS not in refused.content.array_records
+    import dataclasses
+
+    from client import secagg as client_secagg
+
+    masked_settings = dataclasses.replace(settings, secagg=True)
+    approve_run([cfg_path], masked_settings)
+
+    def under_secagg(s: RunSettings) -> Message:
+        token = client_secagg._MASKING.set(True)  # as inside the SecAgg+ masked-vector stage
+        try:
+            return train(_train_message(s, arrays), ctx)
+        finally:
+            client_secagg._MASKING.reset(token)
+
+    assert wire.refusal_of(under_secagg(masked_settings).content)[0] == wire.ROUND_ALREADY_ANSWERED
+    # what the site approved decides whether its update may leave in the clear, whatever the server asks
+    assert wire.refusal_of(train(_train_message(masked_settings, arrays), ctx).content)[0] == wire.SECAGG_MISMATCH
+    assert wire.refusal_of(under_secagg(settings).content)[0] == wire.SECAGG_MISMATCH
     assert len(guard.ledger.records()) == records and guard.spent() == spent
 
     # with the cached copy gone, the same request is a second release and is charged

@@ -485,7 +485,7 @@ def test_the_screen_books_every_reply_and_keeps_only_admitted_protocol_replies_i
         Message(RecordDict({"refusal": ConfigRecord({"code": "BUDGET_EXCEEDED", "message": "budget 8 spent"}),
                             "site": ConfigRecord({"name": "hospital-c"})}), reply_to=sent[2]),
     ]  # node 44 never answers
-    book = RoundBook(3, Ledger())
+    book = RoundBook(3, Ledger(), bind_updates=False)  # as server.app builds it under SecAgg+
     screen = _RoundScreen(book, 3)
     kept = screen(Stage.COLLECT_MASKED_VECTORS, sent, replies)
 

@@ -114,6 +114,34 @@ def test_validator_plugs_into_the_round_book():
     assert book.sites["hospital-c"].code == "UPDATE_REJECTED" and "exceeds" in book.sites["hospital-c"].message
 
 
+def test_an_update_must_be_the_one_its_signed_record_names():
+    """The poisoner's trick: a valid signed record for an honest update, shipped with another update."""
+    from models import state_dict_sha256
+
+    def sha(rec: ArrayRecord) -> str:
+        return state_dict_sha256(rec.to_torch_state_dict())
+
+    honest = _like_global(0.1)
+
+    def signed(update_sha: str, weights_in: str = sha(GLOBAL)) -> dict:
+        return {wire.LEDGER: wire.ledger_record({"type": "round", "update_sha256": update_sha,
+                                                 "weights_in_sha256": weights_in, "epsilon_after": 1.0})}
+
+    book = RoundBook(1, validator=make_validator(1.0))
+    ok = _reply(1, honest, site=wire.site_record("hospital-a"), **signed(sha(honest)))
+    swapped = _reply(2, _like_global(0.2), site=wire.site_record("hospital-b"), **signed(sha(honest)))
+    stale = _reply(3, honest, site=wire.site_record("hospital-c"), **signed(sha(honest), weights_in="ab" * 32))
+    assert book.admit_train_reply(ok, GLOBAL) is True
+    assert book.admit_train_reply(swapped, GLOBAL) is False
+    assert book.admit_train_reply(stale, GLOBAL) is False
+    assert book.sites["hospital-b"].code == "UPDATE_NOT_AS_SIGNED" and "update_sha256" in book.sites["hospital-b"].message
+    assert book.sites["hospital-c"].code == "UPDATE_NOT_AS_SIGNED" and "stale" in book.sites["hospital-c"].message
+    # under SecAgg+ there is no single update to hash: the check is off there, and only there
+    masked = RoundBook(1, bind_updates=False)
+    assert masked.admit_train_reply(_reply(2, _like_global(0.2), site=wire.site_record("hospital-b"),
+                                           **signed(sha(honest))), GLOBAL) is True
+
+
 # -- build_strategy --------------------------------------------------------------------------------------
 
 

@@ -44,16 +44,20 @@ def test_bad_settings_are_rejected_before_any_round(tmp_path, key, value, match)
 
 
 def test_lead_manifest_is_the_one_sites_recompute(tmp_path):
+    """`atoll run manifest` with its defaults = what the sites recompute from what the ServerApp sends."""
     from atoll.cli import main
-    from atoll.wire import RoundConfig
     from client.approval import load_manifest, manifest_hash
     from client.manifest import build_run_manifest
 
     out = tmp_path / "run-manifest.json"
     assert main(["run", "manifest", "--out", str(out), "--rounds", "4", "--local-steps", "7"]) == 0
-    site_view = build_run_manifest(RoundConfig(run_id="any", server_round=3, num_rounds=4, local_steps=7, lr=0.05,
-                                               noise_multiplier=1.0))
+    sent = RunSettings(run_dir="/srv/runs", num_server_rounds=4, local_steps=7)
+    site_view = build_run_manifest(sent.round_config("any", 3))
     assert manifest_hash(load_manifest(out)) == manifest_hash(site_view)
-    other = build_run_manifest(RoundConfig(run_id="any", server_round=3, num_rounds=4, local_steps=8, lr=0.05,
-                                           noise_multiplier=1.0))
+    other = build_run_manifest(RunSettings(run_dir="/srv/runs", num_server_rounds=4, local_steps=8).round_config("any", 3))
     assert manifest_hash(other) != manifest_hash(site_view), "a changed DP parameter needs a new approval"
+    masked = tmp_path / "masked.json"
+    assert main(["run", "manifest", "--out", str(masked), "--rounds", "4", "--local-steps", "7", "--secagg"]) == 0
+    secagg_view = build_run_manifest(RunSettings(run_dir="/srv/runs", num_server_rounds=4, local_steps=7,
+                                                 secagg=True).round_config("any", 3))
+    assert manifest_hash(load_manifest(masked)) == manifest_hash(secagg_view) != manifest_hash(site_view)
