@@ -358,6 +358,14 @@ class LedgerTransaction:
 # ------------------------------------------------------------------------------------------------ consortium ledger
 
 
+def _reported_epsilon(record: Mapping[str, Any]) -> float:
+    """The epsilon a stored record reported (0 if unreadable: a damaged old record must not block a site)."""
+    try:
+        return epsilon_value(record.get("epsilon_after"))
+    except LedgerError:
+        return 0.0
+
+
 def _newest_records_of_earlier_runs(ledgers: Iterable[Path]) -> dict[str, tuple[str, dict]]:
     """Per site, the highest-seq record it sent in the given ledgers of earlier runs (named by their folder).
 
@@ -461,10 +469,7 @@ class ConsortiumLedger:
                     f"(seq {prev['seq']}, ε={prev.get('epsilon_after')}): the site's ledger was reset or restored "
                     "from an older copy, which would under-report its spent budget. The site must restore its newest "
                     "ledger; a genuinely new dataset must be enrolled under a new site name")
-            try:
-                prev_eps = epsilon_value(prev.get("epsilon_after"))
-            except LedgerError:
-                prev_eps = 0.0
+            prev_eps = _reported_epsilon(prev)
             if eps < prev_eps:
                 raise LedgerError(f"site {site!r} record seq {record['seq']}: field 'epsilon_after' {eps:.4g} is "
                                   f"below the {prev_eps:.4g} it reported in run {run!r} (spent privacy cannot decrease)")
@@ -476,10 +481,7 @@ class ConsortiumLedger:
             if record["seq"] == last["seq"] + 1 and record["prev"] != record_hash(last):
                 raise LedgerError(f"site {site!r} record seq {record['seq']}: field 'prev' is not the hash of the "
                                   f"previous accepted record (seq {last['seq']}): chain broken")
-            try:
-                last_eps = epsilon_value(last.get("epsilon_after"))
-            except LedgerError:
-                last_eps = 0.0
+            last_eps = _reported_epsilon(last)
             if eps < last_eps:
                 raise LedgerError(f"site {site!r} record seq {record['seq']}: field 'epsilon_after' {eps:.4g} is "
                                   f"below the previously reported {last_eps:.4g} (spent privacy cannot decrease)")

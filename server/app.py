@@ -39,7 +39,10 @@ class RunStopped(RuntimeError):
 def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(dict(context.run_config))
     build_strategy(settings)  # a bad strategy setting fails here, before round 1
-    run_consortium(grid, settings, context.run_id)
+    out = run_consortium(grid, settings, context.run_id)
+    if out.status != "completed":
+        # Flower then lists the run as finished:failed with this reason (`flwr ls`), not as completed
+        raise RunStopped(f"run {out.name} {out.status}: {out.reason} (details: {out.root / 'history.json'})")
 
 
 def build_strategy(settings: RunSettings) -> Strategy:

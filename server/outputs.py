@@ -37,6 +37,8 @@ class RunOutputs:
     name: str
     history: list[dict] = dataclasses.field(default_factory=list)
     ledger: Any = None
+    status: str = "running"
+    reason: str = ""
 
     @classmethod
     def create(cls, run_dir: Path, name: str, settings: Any) -> "RunOutputs":
@@ -65,6 +67,7 @@ class RunOutputs:
         _atomic_write(self.root / "history.json", json.dumps(self.history, indent=2))
 
     def finish(self, status: str, reason: str = "") -> None:
+        self.status, self.reason = status, reason
         _atomic_write(self.root / "status.json", json.dumps({"status": status, "reason": reason,
                                                               "rounds": len(self.history)}))
 

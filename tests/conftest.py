@@ -30,3 +30,18 @@ def shared_data(sub: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} is absent (fresh clone without ../shared); these files are not redistributable here")
     return path
+
+
+@pytest.fixture()
+def fresh_consortium(demo_consortium, tmp_path) -> Path:
+    """A private copy of the demo consortium: no privacy spent, no approvals, no released updates.
+
+    Tests that train must not share one lifetime budget: a session's runs add up at each site and
+    would eventually be refused for budget, depending on test order. The preprocessed cache is kept.
+    """
+    import shutil
+
+    dst = tmp_path / "consortium"
+    shutil.copytree(demo_consortium, dst,
+                    ignore=shutil.ignore_patterns("ledger.jsonl", "approvals.jsonl", "released"))
+    return dst

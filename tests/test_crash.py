@@ -79,7 +79,7 @@ def test_a_clientapp_killed_mid_round_leaves_its_reservation_charged(demo_consor
             os.kill(pid, signal.SIGKILL)
         killed_at = len(_records(ledger))
         status = net.wait(run_id, timeout=240)
-        assert status.startswith("finished"), status
+        assert status == "finished:failed", status
 
         recs = _records(ledger)
         reservation = next(r for r in recs if r["type"] == "reservation" and r["run_id"] == "killed")

@@ -74,10 +74,10 @@ def _poison_app(dest: Path) -> Path:
     return dest
 
 
-def test_nan_and_huge_norm_updates_are_rejected_and_the_run_completes(demo_consortium, tmp_path):
+def test_nan_and_huge_norm_updates_are_rejected_and_the_run_completes(fresh_consortium, tmp_path):
     app_dir = _poison_app(tmp_path / "poison_app")
-    configs = [demo_consortium / n / "site.toml" for n in NAMES]
-    keys = prepare_site_keys(demo_consortium, NAMES)
+    configs = [fresh_consortium / n / "site.toml" for n in NAMES]
+    keys = prepare_site_keys(fresh_consortium, NAMES)
     settings = _settings(tmp_path, "poisoned", keys, min_sites=1, max_update_norm=MAX_UPDATE_NORM)
     # Which app hash do the sites check? poison_client.py imports the honest `client` package, which
     # is installed (editable) in this venv, so `client.manifest.installed_app_hash()` hashes the
@@ -182,10 +182,10 @@ def _search(search: NeedleSearch, haystacks: list[bytes]) -> dict[bytes, int]:
     return found
 
 
-def test_captured_traffic_carries_no_identifier_and_no_pixel_data(demo_consortium, tmp_path):
+def test_captured_traffic_carries_no_identifier_and_no_pixel_data(fresh_consortium, tmp_path):
     t0 = time.perf_counter()
-    configs = [demo_consortium / n / "site.toml" for n in NAMES]
-    keys = prepare_site_keys(demo_consortium, NAMES)
+    configs = [fresh_consortium / n / "site.toml" for n in NAMES]
+    keys = prepare_site_keys(fresh_consortium, NAMES)
     settings = _settings(tmp_path, "wiretap", keys)
     approve_run(configs, settings)
     net = LocalConsortium(REPO, configs, insecure=True, workdir=tmp_path / "net")
@@ -243,7 +243,7 @@ def test_captured_traffic_carries_no_identifier_and_no_pixel_data(demo_consortiu
     pixel_rows: set[bytes] = set()
     float_rows: set[bytes] = set()
     for name, cfg in zip(NAMES, configs):
-        site = (demo_consortium / name).resolve()
+        site = (fresh_consortium / name).resolve()
         ids, rows = _dicom_needles(site)
         private |= ids
         pixel_rows |= rows
@@ -264,7 +264,7 @@ def test_captured_traffic_carries_no_identifier_and_no_pixel_data(demo_consortiu
     patient_name = sorted(n for n in private if n.startswith(demo_data.CANARY_NAME.encode()))[0]
     public_name = HOSPITALS[1].institution.encode()
     planted = {"canary or demo literal": [demo_data.CANARY_ID.encode(), public_name],
-               "identifier, path or secret": [patient_name, uids[0], str(demo_consortium.resolve() / NAMES[2]).encode()],
+               "identifier, path or secret": [patient_name, uids[0], str(fresh_consortium.resolve() / NAMES[2]).encode()],
                "raw uint8 pixel row": [sorted(pixel_rows)[len(pixel_rows) // 2]],
                "preprocessed float32 pixel row": [sorted(float_rows)[len(float_rows) // 2]]}
     copy = bytearray(max(up, key=len))

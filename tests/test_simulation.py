@@ -72,10 +72,10 @@ def _wire_text(replies) -> str:
     return "\n".join(parts)
 
 
-def test_two_round_simulation_trains_signs_and_leaks_nothing(demo_consortium, tmp_path):
+def test_two_round_simulation_trains_signs_and_leaks_nothing(fresh_consortium, tmp_path):
     names = [h.name for h in HOSPITALS]
-    configs = [demo_consortium / n / "site.toml" for n in names]
-    keys = prepare_site_keys(demo_consortium, names)
+    configs = [fresh_consortium / n / "site.toml" for n in names]
+    keys = prepare_site_keys(fresh_consortium, names)
     settings = RunSettings(num_server_rounds=2, run_dir=str(tmp_path), run_name="sim", keys_dir=str(keys),
                            local_steps=5, num_sites=3)
     approve_run(configs, settings)
@@ -95,7 +95,7 @@ def test_two_round_simulation_trains_signs_and_leaks_nothing(demo_consortium, tm
     wire = _wire_text(grid.replies)
     server_files = "\n".join(p.read_text(errors="replace") for p in outputs.root.rglob("*.json*"))
     for text in (wire, server_files):
-        site_paths = [str(demo_consortium / n) for n in names]
+        site_paths = [str(fresh_consortium / n) for n in names]
         for canary in (CANARY_NAME, CANARY_ID, CANARY_ACCESSION, *site_paths):
             assert canary not in text
         assert not re.search(r"\b1\.2\.826\.0\.1\.3680043\.", text), "no DICOM UID may leave a site"
