@@ -22,8 +22,17 @@ from atoll import demo_data
 
 log = logging.getLogger("atoll.demo")
 
-DEFAULTS = dict(model="atollnet", image_size=28, local_steps=50, lr=0.002, batch_size=64, sample_rate=0.06,
-                noise_multiplier=1.1, clip_norm=1.0)
+# The demo trains with the lead's default run settings (server.settings.RunSettings: Atoll's DP recipe, ~epsilon 4
+# per site over 3 rounds); `atoll demo --noise-multiplier/--local-steps/--lr/--sample-rate` override them.
+_TRAINING_KEYS = ("model", "image_size", "local_steps", "lr", "batch_size", "sample_rate", "noise_multiplier",
+                  "clip_norm")
+
+
+def training_defaults() -> dict:
+    """The training parameters of a default run, as `RunSettings` declares them."""
+    from server.settings import RunSettings
+
+    return {k: getattr(RunSettings, k) for k in _TRAINING_KEYS}
 
 
 def setup_console_logging(verbose: bool) -> None:
@@ -65,7 +74,7 @@ def run_demo(out: Path, rounds: int = 3, *, dp: bool = True, verbose: bool = Fal
                 f"the demo sites in {out} already have a privacy history; a non-DP round spends an infinite "
                 f"epsilon and would make them refuse every later DP run. Use another --out for --no-dp")
     keys_dir = prepare_site_keys(out, hospitals)
-    params = {**DEFAULTS, **(overrides or {})}
+    params = {**training_defaults(), **(overrides or {})}
     settings = RunSettings(num_server_rounds=rounds, run_dir=str(out / "runs"), keys_dir=str(keys_dir),
                            dp=dp, min_sites=2, num_sites=len(hospitals), **params)
     settings.check()

@@ -12,13 +12,14 @@ Method
   ``train_local`` uses) is built in ONE process on the same batch; after warm-up, R rounds run each contender
   once, in rotated order. Each step is timed in process CPU time (``time.process_time``: robust to the
   machine being shared; wall time is reported too). ``ratio`` = median over rounds of
-  (DP step / plain step of the same round). The plain step is forward + backward + Adam on the batch
-  mean loss, as ``train_local(dp=None)``; DP steps include clipping, noise and the Adam update.
+  (DP step / plain step of the same round). The plain step is forward + backward + the optimizer update on
+  the batch mean loss, as ``train_local(dp=None)``; DP steps include clipping, noise and the same update
+  (``train_local``'s default optimizer: SGD with momentum 0.9).
 * Memory: torch's CPU allocations are invisible to tracemalloc, so each contender runs in a fresh subprocess:
   build, one warm-up step, ``malloc_trim``, baseline = VmRSS, reset the kernel's high-water mark
   (``/proc/self/clear_refs`` <- 5, Linux), 3 steps, peak = VmHWM (/proc/self/status). ``mem_mb`` = peak -
   baseline: the step's transient working set (activations, per-sample gradients, norms); ``mem_ratio`` = DP /
-  plain. Persistent state (weights, Adam moments) is in the baseline for both.
+  plain. Persistent state (weights, momentum buffers) is in the baseline for both.
 """
 
 from __future__ import annotations
@@ -43,12 +44,19 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from models import DEFAULT_MODEL, build_model  # noqa: E402
-from privacy.dpsgd import GRAD_SAMPLE_MODES, DPConfig, PrivateStep, resolve_grad_sample_mode  # noqa: E402
+from privacy.dpsgd import (  # noqa: E402
+    GRAD_SAMPLE_MODES,
+    DPConfig,
+    PrivateStep,
+    make_optimizer,
+    resolve_grad_sample_mode,
+)
 
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 DEFAULT_IMAGE_SIZE = 28  # INTERFACES.md site config default
 BATCH = 64
+LR = 0.05  # train_local's default optimizer (SGD, momentum 0.9) at the default run lr
 FULL = [(DEFAULT_MODEL, 28, BATCH), (DEFAULT_MODEL, 64, BATCH), ("densenet121", 64, BATCH)]
 QUICK = [(DEFAULT_MODEL, 28, BATCH)]
 
@@ -59,7 +67,7 @@ def _contenders(name: str, px: int, batch: int, modes: list[str]):
     x = torch.randn(batch, 1, px, px)
     y = torch.randint(0, 2, (batch,))
     plain = build_model(name)
-    opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
+    opt = make_optimizer(plain.parameters(), lr=LR)
     loss_fn = nn.CrossEntropyLoss()
 
     def plain_step() -> None:
@@ -69,51 +77,13 @@ def _contenders(name: str, px: int, batch: int, modes: list[str]):
 
     out = [("non-dp", plain_step)]
     for mode in modes:
-        if mode == EXTERNAL_BK:
-            out.append((mode, _external_bk_step(name, x, y, batch)))
-            continue
         model = build_model(name)
         private = PrivateStep(
-            model, torch.optim.Adam(model.parameters(), lr=1e-3), DPConfig(1.0, 1.0, 0.1),
+            model, make_optimizer(model.parameters(), lr=LR), DPConfig(1.0, 1.0, 0.1),
             expected_batch_size=batch, grad_sample_mode=mode,
         )
         out.append((mode, lambda p=private: p.step(x, y)))
     return out
-
-
-EXTERNAL_BK = "fast_clipping.bk"
-
-
-def _external_bk_step(name: str, x: torch.Tensor, y: torch.Tensor, batch: int):
-    """The other single-backward implementation in the repo (privacy/fast_clipping.py), for comparison only;
-    it is not what train_local uses. Built through its public ``make_private_bk``."""
-    from privacy.fast_clipping import make_private_bk
-
-    model = build_model(name)
-    fc, opt = make_private_bk(
-        model, torch.optim.Adam(model.parameters(), lr=1e-3), noise_multiplier=1.0, max_grad_norm=1.0,
-        expected_batch_size=batch,
-    )
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        fc.clip_backward(loss_fn(fc(x), y))
-        opt.step()
-
-    step()  # fail here (caught by the caller) rather than mid-measurement
-    return step
-
-
-def _modes(include_external: bool) -> list[str]:
-    modes = list(GRAD_SAMPLE_MODES)
-    if include_external:
-        try:
-            import privacy.fast_clipping  # noqa: F401
-        except ImportError:
-            return modes
-        modes.append(EXTERNAL_BK)
-    return modes
 
 
 def time_config(name: str, px: int, batch: int, modes: list[str], rounds: int) -> dict:
@@ -189,12 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (8 if args.quick else 15)
     results = []
     for name, px, batch in configs:
-        modes = _modes(include_external=True)
-        try:
-            _contenders(name, 8 if name == DEFAULT_MODEL else 32, 2, [EXTERNAL_BK] if EXTERNAL_BK in modes else [])
-        except Exception as exc:  # noqa: BLE001 - an optional comparison must not sink the bench
-            print(f"(skipping {EXTERNAL_BK}: {type(exc).__name__}: {exc})")
-            modes = [m for m in modes if m != EXTERNAL_BK]
+        modes = list(GRAD_SAMPLE_MODES)
         r = rounds if name != "densenet121" else max(3, rounds // 4)
         times = time_config(name, px, batch, modes, r)
         mem = mem_config(name, px, batch, list(times), args.threads)

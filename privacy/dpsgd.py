@@ -34,10 +34,9 @@ sum as Opacus' stock ``hooks`` mode to float precision — tests/test_dpsgd.py �
 bench/dp_overhead.py):
 
 * ``bk`` (Atoll's default through ``auto`` for Conv/Linear/GroupNorm networks; ``hooks`` otherwise):
-  Opacus' ``GradSampleModuleFastGradientClipping`` hooks with the norm samplers of ``privacy.ghost_conv``
-  (ghost norms where cheaper, "mixed ghost clipping"), Opacus' ``get_clipping_coef``, then book-keeping:
-  the clipped sum is written to ``p.grad`` from the stashed per-layer quantities in ONE backward pass, and
-  Opacus' ``DPOptimizerFastGradientClipping`` adds the noise.
+  ``privacy.fast_clipping`` — per-sample norms (ghost norms where cheaper, "mixed ghost clipping") and the
+  clipped sum written to ``p.grad`` in ONE backward pass (book-keeping), then Opacus'
+  ``DPOptimizerFastGradientClipping`` adds the noise.
 * ``fast``: Opacus hooks + ``DPOptimizer`` (Opacus clips the per-sample gradients), with the conv per-sample
   gradients from ``privacy.ghost_conv`` and no wasted summed weight gradient.
 * ``hooks`` / ``functorch`` / ``ghost``: stock Opacus; ``ghost-conv``: Opacus' two-backward ghost clipping
@@ -60,16 +59,24 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 
-from .ghost_conv import accumulate_clipped, fast_layers, unsupported_layers
+from . import fast_clipping
+from .ghost_conv import fast_layers
 
 GRAD_SAMPLE_MODES: tuple[str, ...] = ("bk", "fast", "hooks", "functorch", "ghost", "ghost-conv")
 DEFAULT_GRAD_SAMPLE_MODE = "auto"  # "bk" when every trainable layer is Conv/Linear/GroupNorm, else "hooks"
+
+# Local optimizer. SGD with momentum is the default: Adam divides each coordinate by its running RMS, which
+# under DP-SGD is dominated by the noise, so it rescales the update by the noise rather than the signal (and
+# on the demo consortium Adam-trained DP models stayed at the majority class; README "Benchmarks").
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
+DEFAULT_OPTIMIZER = "sgd"
+DEFAULT_MOMENTUM = 0.9
 
 
 def resolve_grad_sample_mode(model: nn.Module, mode: str = DEFAULT_GRAD_SAMPLE_MODE) -> str:
     """``auto`` -> the fastest mode that can clip ``model`` exactly (``bk``, else Opacus' ``hooks``)."""
     if mode == "auto":
-        return "hooks" if unsupported_layers(model) else "bk"
+        return "hooks" if fast_clipping.unsupported_layers(model) else "bk"
     if mode not in GRAD_SAMPLE_MODES:
         raise ValueError(f"grad_sample_mode must be 'auto' or one of {GRAD_SAMPLE_MODES}, got {mode!r}")
     return mode
@@ -198,26 +205,20 @@ class PrivateStep:
         self._fast_ctx = None
         self.bk = grad_sample_mode == "bk"
         if self.bk:
-            bad = unsupported_layers(model)
+            bad = fast_clipping.unsupported_layers(model)
             if bad:
                 raise ValueError(f"grad_sample_mode 'bk' does not support layers: {', '.join(bad)}; use 'hooks'")
-        if grad_sample_mode in ("bk", "fast", "ghost-conv"):
-            self._fast_ctx = fast_layers(
-                model, skip_weight_grad=grad_sample_mode != "ghost-conv", stash=self.bk
-            )
+        if grad_sample_mode in ("fast", "ghost-conv"):
+            self._fast_ctx = fast_layers(model, skip_weight_grad=grad_sample_mode == "fast")
             self._fast_ctx.__enter__()
         self.ghost = grad_sample_mode in ("ghost", "ghost-conv")
         self.grad_mode = self.ghost or self.bk  # optimizer takes an already clipped p.grad (no grad_sample)
         if self.bk:
-            # Book-keeping: Opacus' FGC hooks compute per-sample norms (privacy.ghost_conv samplers), Opacus
-            # turns them into clipping factors, accumulate_clipped writes sum_i c_i g_i into p.grad, and
+            # Book-keeping (privacy.fast_clipping): one backward writes sum_i min(1, C/||g_i||) g_i into p.grad;
             # Opacus' FGC optimizer adds N(0, (sigma C)^2) and divides by expected_batch_size.
-            self.gsm = GradSampleModuleFastGradientClipping(
-                model, batch_first=True, loss_reduction="sum", max_grad_norm=dp.clip_norm, use_ghost_clipping=True
-            )
-            self.optimizer = DPOptimizerFastGradientClipping(
-                optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.clip_norm,
-                expected_batch_size=expected_batch_size, loss_reduction="mean", generator=generator,
+            self.gsm, self.optimizer = fast_clipping.make_private_bk(
+                model, optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.clip_norm,
+                expected_batch_size=expected_batch_size, generator=generator,
             )
             self.loss_fn = nn.CrossEntropyLoss(reduction="sum")
         elif self.ghost:
@@ -248,6 +249,9 @@ class PrivateStep:
 
     def _empty_batch(self) -> None:
         """No sampled patient: a zero contribution goes through Opacus, which still adds the noise."""
+        if self.bk:
+            self.gsm.zero_clipped_grads()
+            return
         for p in self.optimizer.params:
             if self.grad_mode:
                 p.grad = torch.zeros_like(p)
@@ -262,9 +266,10 @@ class PrivateStep:
             self._empty_batch()
         else:
             loss = self.loss_fn(self.gsm(x), y)
-            loss.backward()
             if self.bk:
-                accumulate_clipped(self.model, self.gsm.get_clipping_coef(), self.optimizer.params)
+                self.gsm.clip_backward(loss)
+            else:
+                loss.backward()
             loss_value = loss.item() if self.ghost else loss.item() / len(x)
         self.optimizer.step()
         return loss_value
@@ -281,6 +286,26 @@ class PrivateStep:
         return self.model
 
 
+def check_optimizer(name: str, momentum: float) -> None:
+    """Raise ``ValueError`` naming the problem for an unknown optimizer or a momentum outside [0, 1)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
+    if name == "adam" and momentum != DEFAULT_MOMENTUM:
+        raise ValueError("momentum applies to optimizer 'sgd' only (Adam keeps its own betas)")
+
+
+def make_optimizer(
+    params, name: str = DEFAULT_OPTIMIZER, *, lr: float, momentum: float = DEFAULT_MOMENTUM
+) -> torch.optim.Optimizer:
+    """The local optimizer: ``sgd`` (heavy-ball ``momentum``) or ``adam`` (torch defaults otherwise)."""
+    check_optimizer(name, momentum)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+    return torch.optim.Adam(params, lr=lr)
+
+
 def train_local(
     model: nn.Module,
     data: TrainData,
@@ -293,6 +318,8 @@ def train_local(
     seed: int | None = None,
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
     reproducible_dp: bool = False,
+    optimizer: str = DEFAULT_OPTIMIZER,
+    momentum: float = DEFAULT_MOMENTUM,
 ) -> LocalTrainResult:
     """Train ``model`` in place for exactly ``steps`` optimizer steps.
 
@@ -302,7 +329,7 @@ def train_local(
         unwrapped (no Opacus hooks or attributes) on its original device.
     data: images [N, C, ...] float, labels [N] int64, patients [N] int64 (0..P-1).
     steps: optimizer steps (each one is one sampled batch; the accountant charges exactly these).
-    lr: Adam learning rate.
+    lr: learning rate of ``optimizer``.
     device: where to train; cuda falls back to cpu when unavailable.
     dp: ``None`` = plain minibatch training over images (shuffled epochs of ``batch_size``); otherwise
         patient-level DP-SGD (module docstring) and ``batch_size`` is ignored (the batch is ~ q * P).
@@ -314,6 +341,9 @@ def train_local(
         the Gaussian noise. Otherwise they come from OS entropy (``secrets``) on every call.
     grad_sample_mode: how per-sample norms / clipped sums are computed (``auto`` or ``GRAD_SAMPLE_MODES``);
         every mode is the same mechanism, only the cost differs.
+    optimizer: ``"sgd"`` (default, with ``momentum``) or ``"adam"``; anything else is a ``ValueError``. Under DP
+        the optimizer only post-processes the noised gradient, so it changes utility, never the privacy spent.
+    momentum: SGD heavy-ball momentum in [0, 1) (default 0.9); the momentum buffer starts at zero every call.
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
@@ -321,6 +351,7 @@ def train_local(
         raise ValueError(f"lr must be finite and > 0, got {lr}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_optimizer(optimizer, momentum)
     images, labels, patients = _check_data(data)
     dev = resolve_device(device)
     home = next(model.parameters()).device
@@ -336,7 +367,7 @@ def train_local(
     labels = labels.to(dev)
     model.to(dev)
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = make_optimizer(model.parameters(), optimizer, lr=lr, momentum=momentum)
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     losses: list[float] = []
     t0 = time.perf_counter()
@@ -349,16 +380,16 @@ def train_local(
                 perm, pos = torch.randperm(n, generator=generator), 0
             idx = perm[pos : pos + batch_size].to(dev)
             pos += batch_size
-            optimizer.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(images[idx]), labels[idx]) / len(idx)
             loss.backward()
-            optimizer.step()
+            opt.step()
             losses.append(loss.item())
     else:
         sampler = PatientSampler(patients, dp.sample_rate, generator)
         expected = max(1, round(dp.sample_rate * sampler.num_patients))
         private = PrivateStep(
-            model, optimizer, dp, expected_batch_size=expected, grad_sample_mode=grad_sample_mode, generator=noise_gen
+            model, opt, dp, expected_batch_size=expected, grad_sample_mode=grad_sample_mode, generator=noise_gen
         )
         try:
             with warnings.catch_warnings():

@@ -34,11 +34,12 @@ layer is refused; a step whose
 ``p.grad`` was not cleared is refused (it would add two batches under one clip bound). The per-sample norms
 are tested against Opacus ``hooks`` mode in tests/test_dp_overhead_modes.py.
 
-Relation to ``privacy.ghost_conv`` (mode ``bk`` of ``privacy.dpsgd.PrivateStep``): the same arithmetic, but
-that one runs inside Opacus' module backward hooks (``GradSampleModuleFastGradientClipping``), which wrap
-every layer's inputs and outputs in hook functions and still compute the summed GroupNorm/Linear gradients;
-here the only hooks are a forward hook per layer and a tensor hook per layer output, which measured ~15%
-less step time on AtollNet (bench/dp_overhead.py).
+This is the ``bk`` mode of ``privacy.dpsgd.PrivateStep`` (Atoll's default for Conv/Linear/GroupNorm networks)
+and the only book-keeping implementation in Atoll. An earlier second one ran the same arithmetic inside
+Opacus' module backward hooks (``GradSampleModuleFastGradientClipping`` with norm samplers that stashed
+per-layer quantities); it was removed because this one, with only a forward hook per layer and a tensor hook
+per layer output, was faster and used less memory on AtollNet (bench/dp_overhead.py) and enforces the
+invariants above itself.
 """
 
 from __future__ import annotations
@@ -201,6 +202,31 @@ def layer_sq_norms(
         return norms, None
     grads = per_sample_grads(layer, a, g)
     return _sq_norms(grads), grads
+
+
+def unsupported_layers(module: nn.Module) -> list[str]:
+    """What keeps ``FastClipModule`` from wrapping ``module`` (empty when it can): trainable parameters outside
+    a supported layer, convolutions with a non-zero padding mode or asymmetric ``"same"`` padding, and
+    parameters shared by two layers. ``privacy.dpsgd``'s ``auto`` mode falls back to Opacus' hooks on these."""
+    bad: list[str] = []
+    owners: dict[int, str] = {}
+    for name, m in module.named_modules():
+        own = [p for p in m.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        label = f"{name or '<root>'} ({type(m).__name__})"
+        if type(m) not in SUPPORTED_LAYERS:
+            bad.append(label)
+            continue
+        try:
+            _check_layer(name, m)
+        except NotImplementedError as exc:
+            bad.append(f"{label}: {exc}")
+        for p in own:
+            if id(p) in owners:
+                bad.append(f"{label}: parameter shared with {owners[id(p)]} (weight tying)")
+            owners[id(p)] = label
+    return bad
 
 
 # --------------------------------------------------------------------------------------------- book-keeping

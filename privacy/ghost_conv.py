@@ -15,16 +15,14 @@ collect activations and backprops and Opacus still computes the clipping factors
   per sample and never materialises the B x K x C_out per-sample gradients; it is chosen per layer when
   cheaper than instantiating (``use_ghost``), otherwise the gradient is instantiated and its norm taken.
   Linear (ghost norm ||g|| ||a||) and GroupNorm (instantiated, tiny) get matching samplers.
-* Book-keeping ("BK", Bu et al. 2023): with ``stash=True`` each sampler also keeps what it needs — the
-  instantiated per-sample gradients, or (activations, backprops) for ghost layers and for layers whose
-  per-sample gradients would outweigh them (``STASH_GRADS_MAX_RATIO``) — so that after Opacus has
-  turned the norms into clipping factors c_i, ``accumulate_clipped`` writes sum_i c_i g_i into ``p.grad``
-  directly (one ordinary weight-gradient per ghost layer, a weighted sum per instantiated one) instead of
-  Opacus' second backward pass. The result equals Opacus' clipped sum (tests/test_dpsgd.py, to 1e-5).
 * ``fast_layers(model)`` re-classes every plain Conv/Linear/GroupNorm to these subclasses for the duration
   of private training (parameters, buffers and state-dict keys untouched; classes restored on exit). With
   ``skip_weight_grad=True`` a convolution's backward computes only its input gradient, since the summed
   weight gradient is produced from the per-sample quantities anyway.
+
+Used by ``privacy.dpsgd``'s ``fast`` mode (the grad sampler) and ``ghost-conv`` mode (the norm samplers, in
+Opacus' two-backward ghost clipping). Atoll's default single-backward "book-keeping" clipping (mode ``bk``) is
+``privacy.fast_clipping``, which needs none of Opacus' hooks.
 """
 
 from __future__ import annotations
@@ -42,12 +40,8 @@ from torch import nn
 
 # Below this many output positions per sample, unfold + bmm beats a batch-grouped convolution (CPU, oneDNN).
 UNFOLD_MAX_POSITIONS = 32
-# Book-keeping keeps a layer's instantiated per-sample gradients for the clipped sum only if they are at most
-# this many times the size of its (input, output-gradient) pair; otherwise it keeps the pair and re-runs one
-# ordinary weight gradient on the re-weighted output gradient (less memory, a little more time).
-STASH_GRADS_MAX_RATIO = 2.0
-# Cost of touching one float of a materialised per-sample gradient, in multiply-adds (write, norm, weighted
-# sum are memory-bound). Calibrated on CPU with bench/dp_overhead.py; only affects speed, never the result.
+# Cost of touching one float of a materialised per-sample gradient, in multiply-adds (write, norm are
+# memory-bound). Calibrated on CPU with bench/dp_overhead.py; only affects speed, never the result.
 MATERIALISE_COST = 8.0
 
 
@@ -185,11 +179,6 @@ def use_ghost(layer: nn.Module, positions: int) -> bool:
     return layer.groups == 1 and positions * positions * (k + c) < MATERIALISE_COST * k * c
 
 
-def _stash(layer: nn.Module, kind: str, data: object) -> None:
-    if getattr(layer, "_atoll_stash_enabled", False):
-        layer._atoll_stash = (kind, data)
-
-
 @register_norm_sampler(list(FAST_CONV_TYPES))
 def conv_norm_sample(
     layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor
@@ -205,13 +194,8 @@ def conv_norm_sample(
         out = {layer.weight: (aa * gg).sum((1, 2)).clamp_min(0).sqrt()}
         if layer.bias is not None and layer.bias.requires_grad:
             out[layer.bias] = g.sum(-1).norm(2, dim=-1)
-        _stash(layer, "acts", (x, backprops))
         return out
     grads = conv_grad_sample(layer, activations, backprops)
-    if sum(gs.numel() for gs in grads.values()) <= STASH_GRADS_MAX_RATIO * (x.numel() + backprops.numel()):
-        _stash(layer, "grads", grads)
-    else:
-        _stash(layer, "acts", (x, backprops))
     return {p: gs.reshape(n, -1).norm(2, dim=-1) for p, gs in grads.items()}
 
 
@@ -229,7 +213,6 @@ def linear_norm_sample(
         out[layer.weight] = gnorm * a.norm(2, dim=-1)
     if layer.bias is not None and layer.bias.requires_grad:
         out[layer.bias] = gnorm
-    _stash(layer, "linear", (a, backprops))
     return out
 
 
@@ -239,7 +222,6 @@ def group_norm_norm_sample(
 ) -> dict[nn.Parameter, torch.Tensor]:
     """Opacus norm sampler for FastGroupNorm: Opacus' own per-sample gradients (2 x C floats), their norms."""
     grads = compute_group_norm_grad_sample(layer, activations, backprops)
-    _stash(layer, "grads", grads)
     return {p: gs.reshape(gs.shape[0], -1).norm(2, dim=-1) for p, gs in grads.items()}
 
 
@@ -248,77 +230,12 @@ register_grad_sampler(FastGroupNorm)(compute_group_norm_grad_sample)
 register_grad_sampler(FastLinear)(compute_linear_grad_sample)
 
 
-def _accumulate_layer(layer: nn.Module, coef: torch.Tensor) -> list[nn.Parameter]:
-    """p.grad = sum_i coef_i * (per-sample gradient of p)_i for the layer's stashed parameters."""
-    kind, data = layer.__dict__.pop("_atoll_stash")
-    done: list[nn.Parameter] = []
-    if kind == "grads":
-        for p, gs in data.items():
-            p.grad = torch.einsum("b,b...->...", coef.to(gs.dtype), gs).view_as(p)
-            done.append(p)
-        return done
-    x, g = data
-    gc = g * coef.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
-    if kind == "linear":
-        if layer.weight.requires_grad:
-            layer.weight.grad = gc.t() @ x
-            done.append(layer.weight)
-        if layer.bias is not None and layer.bias.requires_grad:
-            layer.bias.grad = gc.sum(0)
-            done.append(layer.bias)
-        return done
-    stride, padding, dilation = _geometry(layer)  # type: ignore[misc]
-    want_bias = layer.bias is not None and layer.bias.requires_grad
-    _, gw, gb = torch.ops.aten.convolution_backward(
-        gc, x, layer.weight, [layer.out_channels] if want_bias else None, stride, padding, dilation, False,
-        [0] * (x.dim() - 2), layer.groups, [False, True, want_bias],
-    )
-    layer.weight.grad = gw
-    done.append(layer.weight)
-    if want_bias:
-        layer.bias.grad = gb
-        done.append(layer.bias)
-    return done
-
-
-def accumulate_clipped(model: nn.Module, coef: torch.Tensor, params: list[nn.Parameter]) -> None:
-    """Book-keeping step: write the clipped per-sample-gradient sum into ``p.grad`` for every parameter.
-
-    ``coef`` are Opacus' clipping factors (``GradSampleModuleFastGradientClipping.get_clipping_coef``).
-    Raises RuntimeError if any trainable parameter was not covered — an unclipped gradient must never reach
-    the noise step.
-    """
-    done: set[int] = set()
-    for m in model.modules():
-        if "_atoll_stash" in m.__dict__:
-            done.update(id(p) for p in _accumulate_layer(m, coef))
-    missing = [p for p in params if id(p) not in done]
-    if missing:
-        raise RuntimeError(
-            f"privacy.ghost_conv: {len(missing)} trainable parameter(s) have no clipped per-sample gradient; "
-            "refusing to step (layer type not supported by book-keeping clipping)"
-        )
-
-
-def unsupported_layers(model: nn.Module) -> list[str]:
-    """Names of modules with trainable parameters of their own that ``fast_layers`` cannot handle."""
-    bad = []
-    for name, m in model.named_modules():
-        own = [p for p in m.parameters(recurse=False) if p.requires_grad]
-        if own and (type(m) not in _FAST and type(m) not in FAST_TYPES):
-            bad.append(f"{name or '<root>'} ({type(m).__name__})")
-        elif own and type(m) in FAST_CONV_TYPES + (nn.Conv1d, nn.Conv2d, nn.Conv3d) and _geometry(m) is None:
-            bad.append(f"{name} ({type(m).__name__} with padding={m.padding!r}, padding_mode={m.padding_mode!r})")
-    return bad
-
-
 @contextmanager
-def fast_layers(model: nn.Module, *, skip_weight_grad: bool, stash: bool = False) -> Iterator[nn.Module]:
+def fast_layers(model: nn.Module, *, skip_weight_grad: bool) -> Iterator[nn.Module]:
     """Within the block, plain Conv/Linear/GroupNorm layers of ``model`` use this module's samplers.
 
-    skip_weight_grad: convolutions compute no summed weight gradient in backward (per-sample-gradient or
-        book-keeping training only — Opacus' two-pass ghost clipping needs it, pass False there).
-    stash: norm samplers keep what ``accumulate_clipped`` needs (book-keeping training).
+    skip_weight_grad: convolutions compute no summed weight gradient in backward (per-sample-gradient
+        training only — Opacus' two-pass ghost clipping needs it, pass False there).
     Layers with string padding or non-zero padding modes keep their class (and Opacus' stock sampler).
     """
     swapped: list[tuple[nn.Module, type]] = []
@@ -331,10 +248,8 @@ def fast_layers(model: nn.Module, *, skip_weight_grad: bool, stash: bool = False
             m.__class__ = new
             if new in FAST_CONV_TYPES:
                 m._atoll_skip_weight_grad = skip_weight_grad
-            m._atoll_stash_enabled = stash
         yield model
     finally:
         for m, cls in swapped:
             m.__class__ = cls
-            for attr in ("_atoll_skip_weight_grad", "_atoll_stash_enabled", "_atoll_stash"):
-                m.__dict__.pop(attr, None)
+            m.__dict__.pop("_atoll_skip_weight_grad", None)

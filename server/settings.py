@@ -17,7 +17,14 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class RunSettings:
-    """Run-config keys are the field names with '-' for '_' (e.g. `num-server-rounds`)."""
+    """Run-config keys are the field names with '-' for '_' (e.g. `num-server-rounds`).
+
+    The training defaults are Atoll's DP recipe (README "Benchmarks", bench/utility.py): per round and site
+    100 local steps of DP-SGD with SGD momentum 0.9 (privacy.dpsgd's default optimizer) at lr 0.05, patients
+    Poisson-sampled at q = 0.1, per-patient clip norm C = 4 and noise multiplier sigma = 2. Three rounds spend
+    epsilon ~ 4 at delta = 1/(10 x patients) on the demo hospitals. ``pyproject.toml [tool.flwr.app.config]``
+    repeats these values and ``atoll demo`` uses them (tests/test_dp_utility.py keeps them equal).
+    """
 
     num_server_rounds: int = 3
     run_name: str = ""
@@ -25,13 +32,13 @@ class RunSettings:
     keys_dir: str = ""
     model: str = "atollnet"
     image_size: int = 28
-    local_steps: int = 50
+    local_steps: int = 100
     lr: float = 0.05
     batch_size: int = 64
-    sample_rate: float = 0.06
+    sample_rate: float = 0.1
     dp: bool = True
-    noise_multiplier: float = 1.0
-    clip_norm: float = 1.0
+    noise_multiplier: float = 2.0
+    clip_norm: float = 4.0
     strategy: str = "fedavg"
     max_update_norm: float = 0.0  # reject updates with ||update - global|| above this; 0 = no bound
     min_sites: int = 2

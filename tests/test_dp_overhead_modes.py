@@ -1,4 +1,5 @@
-"""The single-backward fast clipping (privacy/fast_clipping.py) against Opacus' hooks mode, the reference.
+"""The single-backward fast clipping (privacy/fast_clipping.py: Atoll's default ``bk`` mode of
+privacy.dpsgd.PrivateStep) against Opacus' hooks mode, the reference.
 
 A per-sample norm that comes out too small under-clips: the patient's contribution exceeds C and the epsilon
 the ledger records is wrong. So every fast path is held to Opacus hooks' per-sample norms (1e-5 relative)

@@ -76,6 +76,25 @@ def test_default_net_is_resolution_independent_and_small() -> None:
     assert model(torch.randn(2, 1, 28, 28)).shape == model(torch.randn(2, 1, 64, 64)).shape == (2, 2)
 
 
+def test_atollnet_centres_its_input_range_and_has_no_classifier_bias() -> None:
+    torch.manual_seed(0)
+    model = build_model("atollnet")
+    assert model.classifier.bias is None
+    assert set(model.state_dict()) == {n for n, _ in model.named_parameters()}  # weights only: no buffers
+    raw = build_model("atollnet", input_range=None)
+    raw.load_state_dict(model.state_dict())
+    model.eval(), raw.eval()
+    x = torch.rand(3, 1, 28, 28)  # client.ingest hands over [0, 1]
+    torch.testing.assert_close(model(x), raw((x - 0.5) / 0.25))
+    shifted = build_model("atollnet", input_range=(-1.0, 3.0))
+    shifted.load_state_dict(model.state_dict())
+    shifted.eval()
+    torch.testing.assert_close(shifted(x), raw((x - 1.0) / 1.0))
+    assert build_model("atollnet", classifier_bias=True).classifier.bias is not None
+    with pytest.raises(ValueError, match="input_range"):
+        build_model("atollnet", input_range=(1.0, 1.0))
+
+
 def test_monai_resnet_needs_the_inplace_fix() -> None:
     """Without make_dp_compatible's out-of-place residual, Opacus' hooks fail on MONAI's ResNet."""
     raw = ModuleValidator.fix(nets.resnet18(spatial_dims=2, n_input_channels=1, num_classes=2))  # BN -> GN only
@@ -132,7 +151,7 @@ def test_state_dict_sha256_of_model_is_stable_and_weight_sensitive() -> None:
     d = state_dict_sha256(m.state_dict())
     assert d == state_dict_sha256({k: v.clone() for k, v in m.state_dict().items()})
     with torch.no_grad():
-        m.classifier.bias[0] += 1
+        m.classifier.weight[0, 0] += 1
     assert state_dict_sha256(m.state_dict()) != d
 
 
@@ -148,7 +167,7 @@ def test_export_roundtrip_and_corruption(tmp_path) -> None:
     assert torch.equal(m(x), loaded(x))
     # tamper with one weight -> the recorded hash no longer matches
     payload = torch.load(path, weights_only=True)
-    payload["state_dict"]["classifier.bias"] += 1
+    payload["state_dict"]["classifier.weight"] += 1
     torch.save(payload, path)
     with pytest.raises(ValueError, match="sha256"):
         load_exported(path)
