@@ -38,7 +38,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-dp", action="store_true", help="train without DP-SGD (the demo sites allow it)")
     p.add_argument("--local-steps", type=_positive_int, default=None, help="local steps per round per site")
     p.add_argument("--noise-multiplier", type=float, default=None, help="DP-SGD noise multiplier sigma")
-    p.add_argument("--lr", type=float, default=None, help="local learning rate (Adam)")
+    p.add_argument("--lr", type=float, default=None, help="local learning rate (DP-SGD: SGD with momentum 0.9)")
     p.add_argument("--sample-rate", type=float, default=None,
                    help="DP-SGD: probability that a patient is in a step's batch")
     p.add_argument("--model", default=None, help="network name (see models.MODEL_NAMES)")

@@ -43,13 +43,13 @@ class RoundConfig:
     num_rounds: int = 1
     model: str = "atollnet"
     image_size: int = 28
-    local_steps: int = 50
+    local_steps: int = 100        # defaults equal server.settings.RunSettings' (tests/test_wire_and_settings.py)
     lr: float = 0.05
     batch_size: int = 64          # non-DP minibatch size
-    sample_rate: float = 0.06     # DP: probability that a patient is in a step (same for every site)
+    sample_rate: float = 0.1      # DP: probability that a patient is in a step (same for every site)
     dp: bool = True
-    noise_multiplier: float = 1.0
-    clip_norm: float = 1.0
+    noise_multiplier: float = 2.0
+    clip_norm: float = 4.0
     seed: int = 0
     secagg: bool = False          # the update leaves masked under SecAgg+ (part of what a site approves)
 

@@ -33,25 +33,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     start.add_argument("--run-dir", required=True, help="absolute folder on the SuperLink host for run outputs")
     start.add_argument("--run-name", default="", help="name of the run folder (default: generated)")
     start.add_argument("--keys-dir", default="", help="enrolled site signing keys (<site>.pub) on the SuperLink host")
-    start.add_argument("--rounds", type=int, default=3)
-    start.add_argument("--model", default="atollnet")
-    start.add_argument("--local-steps", type=int, default=50)
-    start.add_argument("--lr", type=float, default=0.05)
-    start.add_argument("--batch-size", type=int, default=64, help="minibatch size without DP")
-    start.add_argument("--sample-rate", type=float, default=0.06,
+    d = RunSettings()  # one set of defaults: `atoll run manifest` builds the manifest sites approve from the same
+    start.add_argument("--rounds", type=int, default=d.num_server_rounds)
+    start.add_argument("--model", default=d.model)
+    start.add_argument("--local-steps", type=int, default=d.local_steps)
+    start.add_argument("--lr", type=float, default=d.lr)
+    start.add_argument("--batch-size", type=int, default=d.batch_size, help="minibatch size without DP")
+    start.add_argument("--sample-rate", type=float, default=d.sample_rate,
                        help="DP-SGD: probability that a patient is in a step's batch")
-    start.add_argument("--noise-multiplier", type=float, default=1.0)
-    start.add_argument("--clip-norm", type=float, default=1.0)
+    start.add_argument("--noise-multiplier", type=float, default=d.noise_multiplier)
+    start.add_argument("--clip-norm", type=float, default=d.clip_norm)
     start.add_argument("--no-dp", action="store_true", help="ask for non-DP training (sites refuse unless allowed)")
-    start.add_argument("--min-sites", type=int, default=2)
+    start.add_argument("--min-sites", type=int, default=d.min_sites)
     start.add_argument("--secagg", action="store_true",
                        help="aggregate under SecAgg+ (the server sees only the sum of the masked updates; "
                             "needs strategy fedavg and no max-update-norm; see docs/security.md)")
-    start.add_argument("--secagg-num-shares", type=float, default=1.0,
+    start.add_argument("--secagg-num-shares", type=float, default=d.secagg_num_shares,
                        help="SecAgg+: key shares per site, an odd count >= 3 or a fraction of the sites (1 = all)")
-    start.add_argument("--secagg-reconstruction-threshold", type=float, default=0.6,
+    start.add_argument("--secagg-reconstruction-threshold", type=float, default=d.secagg_reconstruction_threshold,
                        help="SecAgg+: shares needed to rebuild a dropped site's masks, a count >= 2 or a fraction")
-    start.add_argument("--secagg-max-weight", type=float, default=10000.0,
+    start.add_argument("--secagg-max-weight", type=float, default=d.secagg_max_weight,
                        help="SecAgg+: at least the largest number of training examples at any site")
     start.add_argument("--app", default=str(APP_DIR), help="Flower app folder (default: this Atoll checkout)")
     start.add_argument("--stream", action="store_true", help="follow the run's logs")

@@ -125,8 +125,10 @@ def test_refusing_sites_are_reported_and_the_run_goes_on_or_stops_clearly(demo_c
     configs = _copy_sites(demo_consortium, tmp_path / "sites", names)
     keys = prepare_site_keys(tmp_path / "sites", names)
     _edit_privacy(configs[1], max_epsilon=0.5)           # hospital-b: a budget one round would exceed
+    # sigma 1, q 0.06 pinned: hospital-b's 0.5 budget must not fit one round, sigma 1 is outside [2, 10] below
+    pinned = dict(noise_multiplier=1.0, sample_rate=0.06)
     settings = RunSettings(num_server_rounds=2, run_dir=str(tmp_path / "runs"), run_name="on",
-                           keys_dir=str(keys), local_steps=3, num_sites=3, min_sites=1)
+                           keys_dir=str(keys), local_steps=3, num_sites=3, min_sites=1, **pinned)
     approve_run(configs[1:], settings)                    # hospital-a never approved this run
     outputs, grid = _simulate(configs, settings)
     assert [h["round"] for h in outputs.history] == [1, 2]
@@ -147,7 +149,7 @@ def test_refusing_sites_are_reported_and_the_run_goes_on_or_stops_clearly(demo_c
     # Too few sites left: the run stops at round 1 with a message naming why.
     _edit_privacy(configs[2], noise_multiplier="[2.0, 10.0]")   # hospital-c: sigma 1.0 is out of policy
     stop = RunSettings(num_server_rounds=2, run_dir=str(tmp_path / "runs"), run_name="stop",
-                       keys_dir=str(keys), local_steps=3, num_sites=3, min_sites=2)
+                       keys_dir=str(keys), local_steps=3, num_sites=3, min_sites=2, **pinned)
     approve_run(configs, stop)
     outputs, _ = _simulate(configs, stop)
     status = json.loads((outputs.root / "status.json").read_text())

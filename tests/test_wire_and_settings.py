@@ -61,3 +61,14 @@ def test_lead_manifest_is_the_one_sites_recompute(tmp_path):
     secagg_view = build_run_manifest(RunSettings(run_dir="/srv/runs", num_server_rounds=4, local_steps=7,
                                                  secagg=True).round_config("any", 3))
     assert manifest_hash(load_manifest(masked)) == manifest_hash(secagg_view) != manifest_hash(site_view)
+
+
+def test_round_config_defaults_are_the_run_settings_defaults():
+    """A field missing from a round's config must not silently fall back to a different recipe."""
+    from dataclasses import fields
+
+    settings = RunSettings()
+    for f in fields(RoundConfig):
+        if f.name in ("run_id", "server_round", "num_rounds"):
+            continue
+        assert f.default == getattr(settings, f.name), f.name
