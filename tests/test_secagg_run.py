@@ -146,6 +146,17 @@ def _approve(configs, settings) -> None:
     approve_run(configs, settings)
 
 
+def _four_site_secagg_run(src: Path, tmp_path: Path, run_name: str) -> tuple[list[Path], Path, RunSettings]:
+    """hospital-a..c plus hospital-d (a clone of c), enrolled keys, a capture folder, 1-round SecAgg+ settings."""
+    configs = _sites(src, tmp_path / "sites", NAMES, extra="hospital-d")
+    keys = prepare_site_keys(tmp_path / "sites", NAMES + ["hospital-d"])
+    capture = tmp_path / "capture"
+    capture.mkdir()
+    settings = RunSettings(num_server_rounds=1, run_dir=str(tmp_path / "runs"), run_name=run_name,
+                           keys_dir=str(keys), local_steps=3, num_sites=4, min_sites=2, secagg=True)
+    return configs, capture, settings
+
+
 def _sites(src: Path, dst: Path, names: list[str], extra: str | None = None) -> list[Path]:
     """Fresh copies of the demo sites (no privacy history); `extra` = a 4th site cloned from hospital-c."""
     for n in names:
@@ -275,13 +286,7 @@ def test_a_site_dropping_after_key_sharing_is_tolerated(demo_consortium, tmp_pat
     The round completes with the other three sites' aggregate, which is only possible if the server
     rebuilt the dropped site's key from the others' shares and removed the masks they added for it.
     """
-    configs = _sites(demo_consortium, tmp_path / "sites", NAMES, extra="hospital-d")
-    names = NAMES + ["hospital-d"]
-    keys = prepare_site_keys(tmp_path / "sites", names)
-    capture = tmp_path / "capture"
-    capture.mkdir()
-    settings = RunSettings(num_server_rounds=1, run_dir=str(tmp_path / "runs"), run_name="drop",
-                           keys_dir=str(keys), local_steps=3, num_sites=4, min_sites=2, secagg=True)
+    configs, capture, settings = _four_site_secagg_run(demo_consortium, tmp_path, "drop")
     _approve(configs, settings)
     outputs, grid = _simulate(configs, settings,
                               _site_app(str(capture), drop_partition=3, drop_stage=Stage.COLLECT_MASKED_VECTORS))
@@ -294,7 +299,7 @@ def test_a_site_dropping_after_key_sharing_is_tolerated(demo_consortium, tmp_pat
     dropped = sites[f"node-{dropped_node}"]
     assert dropped["status"] == "error" and "ClientAppException" in dropped["message"], "the lead sees the failure"
     assert not (capture / "hospital-d-round-1.pkl").exists(), "the dropped site never trained"
-    _verify_consortium_ledger(outputs, keys, NAMES, rounds=1)
+    _verify_consortium_ledger(outputs, Path(settings.keys_dir), NAMES, rounds=1)
 
     # The server asked the survivors for the dropped site's key shares and removed its masks.
     unmask = [m for m in grid.sent if _stage(m) == Stage.UNMASK]
@@ -317,13 +322,7 @@ def test_refusing_and_early_dropping_sites_leave_the_protocol_and_the_lead_sees_
     refusal reaches history.json and it drops out like a failed site. hospital-d's failure in
     'share_keys' would fail the round in stock Flower 1.41; the workflow forgets it instead.
     """
-    configs = _sites(demo_consortium, tmp_path / "sites", NAMES, extra="hospital-d")
-    names = NAMES + ["hospital-d"]
-    keys = prepare_site_keys(tmp_path / "sites", names)
-    capture = tmp_path / "capture"
-    capture.mkdir()
-    settings = RunSettings(num_server_rounds=1, run_dir=str(tmp_path / "runs"), run_name="refuse",
-                           keys_dir=str(keys), local_steps=3, num_sites=4, min_sites=2, secagg=True)
+    configs, capture, settings = _four_site_secagg_run(demo_consortium, tmp_path, "refuse")
     _approve(configs[1:], settings)
     outputs, grid = _simulate(configs, settings,
                               _site_app(str(capture), drop_partition=3, drop_stage=Stage.SHARE_KEYS))
@@ -337,7 +336,7 @@ def test_refusing_and_early_dropping_sites_leave_the_protocol_and_the_lead_sees_
     assert sites[f"node-{dropped_node}"]["status"] == "error"
     assert not [m for m in grid.sent if _stage(m) in (Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK)
                 and m.metadata.dst_node_id == dropped_node], "the early dropout was left out of the round"
-    _verify_consortium_ledger(outputs, keys, ["hospital-b", "hospital-c"], rounds=1)
+    _verify_consortium_ledger(outputs, Path(settings.keys_dir), ["hospital-b", "hospital-c"], rounds=1)
     updates = [_captured(capture, n, 1) for n in ("hospital-b", "hospital-c")]
     want, got = _fedavg(updates), _weights(outputs, 1)
     assert max(float(np.abs(got[k] - want[k]).max()) for k in want) < 1e-4
