@@ -9,6 +9,7 @@ free ports, own working directory) and every process is killed on exit, also aft
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+log = logging.getLogger("atoll.localnet")
 
 
 def free_port() -> int:
@@ -66,6 +68,9 @@ class LocalConsortium(AbstractContextManager):
     def __post_init__(self) -> None:
         if not self.insecure and not self.tls:
             raise ValueError("a deployment needs TLS material (tls=...) or an explicit insecure=True")
+        if self.insecure:
+            log.warning("INSECURE local consortium: plaintext transport and no node authentication "
+                        "(demo/test only; a real consortium uses TLS and enrolled node keys)")
         self._own_workdir = self.workdir is None
         self.workdir = Path(self.workdir or tempfile.mkdtemp(prefix="atoll-net-"))
         self.home = self.workdir / "flwr-home"

@@ -54,6 +54,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="SecAgg+: shares needed to rebuild a dropped site's masks, a count >= 2 or a fraction")
     start.add_argument("--secagg-max-weight", type=float, default=d.secagg_max_weight,
                        help="SecAgg+: at least the largest number of training examples at any site")
+    start.add_argument("--allow-insecure-demo", action="store_true",
+                       help="let the run go to a connection marked `insecure = true` (plaintext, no TLS): local "
+                            "demos and tests only; refused otherwise")
     start.add_argument("--app", default=str(APP_DIR), help="Flower app folder (default: this Atoll checkout)")
     start.add_argument("--stream", action="store_true", help="follow the run's logs")
     start.set_defaults(func=_start)
@@ -82,11 +85,36 @@ def _start(args: argparse.Namespace) -> int:
         print(f"atoll run start: {args.app} is not a Flower app folder (no pyproject.toml); pass --app",
               file=sys.stderr)
         return 2
+    problem = _insecure_connection(args.superlink)
+    if problem and not args.allow_insecure_demo:
+        print(f"atoll run start: {problem}. A consortium runs over TLS (README 'Consortium lead'); for a local "
+              "demo or test only, pass --allow-insecure-demo", file=sys.stderr)
+        return 2
+    if problem:
+        print("=" * 78 + f"\nWARNING: INSECURE RUN. {problem}: model updates, ledger records and metrics travel\n"
+              "in plaintext and anyone on the network can read or alter them. Demo/test use only.\n" + "=" * 78,
+              file=sys.stderr)
     flwr = shutil.which("flwr") or str(Path(sys.executable).parent / "flwr")
     overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in cfg.items())
     cmd = [flwr, "run", args.app, args.superlink, "--run-config", overrides] + (["--stream"] if args.stream else [])
     print("$ " + " ".join(cmd[:4]) + " --run-config '" + overrides + "'")
     return subprocess.call(cmd)
+
+
+def _insecure_connection(name: str) -> str | None:
+    """Why the Flower connection ``name`` is plaintext (``insecure = true`` in $FLWR_HOME/config.toml), or None."""
+    import os
+    import tomllib
+
+    path = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr")) / "config.toml"
+    try:
+        conf = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        return None  # flwr itself reports a missing or broken connection file
+    conn = conf.get("superlink", {}).get(name, {})
+    if isinstance(conn, dict) and conn.get("insecure") is True:
+        return f"connection {name!r} in {path} is marked insecure = true"
+    return None
 
 
 def _status(args: argparse.Namespace) -> int:
