@@ -165,13 +165,7 @@ def train(msg: Message, context: Context) -> Message:
         return _refuse(msg, refusal.code, refusal.message, site.name)
     if reservation.completed is not None:  # the same round again: the same bytes again, not charged
         again: Released = reservation.resent
-        content = RecordDict({
-            wire.ARRAYS: ArrayRecord(again.update),
-            wire.METRICS: _released(site, again.metrics),
-            wire.LEDGER: wire.ledger_record(reservation.completed),
-            wire.SITE: wire.site_record(site.name),
-        })
-        return Message(_checked(site, manifest, content), reply_to=msg)
+        return _train_reply(msg, site, manifest, again.update, again.metrics, reservation.completed)
 
     model = _load_global(site, cfg, arrays)
     dp = DPConfig(cfg.noise_multiplier, cfg.clip_norm, sample_rate) if cfg.dp else None
@@ -186,10 +180,15 @@ def train(msg: Message, context: Context) -> Message:
     record = site.guard.complete(reservation, update_sha256=update_sha)
     log.info("round %s of run %s: %d steps in %.1fs, epsilon now %.3f", cfg.server_round, cfg.run_id,
              result.steps, result.seconds, float(record.get("epsilon_after", float("nan"))))
-    metrics = _released(site, raw_metrics)
+    return _train_reply(msg, site, manifest, update, raw_metrics, record)
+
+
+def _train_reply(msg: Message, site: SiteRuntime, manifest: RunManifest, update: dict[str, torch.Tensor],
+                 metrics: dict[str, float], record: dict) -> Message:
+    """The update, the policy's metrics and the signed round record, through the egress guard."""
     content = RecordDict({
         wire.ARRAYS: ArrayRecord(update),
-        wire.METRICS: metrics,
+        wire.METRICS: _released(site, metrics),
         wire.LEDGER: wire.ledger_record(record),
         wire.SITE: wire.site_record(site.name),
     })

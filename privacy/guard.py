@@ -184,8 +184,8 @@ class BudgetGuard:
             replay = self._find_replay(records, req, weights_in_sha256) if problem is None else None
             done = (self._find_completed(records, req, weights_in_sha256)
                     if problem is None and replay is None and resend is not None else None)
-            payload = resend(done["update_sha256"]) if done is not None and resend is not None else None
-            if problem is None and done is not None and payload is not None:
+            payload = resend(done["update_sha256"]) if done is not None else None
+            if payload is not None:
                 log.info("run %s round %s: replay of a completed round (record seq %d); the same released update "
                          "is sent again, not charged", req.run_id, req.server_round, done["seq"])
                 rsv = records[done["reservation_seq"]]

@@ -160,13 +160,18 @@ def write_new_file(path: str | Path, data: bytes, mode: int) -> None:
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
     os.chmod(path, mode)  # the umask may have narrowed it; certificates and public keys stay world-readable
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is written (a single call may write fewer)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def fsync_dir(path: Path) -> None:

@@ -49,7 +49,7 @@ from typing import Any, Iterable, Iterator, Mapping
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from privacy.keys import fsync_dir
+from privacy.keys import fsync_dir, write_all
 
 log = logging.getLogger("atoll.ledger")
 
@@ -184,13 +184,6 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict | None, str]]:
                 rec = None
             out.append((i, rec if isinstance(rec, dict) else None, text))
     return out
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
 
 
 # ------------------------------------------------------------------------------------------------ site ledger
@@ -347,7 +340,7 @@ class LedgerTransaction:
         if led._key is not None:
             rec = sign_record(rec, led._key)
         line = canonical_json(rec) + b"\n"
-        _write_all(self._fd, line)
+        write_all(self._fd, line)
         os.fsync(self._fd)
         led._records.append(rec)
         led._offset += len(line)
@@ -386,7 +379,6 @@ def _newest_records_of_earlier_runs(ledgers: Iterable[Path]) -> dict[str, tuple[
     return out
 
 
-
 class ConsortiumLedger:
     """The server's copy of the sites' ``round`` records for one run: ``run_root/ledger.jsonl``.
 
@@ -412,16 +404,20 @@ class ConsortiumLedger:
             log.warning("consortium ledger %s: no enrolled site keys (keys_dir unset); ledger records are "
                         "stored UNVERIFIED", self.path)
         self._keys: dict[str, Ed25519PublicKey] = {}
-        self._last: dict[str, dict] = {}
         self._records: list[dict] = []
-        self._earlier = _newest_records_of_earlier_runs(
+        # Per site, the newest record seen: from an earlier run first (named in _last_run), then this run's.
+        self._last: dict[str, dict] = {}
+        self._last_run: dict[str, str] = {}
+        earlier = _newest_records_of_earlier_runs(
             Path(p) for p in earlier_runs if Path(p).resolve() != self.path.resolve())
+        for site, (run, rec) in earlier.items():
+            self._last[site], self._last_run[site] = rec, run
         if self.path.exists():
             for line, rec, _raw in read_jsonl(self.path):
                 if rec is None:
                     raise LedgerError(f"{self.path} line {line}: not a JSON record; the run's ledger is damaged")
                 self._records.append(rec)
-                self._last[rec.get("site", "")] = rec
+                self._remember(rec)
 
     def _public_key(self, site: str) -> Ed25519PublicKey:
         from privacy.keys import KeyFileError, load_public_key
@@ -460,21 +456,15 @@ class ConsortiumLedger:
             except LedgerError as exc:
                 raise LedgerError(f"site {site!r} record seq {record['seq']} (run {record.get('run_id')!r} round "
                                   f"{record.get('server_round')!r}): {exc}") from None
-        earlier = self._earlier.get(site)
-        if earlier is not None and site not in self._last:
-            run, prev = earlier
-            if record["seq"] <= prev["seq"]:
-                raise LedgerError(
-                    f"site {site!r} record seq {record['seq']}: its ledger is behind what it reported in run {run!r} "
-                    f"(seq {prev['seq']}, ε={prev.get('epsilon_after')}): the site's ledger was reset or restored "
-                    "from an older copy, which would under-report its spent budget. The site must restore its newest "
-                    "ledger; a genuinely new dataset must be enrolled under a new site name")
-            prev_eps = _reported_epsilon(prev)
-            if eps < prev_eps:
-                raise LedgerError(f"site {site!r} record seq {record['seq']}: field 'epsilon_after' {eps:.4g} is "
-                                  f"below the {prev_eps:.4g} it reported in run {run!r} (spent privacy cannot decrease)")
         last = self._last.get(site)
         if last is not None:
+            run = self._last_run.get(site)  # set while the newest record known is an earlier run's
+            if record["seq"] <= last["seq"] and run is not None:
+                raise LedgerError(
+                    f"site {site!r} record seq {record['seq']}: its ledger is behind what it reported in run {run!r} "
+                    f"(seq {last['seq']}, ε={last.get('epsilon_after')}): the site's ledger was reset or restored "
+                    "from an older copy, which would under-report its spent budget. The site must restore its newest "
+                    "ledger; a genuinely new dataset must be enrolled under a new site name")
             if record["seq"] <= last["seq"]:
                 raise LedgerError(f"site {site!r}: field 'seq' {record['seq']} does not follow the last accepted "
                                   f"record's seq {last['seq']} (replayed or reordered record)")
@@ -483,8 +473,14 @@ class ConsortiumLedger:
                                   f"previous accepted record (seq {last['seq']}): chain broken")
             last_eps = _reported_epsilon(last)
             if eps < last_eps:
+                where = f" in run {run!r}" if run is not None else ""
                 raise LedgerError(f"site {site!r} record seq {record['seq']}: field 'epsilon_after' {eps:.4g} is "
-                                  f"below the previously reported {last_eps:.4g} (spent privacy cannot decrease)")
+                                  f"below the previously reported {last_eps:.4g}{where} (spent privacy cannot decrease)")
+
+    def _remember(self, rec: dict) -> None:
+        site = str(rec.get("site", ""))
+        self._last[site] = rec
+        self._last_run.pop(site, None)
 
     def accept(self, record: Any, *, site: str) -> dict:
         """Verify a site's round record (see :meth:`check`) and append it verbatim; raises :class:`LedgerError`."""
@@ -497,13 +493,13 @@ class ConsortiumLedger:
             if created:
                 fsync_dir(self.root)
             fcntl.flock(fd, fcntl.LOCK_EX)
-            _write_all(fd, line)
+            write_all(fd, line)
             os.fsync(fd)
         finally:
             os.close(fd)
         rec = json.loads(line)
         self._records.append(rec)
-        self._last[site] = rec
+        self._remember(rec)
         return rec
 
     def records(self, site: str | None = None) -> list[dict]:

@@ -52,7 +52,7 @@ class RoundBook:
         self._ledger = ledger
         self._validator = validator
         self._bind = bind_updates
-        self._global_sha: tuple[int, str] | None = None
+        self._global_sha: tuple[ArrayRecord, str] | None = None  # the round's global weights and their hash
 
     def _site(self, msg: Message) -> tuple[str, SiteRound]:
         node = msg.metadata.src_node_id
@@ -118,8 +118,8 @@ class RoundBook:
         if record.get("update_sha256") != got:
             return (f"the update's SHA-256 {got[:12]}… is not the update_sha256 "
                     f"{str(record.get('update_sha256'))[:12]}… in the site's signed ledger record")
-        if self._global_sha is None or self._global_sha[0] != id(global_arrays):
-            self._global_sha = (id(global_arrays), state_dict_sha256(global_arrays.to_torch_state_dict()))
+        if self._global_sha is None or self._global_sha[0] is not global_arrays:  # hashed once per round
+            self._global_sha = (global_arrays, state_dict_sha256(global_arrays.to_torch_state_dict()))
         if record.get("weights_in_sha256") != self._global_sha[1]:
             return ("the site's signed record says it trained on other weights than this round sent "
                     "(weights_in_sha256 differs): a stale or replayed update")
