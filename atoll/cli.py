@@ -104,34 +104,24 @@ def _add_run_manifest(sub: argparse._SubParsersAction) -> None:
                            description="Builds the run manifest (app bundle hash of this checkout, model, DP "
                                        "parameters, rounds, declared outputs) exactly as each site recomputes it.")
     p.add_argument("--out", required=True, help="where to write run-manifest.json")
-    from server.settings import RunSettings
+    from server.run_cli import add_run_shape_arguments
 
-    d = RunSettings()  # the same defaults `atoll run start` and the ServerApp use: the hashes must agree
-    p.add_argument("--rounds", type=_positive_int, default=d.num_server_rounds)
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--local-steps", type=_positive_int, default=d.local_steps)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
-    p.add_argument("--sample-rate", type=float, default=d.sample_rate)
-    p.add_argument("--noise-multiplier", type=float, default=d.noise_multiplier)
-    p.add_argument("--clip-norm", type=float, default=d.clip_norm)
-    p.add_argument("--image-size", type=_positive_int, default=d.image_size)
-    p.add_argument("--no-dp", action="store_true")
-    p.add_argument("--secagg", action="store_true",
-                   help="the run sends updates masked under SecAgg+ (start it with `atoll run start --secagg`)")
+    add_run_shape_arguments(p)  # the very options (and defaults) of `atoll run start`: the hashes must agree
     p.set_defaults(func=_run_manifest)
 
 
 def _run_manifest(args: argparse.Namespace) -> int:
-    from atoll.wire import RoundConfig
     from client.approval import manifest_hash, save_manifest
     from client.manifest import build_run_manifest
+    from server.run_cli import run_shape_config
+    from server.settings import RunSettings, SettingsError
 
-    cfg = RoundConfig(run_id="manifest", server_round=1, num_rounds=args.rounds, model=args.model,
-                      local_steps=args.local_steps, lr=args.lr, batch_size=args.batch_size,
-                      sample_rate=args.sample_rate, dp=not args.no_dp, noise_multiplier=args.noise_multiplier,
-                      clip_norm=args.clip_norm, image_size=args.image_size, secagg=args.secagg)
-    manifest = build_run_manifest(cfg)
+    try:  # what the ServerApp will send each round, built the way the ServerApp builds it
+        settings = RunSettings.from_run_config({**run_shape_config(args), "run-dir": "/manifest"})
+    except SettingsError as exc:
+        print(f"atoll run manifest: {exc}", file=sys.stderr)
+        return 2
+    manifest = build_run_manifest(settings.round_config("manifest", 1))
     path = save_manifest(manifest, args.out)
     print(f"wrote {path} (manifest {manifest_hash(manifest)}); send it to every site for `atoll site approve`. "
           "Start the run with the same parameters (`atoll run start ...`).")

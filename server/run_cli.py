@@ -33,21 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     start.add_argument("--run-dir", required=True, help="absolute folder on the SuperLink host for run outputs")
     start.add_argument("--run-name", default="", help="name of the run folder (default: generated)")
     start.add_argument("--keys-dir", default="", help="enrolled site signing keys (<site>.pub) on the SuperLink host")
-    d = RunSettings()  # one set of defaults: `atoll run manifest` builds the manifest sites approve from the same
-    start.add_argument("--rounds", type=int, default=d.num_server_rounds)
-    start.add_argument("--model", default=d.model)
-    start.add_argument("--local-steps", type=int, default=d.local_steps)
-    start.add_argument("--lr", type=float, default=d.lr)
-    start.add_argument("--batch-size", type=int, default=d.batch_size, help="minibatch size without DP")
-    start.add_argument("--sample-rate", type=float, default=d.sample_rate,
-                       help="DP-SGD: probability that a patient is in a step's batch")
-    start.add_argument("--noise-multiplier", type=float, default=d.noise_multiplier)
-    start.add_argument("--clip-norm", type=float, default=d.clip_norm)
-    start.add_argument("--no-dp", action="store_true", help="ask for non-DP training (sites refuse unless allowed)")
+    add_run_shape_arguments(start)
+    d = RunSettings()
     start.add_argument("--min-sites", type=int, default=d.min_sites)
-    start.add_argument("--secagg", action="store_true",
-                       help="aggregate under SecAgg+ (the server sees only the sum of the masked updates; "
-                            "needs strategy fedavg and no max-update-norm; see docs/security.md)")
     start.add_argument("--secagg-num-shares", type=float, default=d.secagg_num_shares,
                        help="SecAgg+: key shares per site, an odd count >= 3 or a fraction of the sites (1 = all)")
     start.add_argument("--secagg-reconstruction-threshold", type=float, default=d.secagg_reconstruction_threshold,
@@ -67,13 +55,39 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     status.set_defaults(func=_status)
 
 
+def add_run_shape_arguments(p: argparse.ArgumentParser) -> None:
+    """What a run does with the sites' data, and so what they approve: shared by `atoll run start` and
+    `atoll run manifest`, with RunSettings' defaults, so that a default run matches a default manifest."""
+    d = RunSettings()
+    p.add_argument("--rounds", type=int, default=d.num_server_rounds)
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--image-size", type=int, default=d.image_size)
+    p.add_argument("--local-steps", type=int, default=d.local_steps)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="minibatch size without DP")
+    p.add_argument("--sample-rate", type=float, default=d.sample_rate,
+                   help="DP-SGD: probability that a patient is in a step's batch")
+    p.add_argument("--noise-multiplier", type=float, default=d.noise_multiplier)
+    p.add_argument("--clip-norm", type=float, default=d.clip_norm)
+    p.add_argument("--no-dp", action="store_true", help="ask for non-DP training (sites refuse unless allowed)")
+    p.add_argument("--secagg", action="store_true",
+                   help="aggregate under SecAgg+ (the server sees only the sum of the masked updates; "
+                        "needs strategy fedavg and no max-update-norm; see docs/security.md)")
+
+
+def run_shape_config(args: argparse.Namespace) -> dict:
+    """The run-config keys set by :func:`add_run_shape_arguments`."""
+    return {"num-server-rounds": args.rounds, "model": args.model, "image-size": args.image_size,
+            "local-steps": args.local_steps, "lr": args.lr, "batch-size": args.batch_size,
+            "sample-rate": args.sample_rate, "noise-multiplier": args.noise_multiplier, "clip-norm": args.clip_norm,
+            "dp": not args.no_dp, "secagg": args.secagg}
+
+
 def _start(args: argparse.Namespace) -> int:
-    cfg = {"num-server-rounds": args.rounds, "run-dir": args.run_dir, "run-name": args.run_name,
-           "keys-dir": args.keys_dir, "model": args.model, "local-steps": args.local_steps, "lr": args.lr,
-           "batch-size": args.batch_size, "sample-rate": args.sample_rate, "noise-multiplier": args.noise_multiplier, "clip-norm": args.clip_norm,
-           "dp": not args.no_dp, "min-sites": args.min_sites}
+    cfg = {**run_shape_config(args), "run-dir": args.run_dir, "run-name": args.run_name, "keys-dir": args.keys_dir,
+           "min-sites": args.min_sites}
     if args.secagg:
-        cfg.update({"secagg": True, "secagg-num-shares": args.secagg_num_shares,
+        cfg.update({"secagg-num-shares": args.secagg_num_shares,
                     "secagg-reconstruction-threshold": args.secagg_reconstruction_threshold,
                     "secagg-max-weight": args.secagg_max_weight})
     try:
