@@ -135,12 +135,14 @@ def _conv_weight_grad(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, *, per
     return gw.view(n, *layer.weight.shape) if per_sample else gw
 
 
-def _unfold(layer: nn.Module, a: torch.Tensor) -> torch.Tensor:
-    """Input patches of a (groups=1) conv: [n, P, T] with P = Cin * prod(kernel)."""
+def conv_patches(layer: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """Input patches (im2col) of a groups=1 conv of any spatial rank: [n, P, T] with P = Cin * prod(kernel),
+    in the weight's (Cin, *kernel) order. Also serves privacy.ghost_conv's Opacus samplers."""
     pad = _conv_padding(layer)
-    if type(layer) is nn.Conv2d:
+    dims = a.dim() - 2
+    if dims == 2:
         return F.unfold(a, layer.kernel_size, dilation=layer.dilation, padding=pad, stride=layer.stride)
-    if type(layer) is nn.Conv1d:
+    if dims == 1:
         return F.unfold(
             a.unsqueeze(2), (1, layer.kernel_size[0]), dilation=(1, layer.dilation[0]), padding=(0, pad[0]),
             stride=(1, layer.stride[0]),
@@ -152,7 +154,7 @@ def conv_ghost_sq_norm(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> to
     """Per-sample squared Frobenius norm of a conv's weight gradient without forming it:
     ``sum_{p,q} <a_p, a_q> <g_p, g_q>`` over output positions (Bu et al. 2022)."""
     n = a.shape[0]
-    patches = _unfold(layer, a)  # [n, P, T]
+    patches = conv_patches(layer, a)  # [n, P, T]
     gg = g.reshape(n, g.shape[1], -1)  # [n, O, T]
     aat = torch.bmm(patches.transpose(1, 2), patches)  # [n, T, T]
     ggt = torch.bmm(gg.transpose(1, 2), gg)

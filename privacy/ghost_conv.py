@@ -31,12 +31,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
 from opacus.grad_sample.linear import compute_linear_grad_sample
-from opacus.utils.tensor_utils import unfold3d
 from torch import nn
+
+from .fast_clipping import conv_ghost_sq_norm, conv_patches
 
 # Below this many output positions per sample, unfold + bmm beats a batch-grouped convolution (CPU, oneDNN).
 UNFOLD_MAX_POSITIONS = 32
@@ -117,27 +117,13 @@ def _geometry(layer: nn.Module) -> tuple | None:
     return tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation)
 
 
-def _unfold(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """im2col: [B, C_in * prod(kernel), L] in the weight's (C_in, *kernel) order (groups == 1)."""
-    stride, padding, dilation = _geometry(layer)  # type: ignore[misc]
-    d = x.dim() - 2
-    if d == 2:
-        return F.unfold(x, layer.kernel_size, dilation=dilation, padding=padding, stride=stride)
-    if d == 1:
-        return F.unfold(
-            x.unsqueeze(-2), (1, layer.kernel_size[0]), dilation=(1, dilation[0]), padding=(0, padding[0]),
-            stride=(1, stride[0]),
-        )
-    return unfold3d(x, kernel_size=layer.kernel_size, padding=padding, stride=stride, dilation=dilation)
-
-
 def _per_sample_weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """[B, *weight.shape] per-sample weight gradients (sum over positions of g_i x_i^T)."""
     n = x.shape[0]
     w_shape = layer.weight.shape
     positions = g[0].numel() // g.shape[1]
     if layer.groups == 1 and positions <= UNFOLD_MAX_POSITIONS:
-        a = _unfold(layer, x)  # [B, K, L]
+        a = conv_patches(layer, x)  # [B, K, L]
         return torch.einsum("bol,bkl->bok", g.reshape(n, g.shape[1], -1), a).reshape(n, *w_shape)
     stride, padding, dilation = _geometry(layer)  # type: ignore[misc]
     d = x.dim() - 2
@@ -188,10 +174,7 @@ def conv_norm_sample(
     n = x.shape[0]
     g = backprops.reshape(n, layer.out_channels, -1)
     if n and layer.weight.requires_grad and use_ghost(layer, g.shape[-1]):
-        a = _unfold(layer, x)  # [B, K, L]
-        aa = torch.bmm(a.transpose(1, 2), a)  # [B, L, L]
-        gg = torch.bmm(g.transpose(1, 2), g)
-        out = {layer.weight: (aa * gg).sum((1, 2)).clamp_min(0).sqrt()}
+        out = {layer.weight: conv_ghost_sq_norm(layer, x, g).sqrt()}
         if layer.bias is not None and layer.bias.requires_grad:
             out[layer.bias] = g.sum(-1).norm(2, dim=-1)
         return out
