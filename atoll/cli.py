@@ -19,7 +19,7 @@ from pathlib import Path
 def _demo(args: argparse.Namespace) -> int:
     from atoll.demo import run_demo
 
-    overrides = {k: v for k, v in {"local_steps": args.local_steps, "noise_multiplier": args.noise_multiplier,
+    overrides = {k: v for k, v in {"steps": args.local_steps, "noise_multiplier": args.noise_multiplier,
                                    "model": args.model, "lr": args.lr,
                                    "sample_rate": args.sample_rate}.items() if v is not None}
     summary = run_demo(Path(args.out), rounds=args.rounds, dp=not args.no_dp, verbose=args.verbose,

@@ -24,15 +24,28 @@ log = logging.getLogger("atoll.demo")
 
 # The demo trains with the lead's default run settings (server.settings.RunSettings: Atoll's DP recipe, ~epsilon 4
 # per site over 3 rounds); `atoll demo --noise-multiplier/--local-steps/--lr/--sample-rate` override them.
-_TRAINING_KEYS = ("model", "image_size", "local_steps", "lr", "batch_size", "sample_rate", "noise_multiplier",
-                  "clip_norm")
+_RUN_KEYS = ("model", "lr", "batch_size")                                   # RunSettings fields
+_MECHANISM_KEYS = ("steps", "noise_multiplier", "clip_norm", "sample_rate")  # contract.Mechanism fields
 
 
-def training_defaults() -> dict:
-    """The training parameters of a default run, as `RunSettings` declares them."""
+def demo_settings(rounds: int, *, dp: bool, run_dir: Path, keys_dir: Path, num_sites: int,
+                  overrides: dict | None = None):
+    """The demo's run settings: the default run (task and DP recipe) with the demo's overrides.
+
+    ``overrides`` keys: RunSettings fields (model, lr, batch_size), Mechanism fields (steps, noise_multiplier,
+    clip_norm, sample_rate) and ``image_size`` (the task's input side).
+    """
     from server.settings import RunSettings
 
-    return {k: getattr(RunSettings, k) for k in _TRAINING_KEYS}
+    o = dict(overrides or {})
+    unknown = set(o) - {*_RUN_KEYS, *_MECHANISM_KEYS, "image_size"}
+    if unknown:
+        raise ValueError(f"unknown demo override(s): {', '.join(sorted(unknown))}")
+    base = RunSettings()
+    mechanism = dataclasses.replace(base.mechanism, dp=dp, **{k: o[k] for k in _MECHANISM_KEYS if k in o})
+    task = base.task if "image_size" not in o else dataclasses.replace(base.task, size=(o["image_size"],) * 2)
+    return RunSettings(num_server_rounds=rounds, run_dir=str(run_dir), keys_dir=str(keys_dir), min_sites=2,
+                       num_sites=num_sites, task=task, mechanism=mechanism, **{k: o[k] for k in _RUN_KEYS if k in o})
 
 
 def setup_console_logging(verbose: bool) -> None:
@@ -74,15 +87,13 @@ def run_demo(out: Path, rounds: int = 3, *, dp: bool = True, verbose: bool = Fal
                 f"the demo sites in {out} already have a privacy history; a non-DP round spends an infinite "
                 f"epsilon and would make them refuse every later DP run. Use another --out for --no-dp")
     keys_dir = prepare_site_keys(out, hospitals)
-    params = {**training_defaults(), **(overrides or {})}
-    settings = RunSettings(num_server_rounds=rounds, run_dir=str(out / "runs"), keys_dir=str(keys_dir),
-                           dp=dp, min_sites=2, num_sites=len(hospitals), **params)
+    settings = demo_settings(rounds, dp=dp, run_dir=out / "runs", keys_dir=keys_dir, num_sites=len(hospitals),
+                             overrides=overrides)
     settings.check()
     digest = approve_run(configs, settings)
     log.info("each site's admin approved run manifest %s (as `atoll site approve` records it)", digest[:16])
-    log.info("training %d rounds with %s (%s) across %s", rounds, settings.model,
-             f"DP-SGD, noise multiplier {settings.noise_multiplier}, clip {settings.clip_norm}" if dp else "no DP",
-             ", ".join(hospitals))
+    log.info("training %d rounds of %s with %s (%s) across %s", rounds, settings.task.describe(), settings.model,
+             f"DP-SGD {settings.mechanism.describe()}" if dp else "no DP", ", ".join(hospitals))
     outputs = simulate(settings, configs, verbose=verbose)
     summary = summarise(out, manifest, settings, outputs, time.perf_counter() - t_start)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -150,14 +161,15 @@ def simulate(settings, site_configs: list[Path], *, verbose: bool = False):
 
 def evaluate_heldout(out: Path, settings, outputs) -> list[dict]:
     """Score the global model of every round on the official test split (never seen by a site)."""
-    from client.evaluation import evaluate_model
     from client.ingest import build_site_dataset
     from client.site_config import load_site_config
-    from models import build_model
+    from client.task_fit import fit_task
+    from client.task_metrics import task_metrics
+    from models import build_task_model
 
     cfg = load_site_config(out / demo_data.HELDOUT / "site.toml")
-    cfg = dataclasses.replace(cfg, image_size=settings.image_size)
-    ds = build_site_dataset(cfg)
+    cfg = dataclasses.replace(cfg, image_size=settings.task.image_size)
+    ds = fit_task(settings.task, cfg, build_site_dataset(cfg))
     images = torch.cat([ds.train.images, ds.val.images])
     labels = torch.cat([ds.train.labels, ds.val.labels])
     scores = []
@@ -166,11 +178,11 @@ def evaluate_heldout(out: Path, settings, outputs) -> list[dict]:
         path = outputs.weights_path(rnd)
         if not path.exists():
             continue
-        model = build_model(settings.model, spatial_dims=2, in_channels=images.shape[1], num_classes=2)
+        model = build_task_model(settings.model, settings.task)
         model.load_state_dict(torch.load(path, weights_only=True))
-        m = evaluate_model(model, images, labels, torch.device("cpu"))
-        scores.append({"round": rnd, "test_loss": m["loss"], "test_accuracy": m["accuracy"],
-                       "test_auc": m["auc"], "test_images": m["n"]})
+        m = task_metrics(settings.task, model, images, labels, torch.device("cpu"))
+        scores.append({"round": rnd, "test_images": m.pop("n"),
+                       **{k.replace("val_", "test_", 1): v for k, v in m.items()}})
     return scores
 
 
@@ -200,7 +212,8 @@ def summarise(out: Path, manifest: dict, settings, outputs, wall: float) -> dict
         "status_reason": status.get("reason", ""),
         "test_accuracy": final.get("test_accuracy"),
         "test_auc": final.get("test_auc"),
-        "dp": settings.dp,
+        "dp": settings.mechanism.dp,
+        "task": settings.task.to_manifest(),
         "epsilon": epsilon,
         "delta": delta,
         "settings": dataclasses.asdict(settings),

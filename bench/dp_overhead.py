@@ -43,10 +43,10 @@ import opacus  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from contract import Mechanism  # noqa: E402
 from models import DEFAULT_MODEL, build_model  # noqa: E402
 from privacy.dpsgd import (  # noqa: E402
     GRAD_SAMPLE_MODES,
-    DPConfig,
     PrivateStep,
     make_optimizer,
     resolve_grad_sample_mode,
@@ -79,7 +79,7 @@ def _contenders(name: str, px: int, batch: int, modes: list[str]):
     for mode in modes:
         model = build_model(name)
         private = PrivateStep(
-            model, make_optimizer(model.parameters(), lr=LR), DPConfig(1.0, 1.0, 0.1),
+            model, make_optimizer(model.parameters(), lr=LR), Mechanism(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.1),
             expected_batch_size=batch, grad_sample_mode=mode,
         )
         out.append((mode, lambda p=private: p.step(x, y)))

@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from privacy.audit import verify_run  # noqa: E402
+from contract import Mechanism  # noqa: E402
 from privacy.guard import BudgetGuard, RoundRequest  # noqa: E402
 from privacy.keys import generate_private_key, write_public_key  # noqa: E402
 from privacy.ledger import ConsortiumLedger, GENESIS, SiteLedger, read_jsonl, record_hash, verify_record  # noqa: E402
@@ -61,7 +62,7 @@ def run(sites: int, rounds: int, workdir: Path) -> dict:
     t0 = time.perf_counter()
     for r in range(1, rounds + 1):
         for name, guard in guards.items():
-            req = RoundRequest(RUN_ID, r, noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.01, steps=10)
+            req = RoundRequest(RUN_ID, r, Mechanism(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.01, steps=10))
             res = guard.reserve(req, weights_in_sha256=_hex(r, "w"))
             round_records.append((name, guard.complete(res, update_sha256=_hex(r, name))))
     t_append = time.perf_counter() - t0

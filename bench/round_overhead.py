@@ -34,6 +34,7 @@ def main() -> None:
 
     from atoll.demo import approve_run, prepare_site_keys, simulate
     from atoll.demo_data import HOSPITALS, generate_consortium
+    from contract import Mechanism
     from server.settings import RunSettings
 
     work = Path(tempfile.mkdtemp(prefix="atoll-bench-overhead-"))
@@ -42,7 +43,7 @@ def main() -> None:
     configs = [work / n / "site.toml" for n in names]
     keys = prepare_site_keys(work, names)
     settings = RunSettings(num_server_rounds=rounds, run_dir=str(work / "runs"), run_name="bench",
-                           keys_dir=str(keys), local_steps=steps, num_sites=3)
+                           keys_dir=str(keys), mechanism=Mechanism(steps=steps), num_sites=3)
     approve_run(configs, settings)
     t0 = time.perf_counter()
     if args.deployment:

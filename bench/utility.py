@@ -58,20 +58,21 @@ def main() -> None:
     from client.site_config import load_site_config
     from models import build_model
     from privacy.dpsgd import DEFAULT_MOMENTUM, DEFAULT_OPTIMIZER, train_local
+    from contract import Mechanism
     from server.settings import RunSettings
 
     recipe = RunSettings()
-    rounds, steps = (2, 50) if args.quick else (recipe.num_server_rounds, recipe.local_steps)
+    rounds, steps = (2, 50) if args.quick else (recipe.num_server_rounds, recipe.mechanism.steps)
     repeats = args.repeats or (1 if args.quick else 3)
-    q, lr, clip = recipe.sample_rate, recipe.lr, recipe.clip_norm
+    q, lr = recipe.mechanism.sample_rate, recipe.lr
+    recipe_mechanism = dataclasses.replace(recipe.mechanism, steps=steps)
 
     work = Path(tempfile.mkdtemp(prefix="atoll-bench-utility-"))
     generate_consortium(work)
     names = [h.name for h in HOSPITALS]
     configs = [work / n / "site.toml" for n in names]
     keys = prepare_site_keys(work, names)
-    base = dict(num_server_rounds=rounds, local_steps=steps, lr=lr, sample_rate=q, clip_norm=clip, num_sites=3,
-                keys_dir=str(keys), run_name="u")
+    base = dict(num_server_rounds=rounds, lr=lr, num_sites=3, keys_dir=str(keys), run_name="u")
     results = []
 
     # Pooled, non-DP: same network and optimiser, all sites' training splits together.
@@ -91,7 +92,7 @@ def main() -> None:
         torch.manual_seed(r)
         model = build_model(recipe.model)
         t0 = time.perf_counter()
-        train_local(model, pooled, steps=rounds * steps * 3, lr=lr, device="cpu", dp=None,
+        train_local(model, pooled, Mechanism(dp=False, steps=rounds * steps * 3), lr=lr, device="cpu",
                     batch_size=recipe.batch_size, seed=r)
         m = evaluate_model(model, x, y, torch.device("cpu"))
         runs.append({"test_accuracy": m["accuracy"], "test_auc": m["auc"],
@@ -109,9 +110,11 @@ def main() -> None:
             tag = f"{label.split()[0]}-{eps}-{r}"
             if eps is None:
                 # A non-DP round makes a site's epsilon infinite: fresh site state for every arm and run.
-                settings = RunSettings(run_dir=str(work / f"runs-{tag}"), dp=False, seed=r, **base)
+                settings = RunSettings(run_dir=str(work / f"runs-{tag}"), seed=r,
+                                       mechanism=dataclasses.replace(recipe_mechanism, dp=False), **base)
             else:
-                settings = RunSettings(run_dir=str(work / f"runs-{tag}"), noise_multiplier=sigma, seed=r, **base)
+                settings = RunSettings(run_dir=str(work / f"runs-{tag}"), seed=r,
+                                       mechanism=dataclasses.replace(recipe_mechanism, noise_multiplier=sigma), **base)
             site_root = work / f"sites-{tag}"
             for n in names:
                 shutil.copytree(work / n, site_root / n,

@@ -23,17 +23,18 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from atoll import wire
+from contract import wire
 from client import secagg as client_secagg
 from client.approval import ApprovalStore, RunManifest, RunNotApproved
 from client.egress import EgressBlocked, EgressPolicy, check_reply
-from client.evaluation import evaluate_model
 from client.ingest import NoUsableImagesError
 from client.manifest import build_run_manifest
 from client.release_cache import ReleaseCache, Released
 from client.runtime import SiteRuntime, SiteSetupError, site_runtime
-from models import build_model, state_dict_sha256
-from privacy.dpsgd import DPConfig, train_local
+from client.task_fit import FittedData, TaskMismatch, check_task_shape, fit_task
+from client.task_metrics import task_metrics
+from models import build_loss, build_task_model, state_dict_sha256
+from privacy.dpsgd import train_local
 from privacy.guard import BudgetRefused, RoundRequest
 
 log = logging.getLogger("atoll.site")
@@ -80,15 +81,27 @@ def site_errors_stay_local(handler: Callable[[Message, Context], Message]):
     return wrapped
 
 
-def _load_global(site: SiteRuntime, cfg: wire.RoundConfig, arrays: ArrayRecord) -> torch.nn.Module:
-    model = build_model(cfg.model, spatial_dims=2, in_channels=site.data.train.images.shape[1],
-                        num_classes=_num_classes(site))
+def _load_global(cfg: wire.RoundConfig, arrays: ArrayRecord) -> torch.nn.Module:
+    """The round's global model, built from the run's task (never from what the site's labels suggest)."""
+    model = build_task_model(cfg.model, cfg.task)
     model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
     return model
 
 
-def _num_classes(site: SiteRuntime) -> int:
-    return max(2, int(site.data.train.labels.max().item()) + 1) if len(site.data.train.labels) else 2
+def _site_for(context: Context, cfg: wire.RoundConfig) -> tuple[SiteRuntime, RunManifest, FittedData]:
+    """The site, the run's approved manifest, and the site's data as the run's task sees it.
+
+    The approval comes first (an unapproved run learns nothing of the site's data); then the task is checked
+    against the data, before any privacy is charged: a task that does not fit is refused with TASK_MISMATCH.
+    """
+    site = site_runtime(context.node_config, cfg.task.image_size)
+    manifest = _approved_manifest(site, cfg)
+    try:
+        check_task_shape(cfg.task, site.config)
+        return site, manifest, fit_task(cfg.task, site.config, site.data)
+    except TaskMismatch as exc:
+        log.warning("refused a run whose task does not fit this site's data: %s", exc.message)
+        raise _Refusal(exc.code, exc.message, site.name) from None
 
 
 class _Refusal(Exception):
@@ -101,8 +114,7 @@ class _Refusal(Exception):
 
 def _approved_manifest(site: SiteRuntime, cfg: wire.RoundConfig) -> RunManifest:
     """The manifest of this run as the site computes it; refuses unless the site approved it."""
-    manifest = build_run_manifest(cfg, in_channels=site.data.train.images.shape[1],
-                                  num_classes=_num_classes(site))
+    manifest = build_run_manifest(cfg)
     try:
         ApprovalStore(site.config.state_dir).check_approved(manifest)
     except RunNotApproved as exc:
@@ -131,10 +143,9 @@ def train(msg: Message, context: Context) -> Message:
     if client_secagg.is_secaggplus(msg):  # secagg = true: the protocol runs this handler on a plain round
         return client_secagg.handle(msg, context, train)
     cfg = wire.RoundConfig.from_record(msg.content[wire.CONFIG])
-    site = site_runtime(context.node_config, cfg.image_size)
-    if len(site.data.train.labels) == 0 or int(site.data.train.labels.min()) < 0:
+    site, manifest, data = _site_for(context, cfg)
+    if len(data.train.labels) == 0 or int(data.train.labels.min()) < 0:
         return _refuse(msg, wire.NO_USABLE_DATA, "the site has no labelled training images", site.name)
-    manifest = _approved_manifest(site, cfg)
     masked = client_secagg.masking()
     if masked != manifest.secure_aggregation:
         # The approved manifest says whether the update leaves masked; the server cannot change that.
@@ -145,11 +156,8 @@ def train(msg: Message, context: Context) -> Message:
                        site.name)
     arrays: ArrayRecord = msg.content[wire.ARRAYS]
     global_sd = arrays.to_torch_state_dict()
-    train_split = site.data.train
-    sample_rate = cfg.sample_rate
-    request = RoundRequest(run_id=cfg.run_id, server_round=cfg.server_round,
-                           noise_multiplier=cfg.noise_multiplier, clip_norm=cfg.clip_norm,
-                           sample_rate=sample_rate, steps=cfg.local_steps, dp=cfg.dp)
+    train_split = data.train
+    request = RoundRequest(run_id=cfg.run_id, server_round=cfg.server_round, mechanism=cfg.mechanism)
     if masked and site.guard.answered(cfg.run_id, cfg.server_round):
         # Under SecAgg+ the server only learns sums; answering one round twice (resent bytes or fresh
         # ones) would let it subtract two sums over different site sets and isolate one update.
@@ -167,12 +175,11 @@ def train(msg: Message, context: Context) -> Message:
         again: Released = reservation.resent
         return _train_reply(msg, site, manifest, again.update, again.metrics, reservation.completed)
 
-    model = _load_global(site, cfg, arrays)
-    dp = DPConfig(cfg.noise_multiplier, cfg.clip_norm, sample_rate) if cfg.dp else None
+    model = _load_global(cfg, arrays)
     seed = int.from_bytes(hashlib.sha256(
         f"{cfg.seed}|{cfg.run_id}|{cfg.server_round}|{site.name}".encode()).digest()[:4], "big")
-    result = train_local(model, train_split, steps=cfg.local_steps, lr=cfg.lr, device=site.device,
-                         dp=dp, batch_size=cfg.batch_size, seed=seed)
+    result = train_local(model, train_split, cfg.mechanism, lr=cfg.lr, device=site.device,
+                         batch_size=cfg.batch_size, seed=seed, criterion=build_loss(cfg.task))
     update = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     raw_metrics = {wire.NUM_EXAMPLES: len(train_split.labels), "train_loss": result.train_loss,
                    "train_seconds": result.seconds}
@@ -199,12 +206,10 @@ def _train_reply(msg: Message, site: SiteRuntime, manifest: RunManifest, update:
 @site_errors_stay_local
 def evaluate(msg: Message, context: Context) -> Message:
     cfg = wire.RoundConfig.from_record(msg.content[wire.CONFIG])
-    site = site_runtime(context.node_config, cfg.image_size)
-    manifest = _approved_manifest(site, cfg)
-    model = _load_global(site, cfg, msg.content[wire.ARRAYS])
-    val = site.data.val
-    m = evaluate_model(model, val.images, val.labels, site.device)
-    metrics = _released(site, {wire.NUM_EXAMPLES: m["n"], "val_loss": m["loss"],
-                               "val_accuracy": m["accuracy"], "val_auc": m["auc"]})
+    site, manifest, data = _site_for(context, cfg)
+    model = _load_global(cfg, msg.content[wire.ARRAYS])
+    val = data.val
+    m = task_metrics(cfg.task, model, val.images, val.labels, site.device)
+    metrics = _released(site, {wire.NUM_EXAMPLES: m.pop("n"), **m})
     content = RecordDict({wire.METRICS: metrics, wire.SITE: wire.site_record(site.name)})
     return Message(_checked(site, manifest, content), reply_to=msg)

@@ -34,7 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-MANIFEST_VERSION = 1
+from contract import Mechanism, MechanismError, TaskError, TaskSpec
+
+MANIFEST_VERSION = 2  # 2: the task and the DP mechanism as their own sections
 APPROVALS_FILE = "approvals.jsonl"
 # FAB members that make up the app: code and configuration the code may read. Documentation
 # (*.md) is left out so a README edit does not force every site to re-approve.
@@ -73,53 +75,37 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class TrainingParams:
-    """Local training and DP-SGD parameters of every round.
+    """The local optimiser's settings that are not part of the DP mechanism (they change utility, not privacy).
 
-    ``sample_rate`` is optional because with patient-level Poisson sampling the rate is
-    ``batch_size / patients``, which only the site knows; pin it when the run fixes it.
+    The mechanism itself (σ, C, q, steps, accountant) is the manifest's :class:`~contract.mechanism.Mechanism`.
     """
 
-    dp: bool
-    noise_multiplier: float
-    clip_norm: float
     batch_size: int
-    local_steps: int
     lr: float
-    sample_rate: float | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.dp, bool):
-            raise ManifestError("training.dp must be true or false")
-        for name in ("noise_multiplier", "clip_norm", "lr"):
-            v = getattr(self, name)
-            if not _is_num(v) or v < 0 or (name != "noise_multiplier" and v == 0):
-                raise ManifestError(f"training.{name} must be a finite positive number, got {v!r}")
-            object.__setattr__(self, name, float(v))  # 1 and 1.0 must hash the same
-        if self.dp and self.noise_multiplier == 0:
-            raise ManifestError("training.noise_multiplier must be > 0 when training.dp is true")
-        if self.sample_rate is not None:
-            if not _is_num(self.sample_rate) or not 0 < self.sample_rate <= 1:
-                raise ManifestError(f"training.sample_rate must be in (0, 1] or null, got {self.sample_rate!r}")
-            object.__setattr__(self, "sample_rate", float(self.sample_rate))
-        for name in ("batch_size", "local_steps"):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 1:
-                raise ManifestError(f"training.{name} must be a positive integer, got {v!r}")
+        if not _is_num(self.lr) or self.lr <= 0:
+            raise ManifestError(f"training.lr must be a finite positive number, got {self.lr!r}")
+        object.__setattr__(self, "lr", float(self.lr))  # 1 and 1.0 must hash the same
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            raise ManifestError(f"training.batch_size must be a positive integer, got {self.batch_size!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "dp": self.dp, "noise_multiplier": self.noise_multiplier, "clip_norm": self.clip_norm,
-            "sample_rate": self.sample_rate, "batch_size": self.batch_size,
-            "local_steps": self.local_steps, "lr": self.lr,
-        }
+        return {"batch_size": self.batch_size, "lr": self.lr}
 
 
 @dataclass(frozen=True)
 class RunManifest:
-    """What a site approves. Construct through :meth:`from_dict` or directly (values are validated)."""
+    """What a site approves. Construct through :meth:`from_dict` or directly (values are validated).
+
+    It pins the task (what is learnt from the site's data), the DP mechanism (what it costs), the code, the
+    model's tensors and the metrics (what leaves the site), each as the one type both sides share.
+    """
 
     app_hash: str
     model: str
+    task: TaskSpec
+    mechanism: Mechanism
     training: TrainingParams
     num_rounds: int
     outputs: tuple[TensorSpec, ...]
@@ -138,6 +124,8 @@ class RunManifest:
             "atoll_run_manifest": self.version,
             "app_hash": self.app_hash,
             "model": self.model,
+            "task": self.task.to_manifest(),
+            "mechanism": self.mechanism.to_dict(),
             "training": self.training.to_dict(),
             "num_rounds": self.num_rounds,
             "outputs": [t.to_dict() for t in self.outputs],
@@ -154,7 +142,8 @@ class RunManifest:
         """Parse and validate; :class:`ManifestError` names ``where`` and the offending field."""
         if not isinstance(data, Mapping):
             raise ManifestError(f"{where}: expected a JSON object")
-        expected = {"atoll_run_manifest", "app_hash", "model", "training", "num_rounds", "outputs", "metrics"}
+        expected = {"atoll_run_manifest", "app_hash", "model", "task", "mechanism", "training", "num_rounds",
+                    "outputs", "metrics"}
         unknown, missing = set(data) - expected - {"secure_aggregation"}, expected - set(data)
         if unknown:
             raise ManifestError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
@@ -163,13 +152,13 @@ class RunManifest:
         if data["atoll_run_manifest"] != MANIFEST_VERSION:
             raise ManifestError(f"{where}: atoll_run_manifest must be {MANIFEST_VERSION}, got {data['atoll_run_manifest']!r}")
         tr = data["training"]
-        if not isinstance(tr, Mapping):
-            raise ManifestError(f"{where}: training must be an object")
-        tr_fields = {"dp", "noise_multiplier", "clip_norm", "sample_rate", "batch_size", "local_steps", "lr"}
-        if not tr_fields - {"sample_rate"} <= set(tr) <= tr_fields:
-            raise ManifestError(
-                f"{where}: training must have the fields {', '.join(sorted(tr_fields))} (sample_rate may be absent)"
-            )
+        if not isinstance(tr, Mapping) or set(tr) != {"batch_size", "lr"}:
+            raise ManifestError(f"{where}: training must be an object with the fields batch_size, lr")
+        try:
+            task = TaskSpec.from_manifest(data["task"], where=f"{where}: task")
+            mechanism = Mechanism.from_dict(data["mechanism"], where=f"{where}: mechanism")
+        except (TaskError, MechanismError, ValueError) as err:
+            raise ManifestError(str(err)) from None
         outs = data["outputs"]
         if not isinstance(outs, list):
             raise ManifestError(f"{where}: outputs must be a list")
@@ -186,11 +175,9 @@ class RunManifest:
             return cls(
                 app_hash=data["app_hash"],
                 model=data["model"],
-                training=TrainingParams(
-                    dp=tr["dp"], noise_multiplier=tr["noise_multiplier"], clip_norm=tr["clip_norm"],
-                    sample_rate=tr.get("sample_rate"), batch_size=tr["batch_size"],
-                    local_steps=tr["local_steps"], lr=tr["lr"],
-                ),
+                task=task,
+                mechanism=mechanism,
+                training=TrainingParams(batch_size=tr["batch_size"], lr=tr["lr"]),
                 num_rounds=data["num_rounds"],
                 outputs=tuple(specs),
                 metrics=tuple(data["metrics"]),
@@ -217,6 +204,10 @@ def _validate(m: RunManifest) -> None:
         raise ManifestError(f"num_rounds must be a positive integer, got {m.num_rounds!r}")
     if not isinstance(m.training, TrainingParams):
         raise ManifestError("training must be TrainingParams")
+    if not isinstance(m.task, TaskSpec) or m.task.problems():
+        raise ManifestError(f"task is not a valid task description: {m.task.problems() if isinstance(m.task, TaskSpec) else m.task!r}")
+    if not isinstance(m.mechanism, Mechanism) or m.mechanism.problems():
+        raise ManifestError(f"mechanism is not a valid DP mechanism: {m.mechanism!r}")
     if not m.outputs:
         raise ManifestError("outputs must declare at least one tensor")
     names = [o.name for o in m.outputs]
@@ -445,19 +436,22 @@ def check_approved(manifest: RunManifest, state_dir: str | Path) -> None:
 # ----------------------------------------------------------------------------- CLI
 def describe_manifest(manifest: RunManifest) -> str:
     """Human-readable account of what the run will do and what leaves the site."""
-    t = manifest.training
+    t, mech, task = manifest.training, manifest.mechanism, manifest.task
     n_params = sum(math.prod(o.shape) for o in manifest.outputs)
     lines = [
         f"Run manifest {manifest_hash(manifest)}",
         f"  App code       sha256 {manifest.app_hash}",
         "                 (compare with the hash the consortium lead announced)",
+        f"  Task           {task.describe()}"
+        + (f", modalities {', '.join(task.modalities)}" if task.modalities else ""),
         f"  Model          {manifest.model}: {len(manifest.outputs)} tensors, {n_params:,} parameters",
         f"  Rounds         {manifest.num_rounds}",
-        f"  Local training {t.local_steps} steps per round, learning rate {t.lr:g}, batch size {t.batch_size}",
+        f"  Local training {mech.steps} steps per round, learning rate {t.lr:g}, batch size {t.batch_size}",
     ]
-    if t.dp:
-        rate = f", sample rate {t.sample_rate:g}" if t.sample_rate is not None else ", sample rate set by the site"
-        lines.append(f"  Privacy        DP-SGD: noise multiplier {t.noise_multiplier:g}, clip norm {t.clip_norm:g}{rate}")
+    if mech.dp:
+        acct = f", accountant {mech.accountant}" if mech.accountant else ", accountant of this site's policy"
+        lines.append(f"  Privacy        DP-SGD: noise multiplier {mech.noise_multiplier:g}, clip norm "
+                     f"{mech.clip_norm:g}, sample rate {mech.sample_rate:g}{acct}")
     else:
         lines.append("  Privacy        DP OFF: model updates leave WITHOUT differential privacy")
     lines.append("  Leaves the site each round:")

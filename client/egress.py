@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from atoll import wire
+from contract import wire
 
 __all__ = [
     "DEFAULT_CONFIG_RECORDS",

@@ -37,7 +37,7 @@ from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 
-from atoll import wire
+from contract import wire
 from client.egress import EgressBlocked
 from privacy.secagg_prg import csprng_secaggplus_mod
 

@@ -12,6 +12,8 @@ from typing import Any
 from monai.networks import nets
 from torch import nn
 
+from contract.task import TaskSpec
+
 from .atollnet import AtollNet
 from .compat import make_dp_compatible
 
@@ -49,15 +51,29 @@ def _resnet(depth: int) -> Builder:
     return build
 
 
+def _basicunet(spatial_dims: int, in_channels: int, num_classes: int, **kw: Any) -> nn.Module:
+    # "nontrainable" upsampling (interpolation + conv) instead of transposed convolutions, and GroupNorm: every
+    # trainable layer is a Conv/GroupNorm, so per-sample gradients stay exact in Atoll's fast clipping.
+    kw.setdefault("upsample", "nontrainable")
+    kw.setdefault("norm", ("group", {"num_groups": 8}))
+    kw.setdefault("act", ("LeakyReLU", {"negative_slope": 0.1, "inplace": False}))
+    kw.setdefault("features", (16, 16, 32, 64, 128, 16))
+    return nets.BasicUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes, **kw)
+
+
 _REGISTRY: dict[str, Builder] = {
     "atollnet": _atollnet,
     "atollnet-wide": _atollnet_wide,
     "densenet121": _densenet121,
     "resnet18": _resnet(18),
     "resnet34": _resnet(34),
+    "basicunet": _basicunet,
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+#: which task kind each network serves (a classifier cannot segment, and the other way round)
+MODEL_KINDS: dict[str, str] = {name: "segmentation" if name == "basicunet" else "classification"
+                               for name in MODEL_NAMES}
 
 
 def build_model(
@@ -89,3 +105,16 @@ def build_model(
     if in_channels < 1 or num_classes < 1:
         raise ValueError(f"in_channels and num_classes must be >= 1, got {in_channels}, {num_classes}")
     return make_dp_compatible(builder(spatial_dims, in_channels, num_classes, **kw))
+
+
+def build_task_model(name: str, task: TaskSpec, **kw: Any) -> nn.Module:
+    """Network ``name`` for ``task``: its spatial dims, input channels and one output per class or label.
+
+    Raises ``ValueError`` when the network does not serve the task's kind (e.g. a classifier for segmentation).
+    """
+    kind = MODEL_KINDS.get(name)
+    if kind is not None and kind != task.kind:
+        served = ", ".join(n for n, k in MODEL_KINDS.items() if k == task.kind)
+        raise ValueError(f"model {name!r} is a {kind} network; a {task.kind} task needs one of {served}")
+    return build_model(name, spatial_dims=task.spatial_dims, in_channels=task.in_channels,
+                       num_classes=task.num_outputs, **kw)

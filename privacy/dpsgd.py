@@ -4,7 +4,7 @@ Unit of privacy: the PATIENT (DESIGN.md). The site guarantees (epsilon, delta)-D
 removing *all* images of one patient. The mechanism, per step:
 
 1. **Poisson-sample patients**: every patient of the training split is included independently with
-   probability ``q = DPConfig.sample_rate`` (fresh randomness each step; the batch may be empty).
+   probability ``q = Mechanism.sample_rate`` (fresh randomness each step; the batch may be empty).
 2. **One image per sampled patient**: for each sampled patient one of their images is drawn uniformly at
    random. A batch therefore holds at most one example per patient, so Opacus' *per-sample* clipping is
    exactly *per-patient* clipping.
@@ -49,6 +49,7 @@ import math
 import secrets
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -58,6 +59,8 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
+
+from contract.mechanism import Mechanism
 
 from . import fast_clipping
 from .ghost_conv import fast_layers
@@ -90,38 +93,33 @@ class TrainData(Protocol):
     patients: torch.Tensor  # int64 [N], 0..P-1
 
 
-@dataclass(frozen=True)
-class DPConfig:
-    """Mechanism parameters of one local training run.
+#: ``criterion(reduction)`` -> a loss module whose ``"sum"`` is the sum of per-example losses (the task's loss,
+#: from ``models.build_loss``); per-sample clipping needs that sum, not a batch statistic.
+Criterion = Callable[[str], nn.Module]
 
-    noise_multiplier: sigma, noise std relative to the clip norm.
-    clip_norm: C, per-patient L2 bound on a step's gradient contribution.
-    sample_rate: q, probability that a given patient is in a step's batch (expected batch = q * patients).
-    """
 
-    noise_multiplier: float
-    clip_norm: float
-    sample_rate: float
+def cross_entropy(reduction: str) -> nn.Module:
+    """The default criterion: classification cross-entropy."""
+    return nn.CrossEntropyLoss(reduction=reduction)
 
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
-            raise ValueError(f"DPConfig.noise_multiplier must be finite and >= 0, got {self.noise_multiplier}")
-        if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
-            raise ValueError(f"DPConfig.clip_norm must be finite and > 0, got {self.clip_norm}")
-        if not (0 < self.sample_rate <= 1):
-            raise ValueError(f"DPConfig.sample_rate must be in (0, 1], got {self.sample_rate}")
+
+def check_mechanism(mechanism: Mechanism) -> Mechanism:
+    """A mechanism this trainer can run: raise ``ValueError`` naming the bad field otherwise."""
+    if not isinstance(mechanism, Mechanism):
+        raise ValueError(f"train_local needs a contract.Mechanism, got {type(mechanism).__name__}")
+    return mechanism.check("DP mechanism")
 
 
 @dataclass
 class LocalTrainResult:
     """What happened: ``steps`` actually taken (what the accountant must charge), mean training loss over the
-    steps' batches, ``num_examples`` = training images available, wall-clock ``seconds``, the ``dp`` used."""
+    steps' batches, ``num_examples`` = training images available, wall-clock ``seconds``, the ``mechanism`` run."""
 
     steps: int
     train_loss: float
     num_examples: int
     seconds: float
-    dp: DPConfig | None
+    mechanism: Mechanism
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
@@ -141,9 +139,11 @@ def _check_data(data: TrainData) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     n = images.shape[0]
     if n == 0:
         raise ValueError("training data: no images")
-    for field, t in (("labels", labels), ("patients", patients)):
-        if not isinstance(t, torch.Tensor) or t.shape != (n,) or t.dtype != torch.int64:
-            raise ValueError(f"training data: {field} must be an int64 tensor of shape [{n}]")
+    if not isinstance(patients, torch.Tensor) or patients.shape != (n,) or patients.dtype != torch.int64:
+        raise ValueError(f"training data: patients must be an int64 tensor of shape [{n}]")
+    # classification: one label per image [N]; segmentation: one label map per image [N, *spatial]
+    if not isinstance(labels, torch.Tensor) or labels.ndim < 1 or labels.shape[0] != n or labels.dtype != torch.int64:
+        raise ValueError(f"training data: labels must be an int64 tensor of shape [{n}] or [{n}, *spatial]")
     if int(patients.min()) < 0:
         raise ValueError("training data: patients must be indices 0..P-1")
     if int(labels.min()) < 0:
@@ -193,11 +193,12 @@ class PrivateStep:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        dp: DPConfig,
+        dp: Mechanism,
         *,
         expected_batch_size: int,
         grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
         generator: torch.Generator | None = None,
+        criterion: Criterion = cross_entropy,
     ) -> None:
         grad_sample_mode = resolve_grad_sample_mode(model, grad_sample_mode)
         self.mode = grad_sample_mode
@@ -220,7 +221,7 @@ class PrivateStep:
                 model, optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.clip_norm,
                 expected_batch_size=expected_batch_size, generator=generator,
             )
-            self.loss_fn = nn.CrossEntropyLoss(reduction="sum")
+            self.loss_fn = criterion("sum")
         elif self.ghost:
             # Opacus' ghost clipping: every piece must agree on "mean"; the second backward sums the
             # re-weighted per-sample losses and the optimizer divides the noisy sum by expected_batch_size.
@@ -232,7 +233,7 @@ class PrivateStep:
                 expected_batch_size=expected_batch_size, loss_reduction="mean", generator=generator,
             )
             self.loss_fn = DPLossFastGradientClipping(
-                self.gsm, self.optimizer, nn.CrossEntropyLoss(reduction="mean"), loss_reduction="mean"
+                self.gsm, self.optimizer, criterion("mean"), loss_reduction="mean"
             )
         else:
             # Loss = SUM over the batch, so per-sample gradients are true per-example gradients; the
@@ -245,7 +246,7 @@ class PrivateStep:
                 optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.clip_norm,
                 expected_batch_size=expected_batch_size, loss_reduction="mean", generator=generator,
             )
-            self.loss_fn = nn.CrossEntropyLoss(reduction="sum")
+            self.loss_fn = criterion("sum")
 
     def _empty_batch(self) -> None:
         """No sampled patient: a zero contribution goes through Opacus, which still adds the noise."""
@@ -309,30 +310,32 @@ def make_optimizer(
 def train_local(
     model: nn.Module,
     data: TrainData,
+    mechanism: Mechanism,
     *,
-    steps: int,
     lr: float,
     device: torch.device | str,
-    dp: DPConfig | None,
     batch_size: int = 64,
     seed: int | None = None,
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
     reproducible_dp: bool = False,
     optimizer: str = DEFAULT_OPTIMIZER,
     momentum: float = DEFAULT_MOMENTUM,
+    criterion: Criterion = cross_entropy,
 ) -> LocalTrainResult:
-    """Train ``model`` in place for exactly ``steps`` optimizer steps.
+    """Train ``model`` in place for exactly ``mechanism.steps`` optimizer steps.
 
     Parameters
     ----------
     model: the network (from ``models.build_model``); its weights are updated in place and it is left
         unwrapped (no Opacus hooks or attributes) on its original device.
-    data: images [N, C, ...] float, labels [N] int64, patients [N] int64 (0..P-1).
-    steps: optimizer steps (each one is one sampled batch; the accountant charges exactly these).
+    data: images [N, C, ...] float, labels [N] int64 (or [N, ...] label maps for segmentation), patients [N]
+        int64 (0..P-1).
+    mechanism: the round's :class:`~contract.mechanism.Mechanism`: ``steps`` optimizer steps (each one sampled
+        batch; the accountant charges exactly these). ``dp=False``: plain minibatch training over images
+        (shuffled epochs of ``batch_size``); otherwise patient-level DP-SGD (module docstring) with σ, C and q
+        from the mechanism, and ``batch_size`` is ignored (the batch is ~ q * P).
     lr: learning rate of ``optimizer``.
     device: where to train; cuda falls back to cpu when unavailable.
-    dp: ``None`` = plain minibatch training over images (shuffled epochs of ``batch_size``); otherwise
-        patient-level DP-SGD (module docstring) and ``batch_size`` is ignored (the batch is ~ q * P).
     seed: makes the non-private path reproducible (shuffling). It does NOT drive the DP randomness unless
         ``reproducible_dp`` is set: whoever can recompute the noise can subtract it from the update, and whoever
         knows which patients were sampled voids the amplification the accountant counts on — and a seed is
@@ -344,9 +347,11 @@ def train_local(
     optimizer: ``"sgd"`` (default, with ``momentum``) or ``"adam"``; anything else is a ``ValueError``. Under DP
         the optimizer only post-processes the noised gradient, so it changes utility, never the privacy spent.
     momentum: SGD heavy-ball momentum in [0, 1) (default 0.9); the momentum buffer starts at zero every call.
+    criterion: the task's loss (:data:`Criterion`); cross-entropy by default.
     """
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
+    check_mechanism(mechanism)
+    steps = mechanism.steps
+    dp = mechanism if mechanism.dp else None
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be finite and > 0, got {lr}")
     if batch_size < 1:
@@ -368,7 +373,7 @@ def train_local(
     model.to(dev)
     model.train()
     opt = make_optimizer(model.parameters(), optimizer, lr=lr, momentum=momentum)
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    loss_fn = criterion("sum")
     losses: list[float] = []
     t0 = time.perf_counter()
     if dp is None:
@@ -389,7 +394,8 @@ def train_local(
         sampler = PatientSampler(patients, dp.sample_rate, generator)
         expected = max(1, round(dp.sample_rate * sampler.num_patients))
         private = PrivateStep(
-            model, opt, dp, expected_batch_size=expected, grad_sample_mode=grad_sample_mode, generator=noise_gen
+            model, opt, dp, expected_batch_size=expected, grad_sample_mode=grad_sample_mode, generator=noise_gen,
+            criterion=criterion,
         )
         try:
             with warnings.catch_warnings():
@@ -407,5 +413,5 @@ def train_local(
     seconds = time.perf_counter() - t0
     train_loss = float(sum(losses) / len(losses)) if losses else float("nan")
     return LocalTrainResult(
-        steps=steps, train_loss=train_loss, num_examples=int(images.shape[0]), seconds=seconds, dp=dp
+        steps=steps, train_loss=train_loss, num_examples=int(images.shape[0]), seconds=seconds, mechanism=mechanism
     )

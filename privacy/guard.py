@@ -47,6 +47,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+from contract.mechanism import RECORD_KEYS, Mechanism
 from privacy.accounting import canonical_history, compute_epsilon
 from privacy.ledger import LedgerError, SiteLedger, epsilon_json, record_hash
 from privacy.policy import SitePolicy
@@ -59,11 +60,13 @@ CLIP_OUT_OF_POLICY = "CLIP_OUT_OF_POLICY"
 STEPS_OUT_OF_POLICY = "STEPS_OUT_OF_POLICY"
 SAMPLE_RATE_OUT_OF_POLICY = "SAMPLE_RATE_OUT_OF_POLICY"
 NON_DP_NOT_ALLOWED = "NON_DP_NOT_ALLOWED"
+ACCOUNTANT_OUT_OF_POLICY = "ACCOUNTANT_OUT_OF_POLICY"
 BAD_REQUEST = "BAD_REQUEST"
 REFUSAL_CODES: tuple[str, ...] = (BUDGET_EXCEEDED, NOISE_OUT_OF_POLICY, CLIP_OUT_OF_POLICY, STEPS_OUT_OF_POLICY,
-                                  SAMPLE_RATE_OUT_OF_POLICY, NON_DP_NOT_ALLOWED, BAD_REQUEST)
+                                  SAMPLE_RATE_OUT_OF_POLICY, NON_DP_NOT_ALLOWED, ACCOUNTANT_OUT_OF_POLICY,
+                                  BAD_REQUEST)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_MECHANISM = ("dp", "noise_multiplier", "clip_norm", "sample_rate", "steps")
+_MECHANISM = RECORD_KEYS
 
 
 class BudgetRefused(Exception):
@@ -77,15 +80,12 @@ class BudgetRefused(Exception):
 
 @dataclass(frozen=True)
 class RoundRequest:
-    """What the server asks of the site for one round (from the round's config record)."""
+    """What the server asks of the site for one round (from the round's config record): which round, and the
+    one :class:`~contract.mechanism.Mechanism` it would charge."""
 
     run_id: str
     server_round: int
-    noise_multiplier: float
-    clip_norm: float
-    sample_rate: float
-    steps: int
-    dp: bool = True
+    mechanism: Mechanism
 
 
 @dataclass(frozen=True)
@@ -194,7 +194,7 @@ class BudgetGuard:
                 refusal = BudgetRefused(*problem)
                 self._append_refusal(txn, req, refusal, hist, spent, None, weights_in_sha256)
             elif replay is not None:
-                if req.dp and spent > self.policy.max_epsilon:
+                if req.mechanism.dp and spent > self.policy.max_epsilon:
                     refusal = BudgetRefused(BUDGET_EXCEEDED, f"site budget exhausted: spent ε={_fmt(spent)} of "
                                             f"{self.policy.max_epsilon:.2f}")
                     self._append_refusal(txn, req, refusal, hist, spent, spent, weights_in_sha256)
@@ -203,14 +203,14 @@ class BudgetGuard:
                              req.run_id, req.server_round, replay["seq"])
                     return self._reservation(replay, replayed=True)
             else:
-                charge = (float(req.noise_multiplier) if req.dp else 0.0, float(req.sample_rate), int(req.steps))
+                charge = req.mechanism.charge()
                 after_hist = hist + [charge]
                 after = self.epsilon_of(after_hist)
-                if req.dp and after > self.policy.max_epsilon:
+                if req.mechanism.dp and after > self.policy.max_epsilon:
                     refusal = BudgetRefused(BUDGET_EXCEEDED, self._budget_message(spent, after, req))
                     self._append_refusal(txn, req, refusal, hist, spent, after, weights_in_sha256)
                 else:
-                    if not req.dp:
+                    if not req.mechanism.dp:
                         log.warning("run %s round %s: NON-DP round allowed by policy; this dataset's epsilon is now "
                                     "infinite and every later DP round will be refused", req.run_id, req.server_round)
                     rec = txn.append({
@@ -226,7 +226,8 @@ class BudgetGuard:
         raise refusal
 
     def _budget_message(self, spent: float, after: float, req: RoundRequest) -> str:
-        mech = f"σ={req.noise_multiplier:g}, q={req.sample_rate:.3g}, {req.steps} steps"
+        m = req.mechanism
+        mech = f"σ={m.noise_multiplier:g}, q={m.sample_rate:.3g}, {m.steps} steps"
         if math.isinf(spent):
             return (f"site budget exhausted: a non-DP round was run on this dataset, so its epsilon is ∞ "
                     f"(budget {self.policy.max_epsilon:.2f}); no further DP round is possible ({mech})")
@@ -234,42 +235,45 @@ class BudgetGuard:
                 f"this round would reach ε={_fmt(after)} ({mech})")
 
     def _policy_problem(self, req: RoundRequest) -> tuple[str, str] | None:
-        p = self.policy
+        p, m = self.policy, req.mechanism
         if not isinstance(req.run_id, str) or not req.run_id or len(req.run_id) > 200:
             return BAD_REQUEST, "the round request has no valid run id"
         if isinstance(req.server_round, bool) or not isinstance(req.server_round, int) or req.server_round < 0:
             return BAD_REQUEST, f"the round request's server round {req.server_round!r} is not a non-negative integer"
-        if not isinstance(req.dp, bool):
+        if not isinstance(m, Mechanism):
+            return BAD_REQUEST, "the round request carries no DP mechanism"
+        if not isinstance(m.dp, bool):
             return BAD_REQUEST, "the round request's dp flag is not a boolean"
         for name in ("noise_multiplier", "clip_norm", "sample_rate"):
-            v = getattr(req, name)
+            v = getattr(m, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 return BAD_REQUEST, f"the round request's {name.replace('_', ' ')} {v!r} is not a finite number"
-        if isinstance(req.steps, bool) or not isinstance(req.steps, int):
-            return BAD_REQUEST, f"the round request's local steps {req.steps!r} is not an integer"
-        if not req.dp and not p.allow_non_dp:
+        if isinstance(m.steps, bool) or not isinstance(m.steps, int):
+            return BAD_REQUEST, f"the round request's local steps {m.steps!r} is not an integer"
+        if m.accountant and m.accountant != p.accountant:
+            return ACCOUNTANT_OUT_OF_POLICY, (f"the run asks for the {m.accountant!r} accountant; this site charges its "
+                                              f"lifetime budget with {p.accountant!r}")
+        if not m.dp and not p.allow_non_dp:
             return NON_DP_NOT_ALLOWED, "this site's policy does not allow training without differential privacy"
         lo, hi = p.local_steps
-        if not lo <= req.steps <= hi:
-            return STEPS_OUT_OF_POLICY, f"local steps {req.steps} outside this site's allowed range [{lo}, {hi}]"
-        if not 0 < req.sample_rate <= p.max_sample_rate:
-            return SAMPLE_RATE_OUT_OF_POLICY, (f"sampling rate q={req.sample_rate:.4g} outside this site's allowed "
+        if not lo <= m.steps <= hi:
+            return STEPS_OUT_OF_POLICY, f"local steps {m.steps} outside this site's allowed range [{lo}, {hi}]"
+        if not 0 < m.sample_rate <= p.max_sample_rate:
+            return SAMPLE_RATE_OUT_OF_POLICY, (f"sampling rate q={m.sample_rate:.4g} outside this site's allowed "
                                                f"range (0, {p.max_sample_rate:g}]")
-        if req.dp:
+        if m.dp:
             lo, hi = p.noise_multiplier
-            if not lo <= req.noise_multiplier <= hi:
-                return NOISE_OUT_OF_POLICY, (f"noise multiplier σ={req.noise_multiplier:g} outside this site's "
+            if not lo <= m.noise_multiplier <= hi:
+                return NOISE_OUT_OF_POLICY, (f"noise multiplier σ={m.noise_multiplier:g} outside this site's "
                                              f"allowed range [{lo:g}, {hi:g}]")
             lo, hi = p.clip_norm
-            if not lo <= req.clip_norm <= hi:
-                return CLIP_OUT_OF_POLICY, f"clip norm C={req.clip_norm:g} outside this site's allowed range [{lo:g}, {hi:g}]"
+            if not lo <= m.clip_norm <= hi:
+                return CLIP_OUT_OF_POLICY, f"clip norm C={m.clip_norm:g} outside this site's allowed range [{lo:g}, {hi:g}]"
         return None
 
     @staticmethod
     def _mechanism(req: RoundRequest) -> dict[str, Any]:
-        return {"run_id": req.run_id, "server_round": int(req.server_round), "dp": bool(req.dp),
-                "noise_multiplier": float(req.noise_multiplier), "clip_norm": float(req.clip_norm),
-                "sample_rate": float(req.sample_rate), "steps": int(req.steps)}
+        return {"run_id": req.run_id, "server_round": int(req.server_round), **req.mechanism.to_record()}
 
     def _find_replay(self, records: list[dict], req: RoundRequest, weights_in: str) -> dict | None:
         want = self._mechanism(req)
@@ -301,7 +305,8 @@ class BudgetGuard:
         try:
             body.update(self._mechanism(req))
         except (TypeError, ValueError):  # malformed request: record what can be recorded
-            body.update(run_id=str(req.run_id)[:200], server_round=-1, dp=bool(req.dp))
+            body.update(run_id=str(req.run_id)[:200], server_round=-1,
+                        dp=bool(getattr(req.mechanism, "dp", True)))
         txn.append(body)
         log.warning("refused run %s round %s [%s]: %s", req.run_id, req.server_round, refusal.code, refusal.message)
 

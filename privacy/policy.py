@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 from privacy.ledger import canonical_json, sha256_hex
 
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
-# "num-examples" is the wire name (atoll.wire.NUM_EXAMPLES); FedAvg needs it, so the ClientApp always releases it.
+# "num-examples" is the wire name (contract.wire.NUM_EXAMPLES); FedAvg needs it, so the ClientApp always releases it.
 DEFAULT_RELEASED_METRICS: tuple[str, ...] = ("num-examples", "train_loss", "val_loss", "val_accuracy", "val_auc")
 _METRIC_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 

@@ -17,8 +17,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from atoll import wire
-from models import build_model
+from contract import wire
+from models import build_task_model
 from server import robust
 from server.outputs import RunOutputs
 from server.secagg import SecAggRounds
@@ -58,11 +58,11 @@ def run_consortium(grid: Grid, settings: RunSettings, flower_run_id: int) -> Run
     out = RunOutputs.create(Path(settings.run_dir), run_name, settings)
     strategy = build_strategy(settings)
     torch.manual_seed(settings.seed)
-    model = build_model(settings.model, spatial_dims=2, in_channels=1, num_classes=2)
+    model = build_task_model(settings.model, settings.task)
     arrays = ArrayRecord(model.state_dict())
     out.save_weights(0, arrays)
-    log.info("run %s: %d rounds, model %s, %s", run_name, settings.num_server_rounds, settings.model,
-             f"DP-SGD sigma={settings.noise_multiplier} C={settings.clip_norm}" if settings.dp else "no DP")
+    log.info("run %s: %d rounds, task %s, model %s, %s", run_name, settings.num_server_rounds,
+             settings.task.describe(), settings.model, settings.mechanism.describe())
     secagg = SecAggRounds(grid, settings) if settings.secagg else None  # the fit under SecAgg+
     try:
         for rnd in range(1, settings.num_server_rounds + 1):

@@ -59,16 +59,33 @@ def add_run_shape_arguments(p: argparse.ArgumentParser) -> None:
     """What a run does with the sites' data, and so what they approve: shared by `atoll run start` and
     `atoll run manifest`, with RunSettings' defaults, so that a default run matches a default manifest."""
     d = RunSettings()
+    t, m = d.task, d.mechanism
     p.add_argument("--rounds", type=int, default=d.num_server_rounds)
     p.add_argument("--model", default=d.model)
-    p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--local-steps", type=int, default=d.local_steps)
+    task = p.add_argument_group("task (what the sites approve and check against their data)")
+    task.add_argument("--task", default=t.kind, choices=("classification", "segmentation"),
+                      help=f"task kind (default: {t.kind})")
+    task.add_argument("--classes", default=None,
+                      help="classification: class names in output order, comma-separated "
+                           f"(default: {','.join(t.classes)})")
+    task.add_argument("--labels", default="", help="segmentation: foreground label names, comma-separated")
+    task.add_argument("--spatial-dims", type=int, default=t.spatial_dims, choices=(2, 3),
+                      help=f"2 (images) or 3 (volumes) (default: {t.spatial_dims})")
+    task.add_argument("--in-channels", type=int, default=t.in_channels, help=f"default: {t.in_channels}")
+    task.add_argument("--image-size", default=str(t.size[0]),
+                      help=f"input side (square / cube) or H,W / D,H,W (default: {t.size[0]})")
+    task.add_argument("--spacing-mm", default="", help="3D: target voxel spacing, e.g. 1,1,1")
+    task.add_argument("--orientation", default="", help="3D: axis codes to reorient to, e.g. RAS")
+    task.add_argument("--modalities", default="", help="DICOM modalities the task is for, e.g. CR,DX (default: any)")
+    p.add_argument("--local-steps", type=int, default=m.steps)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="minibatch size without DP")
-    p.add_argument("--sample-rate", type=float, default=d.sample_rate,
+    p.add_argument("--sample-rate", type=float, default=m.sample_rate,
                    help="DP-SGD: probability that a patient is in a step's batch")
-    p.add_argument("--noise-multiplier", type=float, default=d.noise_multiplier)
-    p.add_argument("--clip-norm", type=float, default=d.clip_norm)
+    p.add_argument("--noise-multiplier", type=float, default=m.noise_multiplier)
+    p.add_argument("--clip-norm", type=float, default=m.clip_norm)
+    p.add_argument("--accountant", default=m.accountant, choices=("", "rdp", "prv"),
+                   help="accountant the sites must charge with (default: each site's policy)")
     p.add_argument("--no-dp", action="store_true", help="ask for non-DP training (sites refuse unless allowed)")
     p.add_argument("--secagg", action="store_true",
                    help="aggregate under SecAgg+ (the server sees only the sum of the masked updates; "
@@ -77,10 +94,14 @@ def add_run_shape_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_shape_config(args: argparse.Namespace) -> dict:
     """The run-config keys set by :func:`add_run_shape_arguments`."""
-    return {"num-server-rounds": args.rounds, "model": args.model, "image-size": args.image_size,
-            "local-steps": args.local_steps, "lr": args.lr, "batch-size": args.batch_size,
-            "sample-rate": args.sample_rate, "noise-multiplier": args.noise_multiplier, "clip-norm": args.clip_norm,
-            "dp": not args.no_dp, "secagg": args.secagg}
+    return {"num-server-rounds": args.rounds, "model": args.model, "task": args.task,
+            "classes": args.classes if args.classes is not None else
+            (",".join(RunSettings().task.classes) if args.task == "classification" else ""),
+            "labels": args.labels, "spatial-dims": args.spatial_dims, "in-channels": args.in_channels,
+            "image-size": args.image_size, "spacing-mm": args.spacing_mm, "orientation": args.orientation,
+            "modalities": args.modalities, "local-steps": args.local_steps, "lr": args.lr,
+            "batch-size": args.batch_size, "sample-rate": args.sample_rate, "noise-multiplier": args.noise_multiplier,
+            "clip-norm": args.clip_norm, "accountant": args.accountant, "dp": not args.no_dp, "secagg": args.secagg}
 
 
 def _start(args: argparse.Namespace) -> int:

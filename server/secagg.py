@@ -44,7 +44,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 
-from atoll import wire
+from contract import wire
 from privacy.secagg_prg import check_num_shares, install
 
 __all__ = ["SecAggRounds", "SecureSecAggPlusWorkflow", "run_secaggplus"]

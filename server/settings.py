@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from atoll.wire import RoundConfig
+from contract import Mechanism, MechanismError, TaskError, TaskSpec
+from contract._fields import KINDS, coerce, key_of
+from contract.wire import RoundConfig
 from privacy.secagg_prg import check_num_shares
 
 
@@ -17,13 +19,15 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class RunSettings:
-    """Run-config keys are the field names with '-' for '_' (e.g. `num-server-rounds`).
+    """Run-config keys are the field names with '-' for '_' (e.g. `num-server-rounds`); the task's and the
+    mechanism's keys are theirs (:meth:`TaskSpec.to_config`, :meth:`Mechanism.to_config`), flat beside them.
 
     The training defaults are Atoll's DP recipe (README "Benchmarks", bench/utility.py): per round and site
     100 local steps of DP-SGD with SGD momentum 0.9 (privacy.dpsgd's default optimizer) at lr 0.05, patients
-    Poisson-sampled at q = 0.1, per-patient clip norm C = 4 and noise multiplier sigma = 2. Three rounds spend
-    epsilon ~ 4 at delta = 1/(10 x patients) on the demo hospitals. ``pyproject.toml [tool.flwr.app.config]``
-    repeats these values and ``atoll demo`` uses them (tests/test_dp_utility.py keeps them equal).
+    Poisson-sampled at q = 0.1, per-patient clip norm C = 4 and noise multiplier sigma = 2 (:class:`Mechanism`'s
+    defaults). Three rounds spend epsilon ~ 4 at delta = 1/(10 x patients) on the demo hospitals.
+    ``pyproject.toml [tool.flwr.app.config]`` repeats these values (tests/test_wire_and_settings.py checks it)
+    and ``atoll demo`` uses them.
     """
 
     num_server_rounds: int = 3
@@ -31,14 +35,8 @@ class RunSettings:
     run_dir: str = ""
     keys_dir: str = ""
     model: str = "atollnet"
-    image_size: int = 28
-    local_steps: int = 100
     lr: float = 0.05
     batch_size: int = 64
-    sample_rate: float = 0.1
-    dp: bool = True
-    noise_multiplier: float = 2.0
-    clip_norm: float = 4.0
     strategy: str = "fedavg"
     max_update_norm: float = 0.0  # reject updates with ||update - global|| above this; 0 = no bound
     min_sites: int = 2
@@ -50,21 +48,25 @@ class RunSettings:
     secagg_num_shares: float = 1.0                # shares per site: odd count >= 3, or fraction of sites (<= 1)
     secagg_reconstruction_threshold: float = 0.6  # shares that rebuild a secret: count >= 2, or fraction (<= 1)
     secagg_max_weight: float = 10000.0            # largest num-examples a site may weight its update by
+    task: TaskSpec = field(default_factory=TaskSpec)
+    mechanism: Mechanism = field(default_factory=Mechanism)
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> "RunSettings":
-        known = {f.name.replace("_", "-"): f for f in fields(cls)}
         kwargs: dict[str, Any] = {}
-        for key, value in run_config.items():
-            if key not in known:
+        for f in fields(cls):
+            key = key_of(f.name)
+            if f.name in _NESTED or key not in run_config:
                 continue  # Flower already rejects keys absent from pyproject; others belong to other apps
-            f = known[key]
-            kind = {"str": str, "int": int, "float": float, "bool": bool}[str(f.type)]
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-                raise SettingsError(f"run config '{key}' must be {kind.__name__}, got {value!r}")
-            kwargs[f.name] = value
+            try:
+                kwargs[f.name] = coerce(run_config[key], KINDS[str(f.type)], key, "run config")
+            except ValueError as exc:
+                raise SettingsError(str(exc)) from None
+        try:
+            kwargs["task"] = TaskSpec.from_config(run_config, where="run config")
+            kwargs["mechanism"] = Mechanism.from_config(run_config, where="run config")
+        except (TaskError, MechanismError, ValueError) as exc:
+            raise SettingsError(str(exc)) from None
         s = cls(**kwargs)
         s.check()
         return s
@@ -74,14 +76,12 @@ class RunSettings:
             if not ok:
                 raise SettingsError(f"run config '{key}' {what}")
         need(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1")
-        need(self.local_steps >= 1, "local-steps", "must be >= 1")
         need(self.lr > 0, "lr", "must be > 0")
         need(self.batch_size >= 1, "batch-size", "must be >= 1")
-        need(0 < self.sample_rate <= 1, "sample-rate", "must be in (0, 1]")
-        need(self.image_size >= 8, "image-size", "must be >= 8")
+        for key, what in (*self.mechanism.problems(), *self.task.problems()):
+            need(False, key, what)
+        need(self.task.spatial_dims == 3 or min(self.task.size) >= 8, "image-size", "must be >= 8")
         need(self.min_sites >= 1, "min-sites", "must be >= 1")
-        need(not self.dp or self.noise_multiplier > 0, "noise-multiplier", "must be > 0 when dp = true")
-        need(not self.dp or self.clip_norm > 0, "clip-norm", "must be > 0 when dp = true")
         need(self.max_update_norm >= 0, "max-update-norm", "must be >= 0 (0 = no bound)")
         need(self.round_timeout > 0, "round-timeout", "must be > 0")
         need(bool(self.run_dir) and Path(self.run_dir).is_absolute(), "run-dir",
@@ -127,14 +127,16 @@ class RunSettings:
 
     def to_run_config(self) -> dict[str, Any]:
         """As Flower's `--run-config` keys (the inverse of from_run_config)."""
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+        out = {key_of(f.name): getattr(self, f.name) for f in fields(self) if f.name not in _NESTED}
+        return {**out, **self.task.to_config(), **self.mechanism.to_config()}
 
     def name_for(self, flower_run_id: int) -> str:
         return self.run_name or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{flower_run_id % 100000:05d}"
 
     def round_config(self, run_name: str, server_round: int) -> RoundConfig:
         return RoundConfig(run_id=run_name, server_round=server_round, num_rounds=self.num_server_rounds,
-                           model=self.model,
-                           image_size=self.image_size, local_steps=self.local_steps, lr=self.lr,
-                           batch_size=self.batch_size, sample_rate=self.sample_rate, dp=self.dp, noise_multiplier=self.noise_multiplier,
-                           clip_norm=self.clip_norm, seed=self.seed, secagg=self.secagg)
+                           model=self.model, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
+                           secagg=self.secagg, task=self.task, mechanism=self.mechanism)
+
+
+_NESTED = ("task", "mechanism")

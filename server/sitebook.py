@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from atoll import wire
+from contract import wire
 from models import state_dict_sha256
 
 log = logging.getLogger("atoll.server")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from client import approval
+from contract import Mechanism, TaskSpec
 from client.approval import (
     ApprovalStore,
     ApprovalStoreError,
@@ -72,7 +73,8 @@ def _manifest(**over) -> RunManifest:
     base = dict(
         app_hash="ab" * 32,
         model="atollnet",
-        training=TrainingParams(dp=True, noise_multiplier=1.1, clip_norm=1.0, batch_size=32, local_steps=5, lr=0.01),
+        task=TaskSpec(),
+        mechanism=Mechanism(dp=True, noise_multiplier=1.1, clip_norm=1.0, steps=5), training=TrainingParams(batch_size=32, lr=0.01),
         num_rounds=3,
         outputs=outputs_from_state_dict(sd),
         metrics=("num-examples", "val_loss"),
@@ -102,7 +104,7 @@ def test_hash_is_canonical_over_order_and_int_float_spelling() -> None:
     b = _manifest(
         outputs=tuple(reversed(a.outputs)),
         metrics=("val_loss", "num-examples", "val_loss"),
-        training=TrainingParams(dp=True, noise_multiplier=1.1, clip_norm=1, batch_size=32, local_steps=5, lr=0.01),
+        mechanism=Mechanism(dp=True, noise_multiplier=1.1, clip_norm=1, steps=5), training=TrainingParams(batch_size=32, lr=0.01),
     )
     assert manifest_hash(a) == manifest_hash(b)
     assert len(manifest_hash(a)) == 64
@@ -116,12 +118,16 @@ def test_hash_is_canonical_over_order_and_int_float_spelling() -> None:
         {"num_rounds": 4},
         {"metrics": ("num-examples", "val_loss", "train_loss")},
         {"outputs": (TensorSpec("weight", (2, 4), "float64"), TensorSpec("bias", (2,), "float32"))},
-        {"training": TrainingParams(dp=True, noise_multiplier=1.0, clip_norm=1.0, batch_size=32, local_steps=5, lr=0.01)},
-        {"training": TrainingParams(dp=True, noise_multiplier=1.1, clip_norm=1.0, batch_size=32, local_steps=6, lr=0.01)},
-        {"training": TrainingParams(dp=True, noise_multiplier=1.1, clip_norm=1.0, batch_size=32, local_steps=5, lr=0.01,
-                                    sample_rate=0.1)},
-        {"training": TrainingParams(dp=False, noise_multiplier=1.1, clip_norm=1.0, batch_size=32, local_steps=5, lr=0.01)},
+        {"mechanism": Mechanism(dp=True, noise_multiplier=1.0, clip_norm=1.0, steps=5), "training": TrainingParams(batch_size=32, lr=0.01)},
+        {"mechanism": Mechanism(dp=True, noise_multiplier=1.1, clip_norm=1.0, steps=6), "training": TrainingParams(batch_size=32, lr=0.01)},
+        {"mechanism": Mechanism(dp=True, noise_multiplier=1.1, clip_norm=1.0, steps=5, sample_rate=0.2), "training": TrainingParams(batch_size=32, lr=0.01)},
+        {"mechanism": Mechanism(dp=False, noise_multiplier=1.1, clip_norm=1.0, steps=5), "training": TrainingParams(batch_size=32, lr=0.01)},
         {"secure_aggregation": True},
+        {"task": TaskSpec(classes=("normal", "viral", "bacterial"))},
+        {"task": TaskSpec(classes=("pneumonia", "normal"))},
+        {"task": TaskSpec(size=(64, 64))},
+        {"task": TaskSpec(modalities=("CR",))},
+        {"mechanism": Mechanism(noise_multiplier=1.1, clip_norm=1.0, steps=5, accountant="prv")},
     ],
 )
 def test_every_field_changes_the_hash(change: dict) -> None:
@@ -140,14 +146,18 @@ def test_json_round_trip(tmp_path: Path) -> None:
         (lambda d: d.pop("model"), "missing field"),
         (lambda d: d.update(extra=1), "unknown field"),
         (lambda d: d.update(app_hash="xyz"), "app_hash"),
-        (lambda d: d["training"].update(noise_multiplier=float("nan")), "noise_multiplier"),
+        (lambda d: d["mechanism"].update(noise_multiplier=float("nan")), "noise-multiplier"),
         (lambda d: d["training"].update(lr=0), "training.lr"),
-        (lambda d: d["training"].update(local_steps=True), "local_steps"),
-        (lambda d: d["training"].update(sample_rate=1.5), "sample_rate"),
+        (lambda d: d["mechanism"].update(steps=True), "steps"),
+        (lambda d: d["mechanism"].update(sample_rate=1.5), "sample-rate"),
+        (lambda d: d["mechanism"].pop("clip_norm"), "missing field"),
+        (lambda d: d.pop("task"), "missing field"),
+        (lambda d: d["task"].update(classes=["normal"]), "at least 2"),
+        (lambda d: d["task"].update(kind="detection"), "task"),
         (lambda d: d.update(num_rounds=0), "num_rounds"),
         (lambda d: d["outputs"][0].update(shape=[-1]), "shape"),
         (lambda d: d.update(outputs=[]), "at least one tensor"),
-        (lambda d: d.update(atoll_run_manifest=2), "atoll_run_manifest"),
+        (lambda d: d.update(atoll_run_manifest=1), "atoll_run_manifest"),
     ],
 )
 def test_malformed_manifests_name_file_and_field(tmp_path: Path, mutate, match: str) -> None:
@@ -161,8 +171,8 @@ def test_malformed_manifests_name_file_and_field(tmp_path: Path, mutate, match: 
 
 
 def test_dp_on_needs_noise() -> None:
-    with pytest.raises(ManifestError, match="noise_multiplier must be > 0"):
-        TrainingParams(dp=True, noise_multiplier=0.0, clip_norm=1.0, batch_size=1, local_steps=1, lr=0.1)
+    with pytest.raises(ManifestError, match="not a valid DP mechanism"):
+        _manifest(mechanism=Mechanism(dp=True, noise_multiplier=0.0))
 
 
 # ----------------------------------------------------------------------------- app hash
@@ -224,9 +234,9 @@ def test_refusal_names_the_fields_that_differ(tmp_path: Path) -> None:
     store.approve(_manifest(), by="op")
     changed = _manifest(
         num_rounds=10,
-        training=TrainingParams(dp=True, noise_multiplier=0.5, clip_norm=1.0, batch_size=32, local_steps=5, lr=0.01),
+        mechanism=Mechanism(dp=True, noise_multiplier=0.5, clip_norm=1.0, steps=5), training=TrainingParams(batch_size=32, lr=0.01),
     )
-    with pytest.raises(RunNotApproved, match=r"differs from an approved run in: num_rounds, training\.noise_multiplier"):
+    with pytest.raises(RunNotApproved, match=r"differs from an approved run in: mechanism\.noise_multiplier, num_rounds"):
         store.check_approved(changed)
     with pytest.raises(RunNotApproved, match="app code .* was never approved"):
         store.check_approved(_manifest(app_hash="ef" * 32))
@@ -288,7 +298,7 @@ def test_cli_shows_what_runs_and_records_approval(tmp_path: Path, capsys: pytest
 
 
 def test_cli_warns_loudly_when_dp_is_off(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    m = _manifest(training=TrainingParams(dp=False, noise_multiplier=0.0, clip_norm=1.0, batch_size=8, local_steps=1, lr=0.1))
+    m = _manifest(mechanism=Mechanism(dp=False, noise_multiplier=0.0, clip_norm=1.0, steps=1), training=TrainingParams(batch_size=8, lr=0.1))
     mf = save_manifest(m, tmp_path / "m.json")
     args = _cli(["approve", "--state-dir", str(tmp_path / "s"), "--manifest", str(mf), "--yes"])
     assert args.func(args) == 0

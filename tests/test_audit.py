@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from privacy.audit import verify_run
+from contract import Mechanism
 from privacy.guard import BudgetGuard, BudgetRefused, RoundRequest
 from privacy.keys import ensure_site_key, generate_private_key, load_private_key, public_key_pem
 from privacy.ledger import ConsortiumLedger, SiteLedger, canonical_json, sign_record
@@ -38,15 +39,14 @@ def make_consortium(root: Path, *, rounds: int = 3, accountant: str = "rdp", pri
         runs = ["run-0", RUN] if prior_run and site == "hospital-a" else [RUN]
         for run in runs:
             for rnd in range(1, rounds + 1):
-                req = RoundRequest(run, rnd, noise_multiplier=1.0 + 0.1 * rnd, clip_norm=1.0, sample_rate=0.04,
-                                   steps=30)
+                req = RoundRequest(run, rnd, Mechanism(noise_multiplier=1.0 + 0.1 * rnd, clip_norm=1.0, sample_rate=0.04, steps=30))
                 res = guard.reserve(req, weights_in_sha256=f"{rnd:064x}")
                 rec = guard.complete(res, update_sha256=f"{rnd + 100:064x}")
                 if run == RUN:
                     server.accept(json.loads(json.dumps(rec)), site=site)
         if site == "hospital-a":
             with pytest.raises(BudgetRefused):
-                guard.reserve(RoundRequest(RUN, 9, 0.1, 1.0, 0.04, 30), weights_in_sha256="0" * 64)
+                guard.reserve(RoundRequest(RUN, 9, Mechanism(noise_multiplier=0.1, clip_norm=1.0, sample_rate=0.04, steps=30)), weights_in_sha256="0" * 64)
     return run_dir
 
 

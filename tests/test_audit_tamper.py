@@ -17,6 +17,7 @@ import pytest
 
 from privacy.audit import verify_run
 from privacy.cli import add_audit_parser
+from contract import Mechanism
 from privacy.guard import BudgetGuard, BudgetRefused, RoundRequest
 from privacy.keys import generate_private_key, write_public_key
 from privacy.ledger import ConsortiumLedger, SiteLedger, canonical_json, sign_record
@@ -57,16 +58,16 @@ def _build(root: Path) -> World:
         guards[name] = BudgetGuard(SiteLedger(ledgers[name], site=name, signing_key=key), policy, num_patients=400)
     # an earlier run at hospital-a: not in this run's server copy, but part of its lifetime budget
     g = guards["hospital-a"]
-    g.complete(g.reserve(RoundRequest("run-0", 1, 1.0, 1.0, 0.05, 20), weights_in_sha256=W), update_sha256=_h("old"))
+    g.complete(g.reserve(RoundRequest("run-0", 1, Mechanism(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.05, steps=20)), weights_in_sha256=W), update_sha256=_h("old"))
     server = ConsortiumLedger(run_dir, keys_dir)
     for rnd in (1, 2, 3):
         for name in SITES:
             g = guards[name]
-            res = g.reserve(RoundRequest(RUN, rnd, 1.0, 1.0, 0.05, 20), weights_in_sha256=_h(f"w{rnd}"))
+            res = g.reserve(RoundRequest(RUN, rnd, Mechanism(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.05, steps=20)), weights_in_sha256=_h(f"w{rnd}"))
             rec = g.complete(res, update_sha256=_h(f"{name}{rnd}"))
             server.accept(json.loads(json.dumps(rec)), site=name)  # as it arrives over the wire
     with pytest.raises(BudgetRefused):  # out of policy: recorded on site, never sent
-        guards["hospital-b"].reserve(RoundRequest(RUN, 4, 0.1, 1.0, 0.05, 20), weights_in_sha256=_h("w4"))
+        guards["hospital-b"].reserve(RoundRequest(RUN, 4, Mechanism(noise_multiplier=0.1, clip_norm=1.0, sample_rate=0.05, steps=20)), weights_in_sha256=_h("w4"))
     return World(root, run_dir, keys_dir, ledgers, keys)
 
 
@@ -308,7 +309,7 @@ def test_honest_large_sample_rate_record_passes(tmp_path: Path) -> None:
     write_public_key(key, run_dir / "keys" / "small.pub")
     policy = SitePolicy.from_table({"max_epsilon": 12.0, "noise_multiplier": [1.0, 10.0]}, where="test [privacy]")
     guard = BudgetGuard(SiteLedger(tmp_path / "small.jsonl", site="small", signing_key=key), policy, num_patients=100)
-    rec = guard.complete(guard.reserve(RoundRequest("r1", 1, 1.5, 1.0, 0.3, 100), weights_in_sha256=W),
+    rec = guard.complete(guard.reserve(RoundRequest("r1", 1, Mechanism(noise_multiplier=1.5, clip_norm=1.0, sample_rate=0.3, steps=100)), weights_in_sha256=W),
                          update_sha256=_h("u"))
     ConsortiumLedger(run_dir, run_dir / "keys").accept(json.loads(json.dumps(rec)), site="small")
     hist = ((1.5, 0.3, 100),)

@@ -22,6 +22,7 @@ from atoll.demo import approve_run, prepare_site_keys
 from atoll.localnet import LocalConsortium
 from conftest import REPO
 from privacy.accounting import compute_epsilon
+from contract import Mechanism
 from server.settings import RunSettings
 
 pytestmark = pytest.mark.slow
@@ -59,10 +60,8 @@ def test_a_clientapp_killed_mid_round_leaves_its_reservation_charged(demo_consor
     cfg.write_text(re.sub(r"(?m)^max_epsilon = .*$", "max_epsilon = 1000.0", cfg.read_text()))
     keys = prepare_site_keys(tmp_path, ["hospital-c"])
     ledger = site / "state" / "ledger.jsonl"
-    long_round = RunSettings(run_dir=str(tmp_path / "runs"), run_name="killed", keys_dir=str(keys),
-                             num_server_rounds=1, local_steps=2000, num_sites=1, min_sites=1, round_timeout=30.0)
-    short_round = RunSettings(run_dir=str(tmp_path / "runs"), run_name="after", keys_dir=str(keys),
-                              num_server_rounds=1, local_steps=2, num_sites=1, min_sites=1)
+    long_round = RunSettings(run_dir=str(tmp_path / "runs"), run_name="killed", keys_dir=str(keys), num_server_rounds=1, num_sites=1, min_sites=1, round_timeout=30.0, mechanism=Mechanism(steps=2000))
+    short_round = RunSettings(run_dir=str(tmp_path / "runs"), run_name="after", keys_dir=str(keys), num_server_rounds=1, num_sites=1, min_sites=1, mechanism=Mechanism(steps=2))
     approve_run([cfg], long_round)
     approve_run([cfg], short_round)
 

@@ -12,6 +12,7 @@ from atoll.demo import approve_run, prepare_site_keys
 from atoll.demo_data import HOSPITALS
 from atoll.localnet import BIN, LocalConsortium, free_port
 from conftest import REPO
+from contract import Mechanism
 from server.settings import RunSettings
 
 pytestmark = pytest.mark.slow
@@ -30,8 +31,7 @@ def test_two_rounds_across_three_supernodes(fresh_consortium, tmp_path):
     keys = prepare_site_keys(fresh_consortium, [h.name for h in HOSPITALS])
     run_dir = tmp_path / "runs"
     net = LocalConsortium(REPO, configs, insecure=True, workdir=tmp_path / "net")
-    settings = RunSettings(run_dir=str(run_dir), run_name="deploy-test", keys_dir=str(keys),
-                           num_server_rounds=2, local_steps=5, num_sites=3)
+    settings = RunSettings(run_dir=str(run_dir), run_name="deploy-test", keys_dir=str(keys), num_server_rounds=2, num_sites=3, mechanism=Mechanism(steps=5))
     approve_run(configs, settings)
     with net:
         run_id = net.submit(settings.to_run_config())
@@ -80,8 +80,7 @@ def test_tls_and_node_auth_run_and_a_plaintext_node_cannot_join(fresh_consortium
     keys = prepare_site_keys(fresh_consortium, names)
     pki = init_consortium(tmp_path / "pki", hosts=["localhost"])
     node_keys = [enroll_site(tmp_path / "nodes" / n, n, ca_cert=pki.ca_cert)[0].private_key for n in names]
-    settings = RunSettings(run_dir=str(tmp_path / "runs"), run_name="tls", keys_dir=str(keys),
-                           num_server_rounds=2, local_steps=3, num_sites=3)
+    settings = RunSettings(run_dir=str(tmp_path / "runs"), run_name="tls", keys_dir=str(keys), num_server_rounds=2, num_sites=3, mechanism=Mechanism(steps=3))
     approve_run(configs, settings)
     tls = {"ca": pki.ca_cert, "cert": pki.server_cert, "key": pki.server_key}
     with LocalConsortium(REPO, configs, tls=tls, node_keys=node_keys, workdir=tmp_path / "net") as net:
@@ -109,8 +108,7 @@ def test_a_run_the_sites_did_not_approve_is_refused_by_every_site(demo_consortiu
     ledgers = [demo_consortium / n / "state" / "ledger.jsonl" for n in names]
     before = [p.read_bytes() if p.exists() else b"" for p in ledgers]
     # lr 0.0123 appears in no approved manifest: nobody at the sites has seen this run
-    settings = RunSettings(run_dir=str(tmp_path / "runs"), run_name="unapproved", keys_dir=str(keys),
-                           num_server_rounds=2, local_steps=3, num_sites=3, lr=0.0123)
+    settings = RunSettings(run_dir=str(tmp_path / "runs"), run_name="unapproved", keys_dir=str(keys), num_server_rounds=2, num_sites=3, lr=0.0123, mechanism=Mechanism(steps=3))
     with LocalConsortium(REPO, configs, insecure=True, workdir=tmp_path / "net") as net:
         status = net.wait(net.submit(settings.to_run_config()), timeout=300)
     assert status == "finished:failed", status  # flwr ls tells the lead the run did not complete

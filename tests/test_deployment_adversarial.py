@@ -30,6 +30,7 @@ from atoll.demo_data import HOSPITALS
 from atoll.localnet import LocalConsortium
 from conftest import REPO
 from models import state_dict_sha256
+from contract import Mechanism
 from server.settings import RunSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,8 +46,7 @@ MAX_UPDATE_NORM = 50.0
 
 
 def _settings(tmp_path: Path, name: str, keys: Path, **kw) -> RunSettings:
-    return RunSettings(run_dir=str(tmp_path / "runs"), run_name=name, keys_dir=str(keys), num_server_rounds=2,
-                       local_steps=3, num_sites=3, **kw)
+    return RunSettings(run_dir=str(tmp_path / "runs"), run_name=name, keys_dir=str(keys), num_server_rounds=2, num_sites=3, **kw, mechanism=Mechanism(steps=3))
 
 
 def _weights(run: Path, rnd: int) -> dict[str, torch.Tensor]:

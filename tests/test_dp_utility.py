@@ -8,6 +8,8 @@ fine. Accuracy at the 0.5 threshold is asserted, not only AUC.
 
 from __future__ import annotations
 
+import dataclasses
+
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +19,23 @@ import torch
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from atoll.demo import training_defaults
+from atoll.demo import demo_settings
 from atoll.demo_data import load_embedded
 from client.evaluation import evaluate_model
 from models import build_model
-from privacy.dpsgd import DEFAULT_MOMENTUM, DEFAULT_OPTIMIZER, DPConfig, train_local
+from privacy.dpsgd import DEFAULT_MOMENTUM, DEFAULT_OPTIMIZER, train_local
 from server.settings import RunSettings
+from contract import Mechanism
+
+def _dp(sigma: float, clip: float, q: float) -> Mechanism:
+    """A DP-SGD mechanism (σ, C, q); the step count is set per call (:func:`_mech`)."""
+    return Mechanism(noise_multiplier=sigma, clip_norm=clip, sample_rate=q)
+
+
+def _mech(dp: Mechanism | None, steps: int) -> Mechanism:
+    """``dp`` with ``steps`` steps; ``None`` = a non-DP run of ``steps`` steps."""
+    return dataclasses.replace(dp or Mechanism(dp=False), steps=steps)
+
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Full backward hook is firing"),
@@ -42,9 +55,12 @@ def test_recipe_defaults_agree_across_settings_pyproject_and_demo() -> None:
     """The lead's defaults live in RunSettings; pyproject's run config and `atoll demo` must not drift."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     defaults = RunSettings()
-    for key, value in config.items():
-        assert getattr(defaults, key.replace("-", "_")) == value, f"pyproject run config '{key}' != RunSettings"
-    assert training_defaults() == {k: getattr(defaults, k) for k in training_defaults()}
+    assert set(config) == set(defaults.to_run_config()), "pyproject's run config and RunSettings' keys differ"
+    for key, value in defaults.to_run_config().items():
+        assert config[key] == value, f"pyproject run config '{key}' = {config[key]!r} != RunSettings' {value!r}"
+    demo = demo_settings(3, dp=True, run_dir=ROOT, keys_dir=ROOT, num_sites=3)
+    assert (demo.task, demo.mechanism, demo.lr, demo.model) == (defaults.task, defaults.mechanism, defaults.lr,
+                                                                defaults.model)
     assert (DEFAULT_OPTIMIZER, DEFAULT_MOMENTUM) == ("sgd", 0.9)
 
 
@@ -72,8 +88,7 @@ def test_dp_training_on_embedded_xrays_beats_the_majority_class() -> None:
     settings = RunSettings()
     torch.manual_seed(0)
     model = build_model()
-    result = train_local(model, Split(x, y, torch.arange(patients)), steps=steps, lr=settings.lr, device="cpu",
-                         dp=DPConfig(sigma, settings.clip_norm, q), seed=0, reproducible_dp=True)
+    result = train_local(model, Split(x, y, torch.arange(patients)), _mech(_dp(sigma, settings.mechanism.clip_norm, q), steps), lr=settings.lr, device="cpu", seed=0, reproducible_dp=True)
     assert result.steps == steps
     m = evaluate_model(model, x_test, y_test, torch.device("cpu"))
     majority = max(float(y_test.float().mean()), 1 - float(y_test.float().mean()))

@@ -11,6 +11,8 @@ The privacy-critical claims, each tested with the real Opacus step:
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,6 @@ from models import build_model
 from privacy.dpsgd import (
     DEFAULT_GRAD_SAMPLE_MODE,
     GRAD_SAMPLE_MODES,
-    DPConfig,
     OPTIMIZERS,
     LocalTrainResult,
     PatientSampler,
@@ -36,6 +37,17 @@ from privacy.dpsgd import (
     train_local,
 )
 from privacy.ghost_conv import FastConv1d, FastConv2d, FastConv3d, fast_layers, use_ghost
+from contract import Mechanism
+
+def _dp(sigma: float, clip: float, q: float) -> Mechanism:
+    """A DP-SGD mechanism (σ, C, q); the step count is set per call (:func:`_mech`)."""
+    return Mechanism(noise_multiplier=sigma, clip_norm=clip, sample_rate=q)
+
+
+def _mech(dp: Mechanism | None, steps: int) -> Mechanism:
+    """``dp`` with ``steps`` steps; ``None`` = a non-DP run of ``steps`` steps."""
+    return dataclasses.replace(dp or Mechanism(dp=False), steps=steps)
+
 
 
 
@@ -70,7 +82,7 @@ class SmallNet(nn.Module):
 def _clipped_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float, mode: str) -> torch.Tensor:
     """Pre-noise clipped sum of the real private step: sigma = 0, SGD lr = 0, expected batch 1 -> p.grad."""
     step = PrivateStep(
-        model, torch.optim.SGD(model.parameters(), lr=0.0), DPConfig(0.0, clip, 0.5),
+        model, torch.optim.SGD(model.parameters(), lr=0.0), _dp(0.0, clip, 0.5),
         expected_batch_size=1, grad_sample_mode=mode,
     )
     step.step(x, y)
@@ -237,7 +249,7 @@ def test_bk_mode_is_the_fast_clipping_module_and_unhooks() -> None:
     from privacy.fast_clipping import FastClipModule
 
     model = SmallNet()
-    step = PrivateStep(model, torch.optim.SGD(model.parameters(), lr=0.1), DPConfig(1.0, 1.0, 0.5),
+    step = PrivateStep(model, torch.optim.SGD(model.parameters(), lr=0.1), _dp(1.0, 1.0, 0.5),
                        expected_batch_size=2, grad_sample_mode="bk")
     assert isinstance(step.gsm, FastClipModule)
     assert step.step(torch.randn(3, 1, 20, 20), torch.tensor([0, 1, 0])) is not None
@@ -263,7 +275,7 @@ def test_auto_mode_picks_bk_only_when_it_can_clip_every_layer() -> None:
 def test_bk_refuses_layers_it_cannot_clip() -> None:
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.LayerNorm([4, 6, 6]), nn.Flatten(), nn.Linear(144, 2))
     with pytest.raises(ValueError, match="LayerNorm"):
-        PrivateStep(model, torch.optim.SGD(model.parameters(), 0.1), DPConfig(1, 1, 0.1), expected_batch_size=1, grad_sample_mode="bk")
+        PrivateStep(model, torch.optim.SGD(model.parameters(), 0.1), _dp(1, 1, 0.1), expected_batch_size=1, grad_sample_mode="bk")
     assert type(model[0]) is nn.Conv2d
 
 
@@ -278,7 +290,7 @@ def test_noise_std_is_sigma_c_over_expected_batch(mode: str, empty: bool) -> Non
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     sigma, clip, expected = 3.0, 2.0, 4
     step = PrivateStep(
-        model, torch.optim.SGD(model.parameters(), lr=1.0), DPConfig(sigma, clip, 0.5),
+        model, torch.optim.SGD(model.parameters(), lr=1.0), _dp(sigma, clip, 0.5),
         expected_batch_size=expected, grad_sample_mode=mode, generator=torch.Generator().manual_seed(1),
     )
     n = 0 if empty else 2
@@ -309,14 +321,14 @@ def _accuracy(model: nn.Module, data: Split) -> float:
         return (model(data.images).argmax(1) == data.labels).float().mean().item()
 
 
-@pytest.mark.parametrize("dp", [None, DPConfig(noise_multiplier=0.8, clip_norm=1.0, sample_rate=0.3)])
-def test_train_local_learns_and_reports(dp: DPConfig | None) -> None:
+@pytest.mark.parametrize("dp", [None, Mechanism(noise_multiplier=0.8, clip_norm=1.0, sample_rate=0.3)])
+def test_train_local_learns_and_reports(dp: Mechanism | None) -> None:
     torch.manual_seed(0)
     data = _toy()
     model = build_model("atollnet", channels=(8, 16), groups=4)
-    result = train_local(model, data, steps=40, lr=3e-3, device="cpu", dp=dp, batch_size=16, seed=0, reproducible_dp=True)
+    result = train_local(model, data, _mech(dp, 40), lr=3e-3, device="cpu", batch_size=16, seed=0, reproducible_dp=True)
     assert isinstance(result, LocalTrainResult)
-    assert result.steps == 40 and result.dp == dp and result.num_examples == len(data.labels)
+    assert result.steps == 40 and result.mechanism == _mech(dp, 40) and result.num_examples == len(data.labels)
     assert math.isfinite(result.train_loss) and result.seconds > 0
     assert _accuracy(model, _toy(seed=1)) > 0.9
     # the model is handed back clean: no Opacus hooks/attributes, original layer classes
@@ -328,13 +340,13 @@ def test_train_local_learns_and_reports(dp: DPConfig | None) -> None:
 def test_dp_randomness_ignores_the_seed_unless_reproducible_dp() -> None:
     """A seed the server could know must not fix the noise or the sample (it could subtract / un-amplify)."""
     data = _toy()
-    dp = DPConfig(1.0, 1.0, 0.2)
+    dp = _dp(1.0, 1.0, 0.2)
     init = build_model("atollnet", channels=(8, 16), groups=4).state_dict()
 
-    def final(seed: int | None, dp: DPConfig | None, reproducible: bool) -> torch.Tensor:
+    def final(seed: int | None, dp: Mechanism | None, reproducible: bool) -> torch.Tensor:
         model = build_model("atollnet", channels=(8, 16), groups=4)
         model.load_state_dict(init)
-        train_local(model, data, steps=3, lr=1e-2, device="cpu", dp=dp, seed=seed, reproducible_dp=reproducible)
+        train_local(model, data, _mech(dp, 3), lr=1e-2, device="cpu", seed=seed, reproducible_dp=reproducible)
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 
     assert not torch.equal(final(5, dp, False), final(5, dp, False))  # same seed, fresh OS entropy
@@ -347,9 +359,9 @@ def test_train_local_zero_steps_and_all_empty_batches() -> None:
     data = _toy()
     model = build_model("atollnet", channels=(8, 16), groups=4)
     w0 = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-    r = train_local(model, data, steps=0, lr=1e-3, device="cpu", dp=DPConfig(1, 1, 0.1))
-    assert r.steps == 0 and math.isnan(r.train_loss)
-    r = train_local(model, data, steps=3, lr=1e-3, device="cpu", dp=DPConfig(1, 1, 1e-12))
+    with pytest.raises(ValueError, match="local-steps"):  # a mechanism of zero steps is not a round
+        train_local(model, data, _mech(_dp(1, 1, 0.1), 0), lr=1e-3, device="cpu")
+    r = train_local(model, data, _mech(_dp(1, 1, 1e-12), 3), lr=1e-3, device="cpu")
     assert r.steps == 3 and math.isnan(r.train_loss)  # no example seen, but noise steps taken
     assert not torch.equal(w0, torch.cat([p.detach().flatten() for p in model.parameters()]))
 
@@ -358,16 +370,16 @@ def test_train_local_rejects_bad_input() -> None:
     data = _toy()
     model = build_model("atollnet", channels=(8, 16), groups=4)
     with pytest.raises(ValueError, match="patients"):
-        train_local(model, Split(data.images, data.labels, data.patients[:-1]), steps=1, lr=1e-3, device="cpu", dp=None)
+        train_local(model, Split(data.images, data.labels, data.patients[:-1]), _mech(None, 1), lr=1e-3, device="cpu")
     with pytest.raises(ValueError, match="labels"):
-        train_local(model, Split(data.images, data.labels.int(), data.patients), steps=1, lr=1e-3, device="cpu", dp=None)
+        train_local(model, Split(data.images, data.labels.int(), data.patients), _mech(None, 1), lr=1e-3, device="cpu")
     with pytest.raises(ValueError, match="no images"):
-        train_local(model, Split(data.images[:0], data.labels[:0], data.patients[:0]), steps=1, lr=1e-3, device="cpu", dp=None)
+        train_local(model, Split(data.images[:0], data.labels[:0], data.patients[:0]), _mech(None, 1), lr=1e-3, device="cpu")
     with pytest.raises(ValueError, match="lr"):
-        train_local(model, data, steps=1, lr=float("nan"), device="cpu", dp=None)
+        train_local(model, data, _mech(None, 1), lr=float("nan"), device="cpu")
     for bad in [(1.0, 0.0, 0.1), (1.0, 1.0, 0.0), (1.0, 1.0, 1.5), (-1.0, 1.0, 0.1), (float("inf"), 1.0, 0.1)]:
-        with pytest.raises(ValueError, match="DPConfig"):
-            DPConfig(*bad)
+        with pytest.raises(ValueError, match="DP mechanism"):
+            train_local(model, data, _mech(_dp(*bad), 1), lr=1e-3, device="cpu")
 
 
 def test_optimizer_choice_is_validated_and_used() -> None:
@@ -377,7 +389,7 @@ def test_optimizer_choice_is_validated_and_used() -> None:
     def run(**kw) -> torch.Tensor:
         torch.manual_seed(0)
         model = build_model("atollnet", channels=(8, 16), groups=4)
-        train_local(model, data, steps=2, lr=1e-2, device="cpu", dp=None, seed=0, **kw)
+        train_local(model, data, _mech(None, 2), lr=1e-2, device="cpu", seed=0, **kw)
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 
     default = run()
@@ -392,7 +404,7 @@ def test_optimizer_choice_is_validated_and_used() -> None:
                       ({"momentum": float("nan")}, "momentum"),
                       ({"optimizer": "adam", "momentum": 0.5}, "momentum applies to optimizer 'sgd' only")]:
         with pytest.raises(ValueError, match=match):  # refused before any step: the weights do not move
-            train_local(model, data, steps=1, lr=1e-2, device="cpu", dp=DPConfig(1.0, 1.0, 0.1), **kw)
+            train_local(model, data, _mech(_dp(1.0, 1.0, 0.1), 1), lr=1e-2, device="cpu", **kw)
 
 
 def test_device_falls_back_to_cpu() -> None:
@@ -409,8 +421,8 @@ PNEUMONIA = Path(__file__).resolve().parents[1] / "atoll" / "data" / "pneumoniam
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dp", [None, DPConfig(noise_multiplier=1.0, clip_norm=4.0, sample_rate=256 / 4708)])
-def test_pneumoniamnist_auc(dp: DPConfig | None) -> None:
+@pytest.mark.parametrize("dp", [None, Mechanism(noise_multiplier=1.0, clip_norm=4.0, sample_rate=256 / 4708)])
+def test_pneumoniamnist_auc(dp: Mechanism | None) -> None:
     from sklearn.metrics import roc_auc_score
 
     d = np.load(PNEUMONIA)
@@ -422,7 +434,7 @@ def test_pneumoniamnist_auc(dp: DPConfig | None) -> None:
     train = Split(prep(d["train_images"][perm]), torch.from_numpy(d["train_labels"][perm, 0]).long(), torch.arange(len(perm)))
     torch.manual_seed(0)
     model = build_model()
-    train_local(model, train, steps=150, lr=0.05, device="cpu", dp=dp, seed=0, reproducible_dp=True)
+    train_local(model, train, _mech(dp, 150), lr=0.05, device="cpu", seed=0, reproducible_dp=True)
     model.eval()
     with torch.no_grad():
         prob = model(prep(d["test_images"])).softmax(1)[:, 1].numpy()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
 
-from atoll import wire
+from contract import wire
 from client.egress import EgressBlocked, EgressPolicy, TensorSpec, check_reply, egress_guard_mod
 
 NET = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(2 * 4 * 4, 2))
@@ -150,10 +150,11 @@ def test_policy_from_an_approved_run_manifest():
 def _manifest():
     from client.approval import RunManifest, outputs_from_state_dict
 
-    data = {"atoll_run_manifest": 1, "app_hash": "0" * 64, "model": "atollnet",
-            "training": {"noise_multiplier": 1.0, "clip_norm": 1.0, "batch_size": 32, "local_steps": 5, "lr": 0.05,
-                         "sample_rate": 0.1,
-                         "dp": True},
+    from contract import Mechanism, TaskSpec
+
+    data = {"atoll_run_manifest": 2, "app_hash": "0" * 64, "model": "atollnet", "task": TaskSpec().to_manifest(),
+            "mechanism": Mechanism(noise_multiplier=1.0, clip_norm=1.0, steps=5).to_dict(),
+            "training": {"batch_size": 32, "lr": 0.05},
             "num_rounds": 3, "outputs": [t.to_dict() for t in outputs_from_state_dict(NET.state_dict())],
             "metrics": RELEASED}
     return RunManifest.from_dict(data)

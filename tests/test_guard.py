@@ -10,6 +10,7 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 from privacy.accounting import compute_epsilon
+from contract import Mechanism
 from privacy.guard import (
     BUDGET_EXCEEDED, CLIP_OUT_OF_POLICY, NOISE_OUT_OF_POLICY, NON_DP_NOT_ALLOWED, SAMPLE_RATE_OUT_OF_POLICY,
     STEPS_OUT_OF_POLICY, BudgetGuard, BudgetRefused, RoundRequest,
@@ -29,8 +30,9 @@ def _guard(path: Path, key=None, **policy) -> BudgetGuard:
 
 
 def _req(run: str, rnd: int, **kw) -> RoundRequest:
-    return RoundRequest(**{"run_id": run, "server_round": rnd, "noise_multiplier": SIGMA, "clip_norm": 1.0,
-                           "sample_rate": Q, "steps": STEPS, **kw})
+    """Round ``rnd`` of ``run`` with the test's mechanism; ``kw`` overrides Mechanism fields."""
+    return RoundRequest(run, rnd, Mechanism(**{"noise_multiplier": SIGMA, "clip_norm": 1.0, "sample_rate": Q,
+                                               "steps": STEPS, **kw}))
 
 
 def _round(guard: BudgetGuard, run: str, rnd: int, **kw) -> dict:

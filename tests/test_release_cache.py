@@ -10,9 +10,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Context, Message, Metadata, RecordDict
 
-from atoll import wire
+from contract import wire
 from client.release_cache import ReleaseCache
 from models import build_model, state_dict_sha256
+from contract import Mechanism
 from server.settings import RunSettings
 
 
@@ -70,7 +71,7 @@ def test_the_clientapp_answers_a_replayed_round_with_the_same_update_and_no_new_
     site_dir = tmp_path / "hospital-c"
     shutil.copytree(demo_consortium / "hospital-c", site_dir, ignore=shutil.ignore_patterns("state"))
     cfg_path = site_dir / "site.toml"
-    settings = RunSettings(run_dir=str(tmp_path / "runs"), local_steps=2, num_server_rounds=1)
+    settings = RunSettings(run_dir=str(tmp_path / "runs"), num_server_rounds=1, mechanism=Mechanism(steps=2))
     approve_run([cfg_path], settings)
     torch.manual_seed(0)
     arrays = ArrayRecord(build_model(settings.model, spatial_dims=2, in_channels=1, num_classes=2).state_dict())
@@ -79,7 +80,7 @@ def test_the_clientapp_answers_a_replayed_round_with_the_same_update_and_no_new_
 
     first = train(_train_message(settings, arrays), ctx)
     assert wire.REFUSAL not in first.content, first.content
-    guard = site_runtime({SITE_CONFIG_KEY: str(cfg_path)}, settings.image_size).guard
+    guard = site_runtime({SITE_CONFIG_KEY: str(cfg_path)}, settings.task.image_size).guard
     spent = guard.spent()
     records = len(guard.ledger.records())
 

@@ -28,6 +28,7 @@ from atoll.demo import approve_run, prepare_site_keys
 from atoll.demo_data import HOSPITALS
 from client.runtime import SIM_SITE_CONFIGS_ENV
 from privacy import secagg_prg
+from contract import Mechanism
 from server.app import main as server_main
 from server.app import run_consortium
 from server.settings import RunSettings, SettingsError
@@ -152,8 +153,7 @@ def _four_site_secagg_run(src: Path, tmp_path: Path, run_name: str) -> tuple[lis
     keys = prepare_site_keys(tmp_path / "sites", NAMES + ["hospital-d"])
     capture = tmp_path / "capture"
     capture.mkdir()
-    settings = RunSettings(num_server_rounds=1, run_dir=str(tmp_path / "runs"), run_name=run_name,
-                           keys_dir=str(keys), local_steps=3, num_sites=4, min_sites=2, secagg=True)
+    settings = RunSettings(num_server_rounds=1, run_dir=str(tmp_path / "runs"), run_name=run_name, keys_dir=str(keys), num_sites=4, min_sites=2, secagg=True, mechanism=Mechanism(steps=3))
     return configs, capture, settings
 
 
@@ -227,8 +227,7 @@ def test_secagg_run_completes_signs_and_aggregates_like_fedavg_without_seeing_an
     keys = prepare_site_keys(tmp_path / "sites", NAMES)
     capture = tmp_path / "capture"
     capture.mkdir()
-    settings = RunSettings(num_server_rounds=2, run_dir=str(tmp_path / "runs"), run_name="secagg",
-                           keys_dir=str(keys), local_steps=3, num_sites=3, secagg=True)
+    settings = RunSettings(num_server_rounds=2, run_dir=str(tmp_path / "runs"), run_name="secagg", keys_dir=str(keys), num_sites=3, secagg=True, mechanism=Mechanism(steps=3))
     settings.check()
     _approve(configs, settings)
     outputs, grid = _simulate(configs, settings, _site_app(str(capture)))

@@ -15,6 +15,7 @@ from atoll.demo import approve_run, prepare_site_keys
 from atoll.demo_data import CANARY_ACCESSION, CANARY_ID, CANARY_NAME, HOSPITALS
 from client.app import app as client_app
 from client.runtime import SIM_SITE_CONFIGS_ENV
+from contract import Mechanism
 from server.app import run_consortium
 from server.settings import RunSettings
 
@@ -76,8 +77,7 @@ def test_two_round_simulation_trains_signs_and_leaks_nothing(fresh_consortium, t
     names = [h.name for h in HOSPITALS]
     configs = [fresh_consortium / n / "site.toml" for n in names]
     keys = prepare_site_keys(fresh_consortium, names)
-    settings = RunSettings(num_server_rounds=2, run_dir=str(tmp_path), run_name="sim", keys_dir=str(keys),
-                           local_steps=5, num_sites=3)
+    settings = RunSettings(num_server_rounds=2, run_dir=str(tmp_path), run_name="sim", keys_dir=str(keys), num_sites=3, mechanism=Mechanism(steps=5))
     approve_run(configs, settings)
     outputs, grid = _simulate(configs, settings)
     history = outputs.history
@@ -126,9 +126,8 @@ def test_refusing_sites_are_reported_and_the_run_goes_on_or_stops_clearly(demo_c
     keys = prepare_site_keys(tmp_path / "sites", names)
     _edit_privacy(configs[1], max_epsilon=0.5)           # hospital-b: a budget one round would exceed
     # sigma 1, q 0.06 pinned: hospital-b's 0.5 budget must not fit one round, sigma 1 is outside [2, 10] below
-    pinned = dict(noise_multiplier=1.0, sample_rate=0.06)
-    settings = RunSettings(num_server_rounds=2, run_dir=str(tmp_path / "runs"), run_name="on",
-                           keys_dir=str(keys), local_steps=3, num_sites=3, min_sites=1, **pinned)
+    pinned = dict(mechanism=Mechanism(steps=3, noise_multiplier=1.0, sample_rate=0.06))
+    settings = RunSettings(num_server_rounds=2, run_dir=str(tmp_path / "runs"), run_name="on", keys_dir=str(keys), num_sites=3, min_sites=1, **pinned)
     approve_run(configs[1:], settings)                    # hospital-a never approved this run
     outputs, grid = _simulate(configs, settings)
     assert [h["round"] for h in outputs.history] == [1, 2]
@@ -148,8 +147,7 @@ def test_refusing_sites_are_reported_and_the_run_goes_on_or_stops_clearly(demo_c
 
     # Too few sites left: the run stops at round 1 with a message naming why.
     _edit_privacy(configs[2], noise_multiplier="[2.0, 10.0]")   # hospital-c: sigma 1.0 is out of policy
-    stop = RunSettings(num_server_rounds=2, run_dir=str(tmp_path / "runs"), run_name="stop",
-                       keys_dir=str(keys), local_steps=3, num_sites=3, min_sites=2, **pinned)
+    stop = RunSettings(num_server_rounds=2, run_dir=str(tmp_path / "runs"), run_name="stop", keys_dir=str(keys), num_sites=3, min_sites=2, **pinned)
     approve_run(configs, stop)
     outputs, _ = _simulate(configs, stop)
     status = json.loads((outputs.root / "status.json").read_text())

@@ -10,7 +10,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum
 
-from atoll import wire
+from contract import wire
 from server.robust import STRATEGIES, StrategyError, build_strategy, strategy_parameters
 from server.sitebook import RoundBook
 from server.validation import make_validator, update_norm, validate_update

@@ -8,9 +8,13 @@ site's reply carries the update, the released metrics, its signed ledger record,
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from flwr.app import ConfigRecord, RecordDict
+
+from contract._fields import KINDS, coerce, key_of
+from contract.mechanism import Mechanism
+from contract.task import TaskSpec
 
 # Record keys inside a reply's RecordDict.
 ARRAYS = "arrays"
@@ -29,57 +33,59 @@ RUN_NOT_APPROVED = "RUN_NOT_APPROVED"
 EGRESS_BLOCKED = "EGRESS_BLOCKED"
 ROUND_ALREADY_ANSWERED = "ROUND_ALREADY_ANSWERED"
 SECAGG_MISMATCH = "SECAGG_MISMATCH"
+TASK_MISMATCH = "TASK_MISMATCH"
 
-# Every metric Atoll's ClientApp can release; a site sends the subset its policy lists.
-APP_METRICS = ("num-examples", "train_loss", "train_seconds", "val_loss", "val_accuracy", "val_auc")
+#: Metrics of the default (binary X-ray) task, kept for callers that predate TaskSpec.metric_names().
+APP_METRICS = TaskSpec().metric_names()
 
 
 @dataclass(frozen=True)
 class RoundConfig:
-    """What the lead asks of every site in one round (sent as the ConfigRecord "config")."""
+    """What the lead asks of every site in one round (sent as the ConfigRecord "config").
+
+    The task and the DP mechanism are one type each (:class:`TaskSpec`, :class:`Mechanism`), flattened into the
+    record with the same keys the run config uses, so the run config, the round config and the manifest cannot
+    disagree on a field's name or default.
+    """
 
     run_id: str
     server_round: int
     num_rounds: int = 1
     model: str = "atollnet"
-    image_size: int = 28
-    local_steps: int = 100        # defaults equal server.settings.RunSettings' (tests/test_wire_and_settings.py)
     lr: float = 0.05
     batch_size: int = 64          # non-DP minibatch size
-    sample_rate: float = 0.1      # DP: probability that a patient is in a step (same for every site)
-    dp: bool = True
-    noise_multiplier: float = 2.0
-    clip_norm: float = 4.0
     seed: int = 0
     secagg: bool = False          # the update leaves masked under SecAgg+ (part of what a site approves)
+    task: TaskSpec = field(default_factory=TaskSpec)
+    mechanism: Mechanism = field(default_factory=Mechanism)
 
     def to_record(self) -> ConfigRecord:
-        rec = {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+        rec = {key_of(f.name): getattr(self, f.name) for f in fields(self) if f.name not in _NESTED}
+        rec.update(self.task.to_config())
+        rec.update(self.mechanism.to_config())
         return ConfigRecord(rec)
 
     @classmethod
     def from_record(cls, rec: ConfigRecord) -> "RoundConfig":
         """Parse a round config; a missing or mistyped field is a ValueError naming the field."""
-        kwargs = {}
+        kwargs: dict = {}
         for f in fields(cls):
-            key = f.name.replace("_", "-")
+            if f.name in _NESTED:
+                continue
+            key = key_of(f.name)
             if key not in rec:
                 if f.name in ("run_id", "server_round"):
                     raise ValueError(f"round config lacks required field '{key}'")
                 continue
-            value = rec[key]
-            kind = {"str": str, "int": int, "float": float, "bool": bool}[str(f.type)]
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if kind is int and isinstance(value, float) and value.is_integer():
-                value = int(value)
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise ValueError(f"round config field '{key}' must be {kind.__name__}, got {value!r}")
-            kwargs[f.name] = value
-        return cls(**kwargs)
+            kwargs[f.name] = coerce(rec[key], KINDS[str(f.type)], key, "round config field")
+        as_dict = dict(rec)
+        return cls(**kwargs, task=TaskSpec.from_config(as_dict), mechanism=Mechanism.from_config(as_dict))
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+_NESTED = ("task", "mechanism")
 
 
 def refusal_record(code: str, message: str) -> ConfigRecord:
