@@ -179,7 +179,8 @@ def train(msg: Message, context: Context) -> Message:
     seed = int.from_bytes(hashlib.sha256(
         f"{cfg.seed}|{cfg.run_id}|{cfg.server_round}|{site.name}".encode()).digest()[:4], "big")
     result = train_local(model, train_split, cfg.mechanism, lr=cfg.lr, device=site.device,
-                         batch_size=cfg.batch_size, seed=seed, criterion=build_loss(cfg.task))
+                         batch_size=cfg.batch_size, seed=seed, criterion=build_loss(cfg.task),
+                         proximal_mu=cfg.proximal_mu)
     update = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     raw_metrics = {wire.NUM_EXAMPLES: len(train_split.labels), "train_loss": result.train_loss,
                    "train_seconds": result.seconds}

@@ -82,6 +82,7 @@ class TrainingParams:
 
     batch_size: int
     lr: float
+    proximal_mu: float = 0.0  # fedprox: weight of the proximal term pulling the site's model to the global one
 
     def __post_init__(self) -> None:
         if not _is_num(self.lr) or self.lr <= 0:
@@ -89,9 +90,30 @@ class TrainingParams:
         object.__setattr__(self, "lr", float(self.lr))  # 1 and 1.0 must hash the same
         if not _is_int(self.batch_size) or self.batch_size < 1:
             raise ManifestError(f"training.batch_size must be a positive integer, got {self.batch_size!r}")
+        if not _is_num(self.proximal_mu) or self.proximal_mu < 0:
+            raise ManifestError(f"training.proximal_mu must be a finite number >= 0, got {self.proximal_mu!r}")
+        object.__setattr__(self, "proximal_mu", float(self.proximal_mu))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"batch_size": self.batch_size, "lr": self.lr}
+        return {"batch_size": self.batch_size, "lr": self.lr, "proximal_mu": self.proximal_mu}
+
+
+@dataclass(frozen=True)
+class AggregationParams:
+    """How the server combines the sites' updates: part of what a site approves (a robust rule protects it from
+    other sites' poisoned updates only if it tolerates at least one)."""
+
+    strategy: str = "fedavg"
+    num_malicious: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.strategy, str) or not re.match(r"^[a-z]{2,32}$", self.strategy):
+            raise ManifestError(f"aggregation.strategy must be a strategy name, got {self.strategy!r}")
+        if not _is_int(self.num_malicious) or self.num_malicious < 0:
+            raise ManifestError(f"aggregation.num_malicious must be an integer >= 0, got {self.num_malicious!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"strategy": self.strategy, "num_malicious": self.num_malicious}
 
 
 @dataclass(frozen=True)
@@ -111,6 +133,7 @@ class RunManifest:
     outputs: tuple[TensorSpec, ...]
     metrics: tuple[str, ...]
     secure_aggregation: bool = False  # updates leave masked (SecAgg+): the server only ever sees their sum
+    aggregation: AggregationParams = field(default_factory=AggregationParams)
     version: int = field(default=MANIFEST_VERSION)
 
     def __post_init__(self) -> None:
@@ -131,6 +154,7 @@ class RunManifest:
             "outputs": [t.to_dict() for t in self.outputs],
             "metrics": list(self.metrics),
             "secure_aggregation": self.secure_aggregation,
+            "aggregation": self.aggregation.to_dict(),
         }
 
     def canonical_json(self) -> bytes:
@@ -144,7 +168,7 @@ class RunManifest:
             raise ManifestError(f"{where}: expected a JSON object")
         expected = {"atoll_run_manifest", "app_hash", "model", "task", "mechanism", "training", "num_rounds",
                     "outputs", "metrics"}
-        unknown, missing = set(data) - expected - {"secure_aggregation"}, expected - set(data)
+        unknown, missing = set(data) - expected - {"secure_aggregation", "aggregation"}, expected - set(data)
         if unknown:
             raise ManifestError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
         if missing:
@@ -152,8 +176,11 @@ class RunManifest:
         if data["atoll_run_manifest"] != MANIFEST_VERSION:
             raise ManifestError(f"{where}: atoll_run_manifest must be {MANIFEST_VERSION}, got {data['atoll_run_manifest']!r}")
         tr = data["training"]
-        if not isinstance(tr, Mapping) or set(tr) != {"batch_size", "lr"}:
-            raise ManifestError(f"{where}: training must be an object with the fields batch_size, lr")
+        if not isinstance(tr, Mapping) or not {"batch_size", "lr"} <= set(tr) <= {"batch_size", "lr", "proximal_mu"}:
+            raise ManifestError(f"{where}: training must be an object with the fields batch_size, lr, proximal_mu")
+        agg = data.get("aggregation", {})
+        if not isinstance(agg, Mapping) or not set(agg) <= {"strategy", "num_malicious"}:
+            raise ManifestError(f"{where}: aggregation must be an object with the fields strategy, num_malicious")
         try:
             task = TaskSpec.from_manifest(data["task"], where=f"{where}: task")
             mechanism = Mechanism.from_dict(data["mechanism"], where=f"{where}: mechanism")
@@ -177,7 +204,9 @@ class RunManifest:
                 model=data["model"],
                 task=task,
                 mechanism=mechanism,
-                training=TrainingParams(batch_size=tr["batch_size"], lr=tr["lr"]),
+                training=TrainingParams(batch_size=tr["batch_size"], lr=tr["lr"],
+                                        proximal_mu=tr.get("proximal_mu", 0.0)),
+                aggregation=AggregationParams(**agg),
                 num_rounds=data["num_rounds"],
                 outputs=tuple(specs),
                 metrics=tuple(data["metrics"]),
@@ -446,7 +475,11 @@ def describe_manifest(manifest: RunManifest) -> str:
         + (f", modalities {', '.join(task.modalities)}" if task.modalities else ""),
         f"  Model          {manifest.model}: {len(manifest.outputs)} tensors, {n_params:,} parameters",
         f"  Rounds         {manifest.num_rounds}",
-        f"  Local training {mech.steps} steps per round, learning rate {t.lr:g}, batch size {t.batch_size}",
+        f"  Local training {mech.steps} steps per round, learning rate {t.lr:g}, batch size {t.batch_size}"
+        + (f", FedProx proximal term mu={t.proximal_mu:g}" if t.proximal_mu else ""),
+        f"  Aggregation    {manifest.aggregation.strategy}"
+        + (f", tolerating {manifest.aggregation.num_malicious} malicious site(s)"
+           if manifest.aggregation.num_malicious else ""),
     ]
     if mech.dp:
         acct = f", accountant {mech.accountant}" if mech.accountant else ", accountant of this site's policy"

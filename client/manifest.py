@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from client.approval import RunManifest, TrainingParams, app_bundle_hash, outputs_from_state_dict
+from client.approval import AggregationParams, RunManifest, TrainingParams, app_bundle_hash, outputs_from_state_dict
 from contract.task import TaskSpec
 from contract.wire import RoundConfig
 from models import build_task_model
@@ -34,6 +34,13 @@ def _outputs(model: str, task: TaskSpec):
 def build_run_manifest(cfg: RoundConfig, *, app_hash: str | None = None) -> RunManifest:
     """The manifest of the run `cfg` belongs to (independent of the round number)."""
     return RunManifest(app_hash=app_hash or installed_app_hash(), model=cfg.model, task=cfg.task,
-                       mechanism=cfg.mechanism, training=TrainingParams(batch_size=cfg.batch_size, lr=cfg.lr),
+                       mechanism=cfg.mechanism,
+                       training=TrainingParams(batch_size=cfg.batch_size, lr=cfg.lr, proximal_mu=cfg.proximal_mu),
                        num_rounds=cfg.num_rounds, outputs=_outputs(cfg.model, cfg.task),
-                       metrics=cfg.task.metric_names(), secure_aggregation=cfg.secagg)
+                       metrics=cfg.task.metric_names(), secure_aggregation=cfg.secagg,
+                       aggregation=AggregationParams(strategy=_strategy_name(cfg.strategy),
+                                                     num_malicious=cfg.num_malicious))
+
+
+def _strategy_name(name: str) -> str:
+    return name.strip().lower().replace("-", "").replace("_", "")

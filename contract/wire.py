@@ -56,6 +56,9 @@ class RoundConfig:
     batch_size: int = 64          # non-DP minibatch size
     seed: int = 0
     secagg: bool = False          # the update leaves masked under SecAgg+ (part of what a site approves)
+    strategy: str = "fedavg"      # how the server combines the updates (sites approve it)
+    proximal_mu: float = 0.0      # fedprox: the site adds the proximal term (mu/2)||w - w_global||^2
+    num_malicious: int = 0        # krum | multikrum | bulyan: sites the rule tolerates
     task: TaskSpec = field(default_factory=TaskSpec)
     mechanism: Mechanism = field(default_factory=Mechanism)
 

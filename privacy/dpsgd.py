@@ -321,6 +321,7 @@ def train_local(
     optimizer: str = DEFAULT_OPTIMIZER,
     momentum: float = DEFAULT_MOMENTUM,
     criterion: Criterion = cross_entropy,
+    proximal_mu: float = 0.0,
 ) -> LocalTrainResult:
     """Train ``model`` in place for exactly ``mechanism.steps`` optimizer steps.
 
@@ -348,7 +349,16 @@ def train_local(
         the optimizer only post-processes the noised gradient, so it changes utility, never the privacy spent.
     momentum: SGD heavy-ball momentum in [0, 1) (default 0.9); the momentum buffer starts at zero every call.
     criterion: the task's loss (:data:`Criterion`); cross-entropy by default.
+    proximal_mu: FedProx's proximal term (mu/2)||w - w_0||^2 towards the weights the call started from (the
+        round's global model). It is applied as a decoupled step after each optimizer step,
+        ``w <- w - lr * mu * (w - w_0)``: it depends on no patient's data, so it is post-processing of the
+        DP-SGD update — every patient still contributes one clipped gradient per step, and the privacy charge is
+        unchanged (tests/test_dpsgd.py). Putting it inside the clipped loss instead would spend part of every
+        patient's clip bound on a data-free term.
     """
+    if isinstance(proximal_mu, bool) or not isinstance(proximal_mu, (int, float)) or not (
+            math.isfinite(proximal_mu) and proximal_mu >= 0):
+        raise ValueError(f"proximal_mu must be a finite number >= 0, got {proximal_mu!r}")
     check_mechanism(mechanism)
     steps = mechanism.steps
     dp = mechanism if mechanism.dp else None
@@ -373,6 +383,14 @@ def train_local(
     model.to(dev)
     model.train()
     opt = make_optimizer(model.parameters(), optimizer, lr=lr, momentum=momentum)
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+
+    def proximal_step() -> None:
+        if anchor is not None:
+            with torch.no_grad():
+                for p, p0 in zip(model.parameters(), anchor):
+                    p.sub_(p - p0, alpha=lr * proximal_mu)
+
     loss_fn = criterion("sum")
     losses: list[float] = []
     t0 = time.perf_counter()
@@ -389,6 +407,7 @@ def train_local(
             loss = loss_fn(model(images[idx]), labels[idx]) / len(idx)
             loss.backward()
             opt.step()
+            proximal_step()
             losses.append(loss.item())
     else:
         sampler = PatientSampler(patients, dp.sample_rate, generator)
@@ -404,6 +423,7 @@ def train_local(
                 for _ in range(steps):
                     idx = sampler.sample().to(dev)
                     loss_value = private.step(images[idx], labels[idx])
+                    proximal_step()
                     if loss_value is not None:
                         losses.append(loss_value)
         finally:

@@ -48,8 +48,13 @@ def main(grid: Grid, context: Context) -> None:
 def build_strategy(settings: RunSettings) -> Strategy:
     """Flower's strategy for the run (FedAvg or a robust one), every connected site each round."""
     n = settings.num_sites or settings.min_sites
+    extra: dict = {}
+    if "proximal_mu" in robust.strategy_parameters(settings.strategy):
+        extra["proximal_mu"] = settings.proximal_mu
+    if "num_malicious_nodes" in robust.strategy_parameters(settings.strategy):
+        extra["num_malicious_nodes"] = settings.num_malicious
     return robust.build_strategy(settings.strategy, fraction_train=1.0, fraction_evaluate=1.0,
-                                 min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n)
+                                 min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n, **extra)
 
 
 def run_consortium(grid: Grid, settings: RunSettings, flower_run_id: int) -> RunOutputs:

@@ -87,6 +87,13 @@ def add_run_shape_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accountant", default=m.accountant, choices=("", "rdp", "prv"),
                    help="accountant the sites must charge with (default: each site's policy)")
     p.add_argument("--no-dp", action="store_true", help="ask for non-DP training (sites refuse unless allowed)")
+    p.add_argument("--strategy", default=d.strategy,
+                   help="aggregation: fedavg | fedprox | fedmedian | fedtrimmedavg | krum | multikrum | bulyan "
+                        f"(default: {d.strategy})")
+    p.add_argument("--proximal-mu", type=float, default=d.proximal_mu,
+                   help="fedprox: weight mu of the sites' proximal term (required > 0 with --strategy fedprox)")
+    p.add_argument("--num-malicious", type=int, default=d.num_malicious,
+                   help="krum/multikrum/bulyan: malicious sites the rule tolerates (required >= 1 with them)")
     p.add_argument("--secagg", action="store_true",
                    help="aggregate under SecAgg+ (the server sees only the sum of the masked updates; "
                         "needs strategy fedavg and no max-update-norm; see docs/security.md)")
@@ -101,7 +108,8 @@ def run_shape_config(args: argparse.Namespace) -> dict:
             "image-size": args.image_size, "spacing-mm": args.spacing_mm, "orientation": args.orientation,
             "modalities": args.modalities, "local-steps": args.local_steps, "lr": args.lr,
             "batch-size": args.batch_size, "sample-rate": args.sample_rate, "noise-multiplier": args.noise_multiplier,
-            "clip-norm": args.clip_norm, "accountant": args.accountant, "dp": not args.no_dp, "secagg": args.secagg}
+            "clip-norm": args.clip_norm, "accountant": args.accountant, "dp": not args.no_dp, "secagg": args.secagg,
+            "strategy": args.strategy, "proximal-mu": args.proximal_mu, "num-malicious": args.num_malicious}
 
 
 def _start(args: argparse.Namespace) -> int:

@@ -38,6 +38,8 @@ class RunSettings:
     lr: float = 0.05
     batch_size: int = 64
     strategy: str = "fedavg"
+    proximal_mu: float = 0.0      # fedprox: weight of the proximal term (mu/2)||w - w_global||^2 at the sites
+    num_malicious: int = 0        # krum | multikrum | bulyan: how many sites the rule must tolerate (f >= 1)
     max_update_norm: float = 0.0  # reject updates with ||update - global|| above this; 0 = no bound
     min_sites: int = 2
     num_sites: int = 0            # 0 = every connected site; otherwise wait for this many
@@ -83,11 +85,28 @@ class RunSettings:
         need(self.task.spatial_dims == 3 or min(self.task.size) >= 8, "image-size", "must be >= 8")
         need(self.min_sites >= 1, "min-sites", "must be >= 1")
         need(self.max_update_norm >= 0, "max-update-norm", "must be >= 0 (0 = no bound)")
+        self._check_strategy(need)
         need(self.round_timeout > 0, "round-timeout", "must be > 0")
         need(bool(self.run_dir) and Path(self.run_dir).is_absolute(), "run-dir",
              "must be an absolute path (relative paths resolve against the SuperLink's working directory)")
         if self.secagg:
             self._check_secagg(need)
+
+    def _check_strategy(self, need) -> None:
+        """Every strategy setting must act: no fedprox without a proximal term, no Krum tolerating nobody."""
+        strategy = self.strategy.strip().lower().replace("-", "").replace("_", "")
+        need(self.proximal_mu >= 0, "proximal-mu", "must be >= 0")
+        need(strategy != "fedprox" or self.proximal_mu > 0, "proximal-mu",
+             "must be > 0 when strategy = \"fedprox\" (with mu = 0 FedProx trains exactly like FedAvg)")
+        need(strategy == "fedprox" or self.proximal_mu == 0, "proximal-mu",
+             f"applies to strategy \"fedprox\" only, but strategy is {self.strategy!r}")
+        robust = strategy in ("krum", "multikrum", "bulyan")
+        need(self.num_malicious >= 0, "num-malicious", "must be >= 0")
+        need(not robust or self.num_malicious >= 1, "num-malicious",
+             f"must be >= 1 for strategy {self.strategy!r}: the number of malicious sites the rule tolerates "
+             "(with 0 its robustness guarantee never applies)")
+        need(robust or self.num_malicious == 0, "num-malicious",
+             f"applies to krum, multikrum and bulyan only, but strategy is {self.strategy!r}")
 
     def _check_secagg(self, need) -> None:
         """SecAgg+ hides single updates from the server, so nothing may need a single update."""
@@ -136,7 +155,8 @@ class RunSettings:
     def round_config(self, run_name: str, server_round: int) -> RoundConfig:
         return RoundConfig(run_id=run_name, server_round=server_round, num_rounds=self.num_server_rounds,
                            model=self.model, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
-                           secagg=self.secagg, task=self.task, mechanism=self.mechanism)
+                           secagg=self.secagg, strategy=self.strategy, proximal_mu=self.proximal_mu,
+                           num_malicious=self.num_malicious, task=self.task, mechanism=self.mechanism)
 
 
 _NESTED = ("task", "mechanism")

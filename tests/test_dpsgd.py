@@ -439,3 +439,25 @@ def test_pneumoniamnist_auc(dp: Mechanism | None) -> None:
     with torch.no_grad():
         prob = model(prep(d["test_images"])).softmax(1)[:, 1].numpy()
     assert roc_auc_score(d["test_labels"][:, 0], prob) > (0.9 if dp is None else 0.85)
+
+
+def test_the_proximal_term_is_data_free_post_processing_of_the_private_step() -> None:
+    """FedProx at a site: after each DP-SGD step w <- w - lr*mu*(w - w0). With the same DP randomness the
+    proximal run equals the plain run shrunk towards w0 — the clipped, noised per-patient sum is untouched, so
+    each patient still contributes one clipped gradient per step and the privacy charge is the same."""
+    data = _toy()
+    init = build_model("atollnet", channels=(8, 16), groups=4).state_dict()
+    w0 = torch.cat([v.flatten() for v in init.values()])
+
+    def one_step(mu: float) -> torch.Tensor:
+        model = build_model("atollnet", channels=(8, 16), groups=4)
+        model.load_state_dict(init)
+        train_local(model, data, _mech(_dp(1.0, 1.0, 0.3), 1), lr=0.1, device="cpu", seed=3, reproducible_dp=True,
+                    momentum=0.0, proximal_mu=mu)
+        return torch.cat([p.detach().flatten() for p in model.state_dict().values()])
+
+    plain, prox = one_step(0.0), one_step(2.0)
+    assert not torch.equal(plain, prox)
+    assert torch.allclose(prox - w0, (1 - 0.1 * 2.0) * (plain - w0), atol=1e-6)
+    with pytest.raises(ValueError, match="proximal_mu"):
+        one_step(-1.0)

@@ -344,9 +344,9 @@ def test_refusing_and_early_dropping_sites_leave_the_protocol_and_the_lead_sees_
 # -- settings the lead cannot combine with SecAgg+ -------------------------------------------------
 
 @pytest.mark.parametrize("changes,key", [
-    ({"strategy": "krum"}, "strategy"),
+    ({"strategy": "krum", "num_malicious": 1}, "strategy"),
     ({"strategy": "fedmedian"}, "strategy"),
-    ({"strategy": "fedprox"}, "strategy"),
+    ({"strategy": "fedprox", "proximal_mu": 0.01}, "strategy"),
     ({"max_update_norm": 5.0}, "max-update-norm"),
     ({"min_sites": 1}, "min-sites"),
     ({"secagg_num_shares": 4.0}, "num_shares=4 is an even integer"),
@@ -381,7 +381,8 @@ def test_the_server_app_refuses_a_bad_secagg_setting_before_round_1():
             raise AssertionError(f"the ServerApp used the grid ({name}) despite a bad setting")
 
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                      run_config={"run-dir": "/tmp/runs", "secagg": True, "strategy": "bulyan"})
+                      run_config={"run-dir": "/tmp/runs", "secagg": True, "strategy": "bulyan",
+                                  "num-malicious": 1})
     with pytest.raises(SettingsError, match="fedavg"):
         server_main(NoGrid(), context)
 

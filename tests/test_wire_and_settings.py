@@ -116,3 +116,44 @@ def test_the_mechanism_and_task_are_spelt_out_once():
         names = {f.name for f in dataclasses.fields(cls)}
         assert not names & mech, f"{cls.__name__} copies mechanism fields {names & mech}"
         assert not names & task - {"size"}, f"{cls.__name__} copies task fields {names & task}"
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"strategy": "fedprox"}, "with mu = 0 FedProx trains exactly like FedAvg"),
+    ({"strategy": "fedavg", "proximal-mu": 0.1}, "applies to strategy \"fedprox\" only"),
+    ({"strategy": "krum"}, "with 0 its robustness guarantee never applies"),
+    ({"strategy": "bulyan"}, "num-malicious"),
+    ({"strategy": "fedmedian", "num-malicious": 1}, "applies to krum, multikrum and bulyan only"),
+])
+def test_strategy_settings_that_would_silently_do_nothing_are_refused(tmp_path, changes, match):
+    with pytest.raises(SettingsError, match=match):
+        RunSettings.from_run_config({"run-dir": str(tmp_path), **changes})
+
+
+def test_fedprox_and_krum_settings_reach_the_strategy_and_the_manifest(tmp_path):
+    from client.approval import describe_manifest, manifest_hash
+    from client.manifest import build_run_manifest
+    from server.app import build_strategy
+
+    prox = RunSettings.from_run_config({"run-dir": str(tmp_path), "strategy": "fedprox", "proximal-mu": 0.01})
+    assert build_strategy(prox).proximal_mu == 0.01
+    cfg = RoundConfig.from_record(prox.round_config("r", 1).to_record())
+    assert (cfg.strategy, cfg.proximal_mu) == ("fedprox", 0.01)  # what the ClientApp trains with
+    m = build_run_manifest(cfg)
+    assert m.training.proximal_mu == 0.01 and m.aggregation.strategy == "fedprox"
+    assert "FedProx proximal term mu=0.01" in describe_manifest(m)
+    other = build_run_manifest(RunSettings.from_run_config({"run-dir": str(tmp_path), "strategy": "fedprox",
+                                                            "proximal-mu": 0.1}).round_config("r", 1))
+    assert manifest_hash(other) != manifest_hash(m), "a site approves the proximal weight"
+
+    krum = RunSettings.from_run_config({"run-dir": str(tmp_path), "strategy": "krum", "num-malicious": 1,
+                                        "min-sites": 5})
+    assert build_strategy(krum).num_malicious_nodes == 1
+    km = build_run_manifest(krum.round_config("r", 1))
+    assert km.aggregation.to_dict() == {"strategy": "krum", "num_malicious": 1}
+    assert "krum, tolerating 1 malicious site(s)" in describe_manifest(km)
+    from server.robust import StrategyError
+
+    with pytest.raises(StrategyError, match="n >= 2f \\+ 3"):  # three hospitals cannot tolerate one with Krum
+        build_strategy(RunSettings.from_run_config({"run-dir": str(tmp_path), "strategy": "krum",
+                                                    "num-malicious": 1, "min-sites": 3}))
