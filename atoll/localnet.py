@@ -64,10 +64,15 @@ class LocalConsortium(AbstractContextManager):
     logs: dict[str, Path] = field(default_factory=dict)
     node_configs: list[dict[str, str | int | float | bool]] | None = None  # extra entries, one dict per site
     supernode_superlink_address: str | None = None   # default: 127.0.0.1:<SuperLink port>
+    # "process": each SuperNode runs in Flower's process isolation with `atoll-superexec`, so the site's own
+    # installed Atoll checks every task's bundle against its approvals before any of its code runs
+    isolation: str = "subprocess"
 
     def __post_init__(self) -> None:
         if not self.insecure and not self.tls:
             raise ValueError("a deployment needs TLS material (tls=...) or an explicit insecure=True")
+        if self.isolation not in ("subprocess", "process"):
+            raise ValueError(f"isolation must be 'subprocess' or 'process', got {self.isolation!r}")
         if self.insecure:
             log.warning("INSECURE local consortium: plaintext transport and no node authentication "
                         "(demo/test only; a real consortium uses TLS and enrolled node keys)")
@@ -115,13 +120,22 @@ class LocalConsortium(AbstractContextManager):
 
     def start_supernode(self, i: int, cfg: Path, key: Path | None = None) -> subprocess.Popen:
         superlink = self.supernode_superlink_address or f"127.0.0.1:{self.port}"
+        runtime_port = free_port()
         args = [str(BIN / "flower-supernode"), *self._transport_args(False),
-                "--superlink", superlink, "--host", "127.0.0.1", "--port", str(free_port()),
+                "--superlink", superlink, "--host", "127.0.0.1", "--port", str(runtime_port),
                 "--node-config", self.node_config_arg(i, cfg)]
         key = key or (self.node_keys[i] if self.node_keys else None)
         if key:
             args += ["--auth-supernode-private-key", str(key)]
-        return self._spawn(f"supernode-{i}", args)
+        if self.isolation == "process":
+            args += ["--isolation", "process"]
+        node = self._spawn(f"supernode-{i}", args)
+        if self.isolation == "process":
+            self._wait_port(runtime_port, f"supernode-{i}")
+            # the SuperNode's runtime API is plaintext on 127.0.0.1 (it never leaves the site's host)
+            self._spawn(f"superexec-{i}", [str(BIN / "atoll-superexec"), "--runtime-api-address",
+                                           f"127.0.0.1:{runtime_port}", "--insecure"])
+        return node
 
     def node_config_arg(self, i: int, cfg: Path) -> str:
         """`--node-config` of site i: its site config plus the test's extra entries for that site."""

@@ -307,6 +307,14 @@ def app_bundle_hash_from_fab(fab: bytes) -> str:
         return _hash_members((n, z.read(n)) for n in z.namelist() if not n.endswith("/"))
 
 
+def is_installed_bundle(root: str | Path) -> bool:
+    """Whether ``root`` is a bundle Flower installed (``$FLWR_HOME/apps/<publisher>.<app>.<version>.<hash>``)."""
+    from flwr.common.config import get_flwr_home
+
+    apps = (get_flwr_home() / "apps").expanduser().resolve()
+    return Path(root).expanduser().resolve().is_relative_to(apps)
+
+
 def app_bundle_hash(root: str | Path) -> str:
     """App hash of the Flower app in ``root``: a project checkout or an installed FAB directory.
 
@@ -320,6 +328,12 @@ def app_bundle_hash(root: str | Path) -> str:
     r = Path(root).expanduser().resolve()
     if not (r / "pyproject.toml").is_file():
         raise ManifestError(f"{r} is not a Flower app (no pyproject.toml)")
+    if is_installed_bundle(r):
+        # Flower unpacked every FAB member here (all but .info/): hash them as they are. Rebuilding a FAB from
+        # this folder would apply `fab-exclude` again, to files the bundle never held, and Flower refuses
+        # patterns that match nothing.
+        return _hash_members((p.relative_to(r).as_posix(), p.read_bytes()) for p in sorted(r.rglob("*"))
+                             if p.is_file() and "__pycache__" not in p.parts)
     try:
         fab = build_fab_from_disk(r)
     except ValueError as err:
@@ -386,6 +400,12 @@ class ApprovalStore:
     def is_approved(self, digest: str) -> bool:
         rec = self.status().get(digest)
         return rec is not None and rec["action"] == "approve"
+
+    def approved_app_hashes(self) -> set[str]:
+        """App hashes of the manifests approved and not revoked: the only bundles allowed to run here
+        (``client.launcher`` checks them before any code of a bundle runs)."""
+        return {str(rec["manifest"]["app_hash"]) for rec in self.status().values()
+                if rec["action"] == "approve" and isinstance(rec.get("manifest"), dict)}
 
     # -- writing
     def _append(self, record: dict[str, Any]) -> dict[str, Any]:

@@ -138,3 +138,19 @@ def test_docs_and_demo_edits_do_not_change_the_approved_hash(tmp_path: Path) -> 
     assert app_bundle_hash(copy) == before
     (copy / "client" / "app.py").write_text((copy / "client" / "app.py").read_text() + "\n# app code\n")
     assert app_bundle_hash(copy) != before, "an edit of the ClientApp must need a new approval"
+
+
+def test_an_installed_bundle_hashes_as_the_fab_it_came_from(tmp_path: Path, monkeypatch) -> None:
+    """A SuperNode's ClientApp hashes the folder Flower unpacked the FAB into; with `fab-exclude` the excluded
+    files are absent there, and the hash must still be the FAB's (else every site refuses every round)."""
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.cli.install import install_from_fab
+
+    from client.approval import app_bundle_hash, app_bundle_hash_from_fab, is_installed_bundle
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    fab = build_fab_from_disk(ROOT)
+    installed = install_from_fab(fab, skip_prompt=True)
+    assert installed is not None and is_installed_bundle(installed) and not is_installed_bundle(ROOT)
+    assert not (Path(installed) / "client" / "launcher.py").exists()  # excluded from the bundle
+    assert app_bundle_hash(installed) == app_bundle_hash_from_fab(fab) == app_bundle_hash(ROOT)
