@@ -32,9 +32,11 @@ from client.ingest import NoUsableImagesError
 from client.manifest import build_run_manifest
 from client.release_cache import ReleaseCache, Released
 from client.runtime import SiteRuntime, SiteSetupError, site_runtime
+from client.site_config import SITE_CONFIG_INVALID, ConfigError
 from models import build_model, state_dict_sha256
 from privacy.dpsgd import DPConfig, train_local
 from privacy.guard import BudgetRefused, RoundRequest
+from privacy.policy import PolicyError
 
 log = logging.getLogger("atoll.site")
 
@@ -67,6 +69,11 @@ def site_errors_stay_local(handler: Callable[[Message, Context], Message]):
         except EgressBlocked:
             return _refuse(msg, wire.EGRESS_BLOCKED, "the site's egress guard blocked the reply "
                                                      "(details in the site log)")
+        except (PolicyError, ConfigError) as exc:  # a rule of the site's own config or policy: its code, no paths
+            log.error("the site's configuration or privacy policy refused the round [%s]: %s", exc.code, exc)
+            what = "configuration is invalid" if exc.code == SITE_CONFIG_INVALID else "privacy policy refuses the round"
+            return _refuse(msg, exc.code, f"the site's {what} ({exc.code}); its administrator must run "
+                                          "`atoll site check --config` (details in the site log)")
         except SiteSetupError as exc:
             log.error("site setup failed: %s", exc)
             return _refuse(msg, wire.NO_SITE_CONFIG,

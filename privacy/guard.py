@@ -49,16 +49,11 @@ from typing import Any, Callable, Iterable
 
 from privacy.accounting import canonical_history, compute_epsilon
 from privacy.ledger import LedgerError, SiteLedger, epsilon_json, record_hash
-from privacy.policy import SitePolicy
+from privacy.policy import (BUDGET_EXCEEDED, CLIP_OUT_OF_POLICY, NOISE_OUT_OF_POLICY, NON_DP_NOT_ALLOWED,
+                            SAMPLE_RATE_OUT_OF_POLICY, STEPS_OUT_OF_POLICY, SitePolicy, mechanism_problem)
 
 log = logging.getLogger("atoll.privacy")
 
-BUDGET_EXCEEDED = "BUDGET_EXCEEDED"
-NOISE_OUT_OF_POLICY = "NOISE_OUT_OF_POLICY"
-CLIP_OUT_OF_POLICY = "CLIP_OUT_OF_POLICY"
-STEPS_OUT_OF_POLICY = "STEPS_OUT_OF_POLICY"
-SAMPLE_RATE_OUT_OF_POLICY = "SAMPLE_RATE_OUT_OF_POLICY"
-NON_DP_NOT_ALLOWED = "NON_DP_NOT_ALLOWED"
 BAD_REQUEST = "BAD_REQUEST"
 REFUSAL_CODES: tuple[str, ...] = (BUDGET_EXCEEDED, NOISE_OUT_OF_POLICY, CLIP_OUT_OF_POLICY, STEPS_OUT_OF_POLICY,
                                   SAMPLE_RATE_OUT_OF_POLICY, NON_DP_NOT_ALLOWED, BAD_REQUEST)
@@ -247,23 +242,9 @@ class BudgetGuard:
                 return BAD_REQUEST, f"the round request's {name.replace('_', ' ')} {v!r} is not a finite number"
         if isinstance(req.steps, bool) or not isinstance(req.steps, int):
             return BAD_REQUEST, f"the round request's local steps {req.steps!r} is not an integer"
-        if not req.dp and not p.allow_non_dp:
-            return NON_DP_NOT_ALLOWED, "this site's policy does not allow training without differential privacy"
-        lo, hi = p.local_steps
-        if not lo <= req.steps <= hi:
-            return STEPS_OUT_OF_POLICY, f"local steps {req.steps} outside this site's allowed range [{lo}, {hi}]"
-        if not 0 < req.sample_rate <= p.max_sample_rate:
-            return SAMPLE_RATE_OUT_OF_POLICY, (f"sampling rate q={req.sample_rate:.4g} outside this site's allowed "
-                                               f"range (0, {p.max_sample_rate:g}]")
-        if req.dp:
-            lo, hi = p.noise_multiplier
-            if not lo <= req.noise_multiplier <= hi:
-                return NOISE_OUT_OF_POLICY, (f"noise multiplier σ={req.noise_multiplier:g} outside this site's "
-                                             f"allowed range [{lo:g}, {hi:g}]")
-            lo, hi = p.clip_norm
-            if not lo <= req.clip_norm <= hi:
-                return CLIP_OUT_OF_POLICY, f"clip norm C={req.clip_norm:g} outside this site's allowed range [{lo:g}, {hi:g}]"
-        return None
+        # the policy's rules live in privacy.policy, shared with `atoll site check` and `atoll site approve`
+        return mechanism_problem(p, dp=req.dp, noise_multiplier=req.noise_multiplier, clip_norm=req.clip_norm,
+                                 sample_rate=req.sample_rate, steps=req.steps)
 
     @staticmethod
     def _mechanism(req: RoundRequest) -> dict[str, Any]:
