@@ -26,8 +26,8 @@ from flwr.clientapp import ClientApp
 from atoll import wire
 from client import secagg as client_secagg
 from client.approval import ApprovalStore, RunManifest, RunNotApproved
-from client.egress import EgressBlocked, EgressPolicy, check_reply
-from client.evaluation import evaluate_model
+from client.egress import EgressBlocked, EgressPolicy, check_reply, release_metrics
+from client.evaluation import evaluate_model, missing_reasons
 from client.ingest import NoUsableImagesError
 from client.manifest import build_run_manifest
 from client.release_cache import ReleaseCache, Released
@@ -126,10 +126,12 @@ def _checked(site: SiteRuntime, manifest: RunManifest, content: RecordDict) -> R
     return content
 
 
-def _released(site: SiteRuntime, metrics: dict[str, float]) -> MetricRecord:
-    """Only what the hospital's policy lists as released in the clear leaves the site."""
+def _released(site: SiteRuntime, metrics: dict[str, float], reasons: dict[str, str] | None = None) -> RecordDict:
+    """Only what the hospital's policy lists as released in the clear leaves the site; a metric without a
+    finite value is named in "missing" with its reason instead of blocking the whole reply."""
     allowed = set(site.config.privacy.released_metrics) | {wire.NUM_EXAMPLES}
-    return MetricRecord({k: float(v) for k, v in metrics.items() if k in allowed})
+    values, missing = release_metrics(metrics, allowed, reasons)
+    return RecordDict({wire.METRICS: values, **({wire.MISSING: missing} if missing is not None else {})})
 
 
 @app.train()
@@ -195,7 +197,7 @@ def _train_reply(msg: Message, site: SiteRuntime, manifest: RunManifest, update:
     """The update, the policy's metrics and the signed round record, through the egress guard."""
     content = RecordDict({
         wire.ARRAYS: ArrayRecord(update),
-        wire.METRICS: _released(site, metrics),
+        **_released(site, metrics),
         wire.LEDGER: wire.ledger_record(record),
         wire.SITE: wire.site_record(site.name),
     })
@@ -211,7 +213,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     model = _load_global(site, cfg, msg.content[wire.ARRAYS])
     val = site.data.val
     m = evaluate_model(model, val.images, val.labels, site.device)
-    metrics = _released(site, {wire.NUM_EXAMPLES: m["n"], "val_loss": m["loss"],
-                               "val_accuracy": m["accuracy"], "val_auc": m["auc"]})
-    content = RecordDict({wire.METRICS: metrics, wire.SITE: wire.site_record(site.name)})
+    reasons = {f"val_{k}": why for k, why in missing_reasons(m, val.labels).items()}
+    content = RecordDict({**_released(site, {wire.NUM_EXAMPLES: m["n"], "val_loss": m["loss"],
+                                             "val_accuracy": m["accuracy"], "val_auc": m["auc"]}, reasons),
+                          wire.SITE: wire.site_record(site.name)})
     return Message(_checked(site, manifest, content), reply_to=msg)
