@@ -225,3 +225,25 @@ def test_progress_is_quiet_off_a_terminal_and_with_quiet(site, capsys) -> None:
     assert code == EXIT_OK and "Indexing" not in err
     code, _, err = check(["--data", str(data), "--quiet"], capsys)
     assert code == EXIT_OK and err == ""
+
+
+def test_a_site_with_a_non_utf8_file_name_still_trains_and_the_name_never_leaves(tmp_path: Path, caplog) -> None:
+    """12.8 through the ClientApp: today every round of such a site is refused (SITE_ERROR)."""
+    import dataclasses
+
+    from client.app import train
+    from tests.test_missing_metrics import _approved, _message, _site
+    from atoll import wire
+
+    toml = _site(tmp_path, label_of=lambda p: p % 2)
+    dicom = tmp_path / "dicom"
+    some = next(dicom.rglob("*.dcm"))
+    (dicom / os.fsdecode(CANARY.encode() + b"-\xff.dcm")).write_bytes(some.read_bytes())
+    cfg = wire.RoundConfig(run_id="bad-name", server_round=1, local_steps=2)
+    ctx, arrays = _approved(toml, cfg)
+    caplog.set_level("DEBUG")
+    reply = train(_message("train", cfg, arrays), ctx)
+    assert wire.refusal_of(reply.content) is None, wire.refusal_of(reply.content)
+    sent = repr({k: dict(v) for k, v in reply.content.config_records.items()}) + repr(dict(reply.content[wire.METRICS]))
+    assert CANARY not in sent and CANARY not in caplog.text
+    assert "BAD_FILE_NAME 1" in caplog.text
