@@ -229,11 +229,9 @@ def test_progress_is_quiet_off_a_terminal_and_with_quiet(site, capsys) -> None:
 
 def test_a_site_with_a_non_utf8_file_name_still_trains_and_the_name_never_leaves(tmp_path: Path, caplog) -> None:
     """12.8 through the ClientApp: today every round of such a site is refused (SITE_ERROR)."""
-    import dataclasses
-
+    from atoll import wire
     from client.app import train
     from tests.test_missing_metrics import _approved, _message, _site
-    from atoll import wire
 
     toml = _site(tmp_path, label_of=lambda p: p % 2)
     dicom = tmp_path / "dicom"
