@@ -265,9 +265,10 @@ def _label_hints(cfg: SiteConfig, labels: Labels | None) -> list[tuple[str, str]
                          f"{', '.join(map(repr, names[:3]))}): is {setting_name(cfg, 'label_column')} the label column?")]
     toml = ", ".join(f'"{n}"' for n in names)
     shell = " ".join(shlex.quote(n) for n in names)
-    return [(public, f"the labels are class names ({', '.join(names)}) but no classes are set: add --classes {shell} "
-                     f"(in a site TOML: classes = [{toml}] under [data], i.e. [data].classes); the order fixes "
-                     "each class's index, so use the same order at every site")]
+    fix = (f"add --classes {shell} (in a site TOML: classes = [{toml}] under [data], i.e. [data].classes)"
+           if cfg.path is None else f"add classes = [{toml}] under [data] in {cfg.path} ([data].classes)")
+    return [(public, f"the labels are class names ({', '.join(names)}) but no classes are set: {fix}; the order "
+                     "fixes each class's index, so use the same order at every site")]
 
 
 def _usable(facts: HeaderFacts, cfg: SiteConfig, labels: Labels | None, label_keys: set[str],
