@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from client.ingest.card import DEFAULT_THRESHOLD, format_card
 from client.ingest.dataset import NoUsableImagesError, SiteDataset, build_site_dataset
 from client.ingest.progress import ingest_progress
+from client.ingest.quarantine import printable_name
 from client.site_config import LABEL_KEYS, ConfigError, SiteConfig, default_site_config, load_site_config
 
 EXIT_OK, EXIT_NO_DATA, EXIT_CONFIG = 0, 1, 2
@@ -128,11 +129,11 @@ def run_check(args: argparse.Namespace) -> int:
     try:
         if args.report is not None:
             _write_private(args.report, dataset.report)
-            print(f"\nOn-site report (per-file reasons; do not share): {args.report}")
+            print(f"\nOn-site report (per-file reasons; do not share): {printable_name(str(args.report))}")
         if args.card is not None:
             args.card.parent.mkdir(parents=True, exist_ok=True)
             args.card.write_text(json.dumps(dataset.card, indent=2) + "\n", encoding="utf-8")
-            print(f"Dataset card (shareable): {args.card}")
+            print(f"Dataset card (shareable): {printable_name(str(args.card))}")
     except OSError as e:
         print(f"error: cannot write output ({e.strerror or e.__class__.__name__}): {e.filename}", file=sys.stderr)
         return EXIT_CONFIG
