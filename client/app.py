@@ -20,7 +20,7 @@ import secrets
 from collections.abc import Callable
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from atoll import wire

@@ -5,14 +5,10 @@ which one (DELTA_TOO_LARGE, POLICY_INVALID, ...), never SITE_ERROR.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import time
 from pathlib import Path
 
 import pytest
-import torch
 from flwr.app import ArrayRecord, Context, Message, Metadata, RecordDict
 
 from atoll import wire
