@@ -130,3 +130,20 @@ def test_a_round_refused_for_a_policy_rule_carries_its_code(tmp_path: Path, priv
     got, message = wire.refusal_of(reply.content)
     assert got == code
     assert str(tmp_path) not in message and "site.toml" not in message
+
+
+def test_site_check_and_approve_read_the_budget_from_the_sites_ledger(tmp_path: Path, capsys) -> None:
+    toml = make_site(tmp_path / "site", "max_epsilon = 0.5")  # the hospital lowered its budget after spending
+    guard = BudgetGuard(SiteLedger(tmp_path / "site" / "state" / "ledger.jsonl", site="hospital-p"),
+                        SitePolicy.from_table({"max_epsilon": 1.0}), num_patients=8)
+    while True:  # spend the whole budget, as rounds would
+        try:
+            guard.reserve(RoundRequest("spend", len(guard.history()), 1.0, 1.0, 0.05, 10), weights_in_sha256="0" * 64)
+        except BudgetRefused:
+            break
+    assert guard.spent() > 0.5
+    assert run_cli(["site", "check", "--config", str(toml)]) == 1
+    assert "[BUDGET_EXCEEDED]" in capsys.readouterr().err
+    manifest = _manifest(tmp_path, noise_multiplier=2.0)
+    assert run_cli(["site", "approve", "--config", str(toml), "--manifest", str(manifest), "--yes"]) == 1
+    assert "BUDGET_EXCEEDED" in capsys.readouterr().out
