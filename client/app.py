@@ -20,22 +20,24 @@ import secrets
 from collections.abc import Callable
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from contract import wire
 from client import secagg as client_secagg
 from client.approval import ApprovalStore, RunManifest, RunNotApproved
-from client.egress import EgressBlocked, EgressPolicy, check_reply
+from client.egress import EgressBlocked, EgressPolicy, check_reply, release_metrics
 from client.ingest import NoUsableImagesError
 from client.manifest import build_run_manifest
 from client.release_cache import ReleaseCache, Released
 from client.runtime import SiteRuntime, SiteSetupError, site_runtime
+from client.site_config import SITE_CONFIG_INVALID, ConfigError
 from client.task_fit import FittedData, TaskMismatch, check_task_shape, fit_task
-from client.task_metrics import task_metrics
+from client.task_metrics import missing_reasons, task_metrics
 from models import build_loss, build_task_model, state_dict_sha256
 from privacy.dpsgd import train_local
 from privacy.guard import BudgetRefused, RoundRequest
+from privacy.policy import PolicyError
 
 log = logging.getLogger("atoll.site")
 
@@ -68,6 +70,11 @@ def site_errors_stay_local(handler: Callable[[Message, Context], Message]):
         except EgressBlocked:
             return _refuse(msg, wire.EGRESS_BLOCKED, "the site's egress guard blocked the reply "
                                                      "(details in the site log)")
+        except (PolicyError, ConfigError) as exc:  # a rule of the site's own config or policy: its code, no paths
+            log.error("the site's configuration or privacy policy refused the round [%s]: %s", exc.code, exc)
+            what = "configuration is invalid" if exc.code == SITE_CONFIG_INVALID else "privacy policy refuses the round"
+            return _refuse(msg, exc.code, f"the site's {what} ({exc.code}); its administrator must run "
+                                          "`atoll site check --config` (details in the site log)")
         except SiteSetupError as exc:
             log.error("site setup failed: %s", exc)
             return _refuse(msg, wire.NO_SITE_CONFIG,
@@ -131,10 +138,12 @@ def _checked(site: SiteRuntime, manifest: RunManifest, content: RecordDict) -> R
     return content
 
 
-def _released(site: SiteRuntime, metrics: dict[str, float]) -> MetricRecord:
-    """Only what the hospital's policy lists as released in the clear leaves the site."""
+def _released(site: SiteRuntime, metrics: dict[str, float], reasons: dict[str, str] | None = None) -> RecordDict:
+    """Only what the hospital's policy lists as released in the clear leaves the site; a metric without a
+    finite value is named in "missing" with its reason instead of blocking the whole reply."""
     allowed = set(site.config.privacy.released_metrics) | {wire.NUM_EXAMPLES}
-    return MetricRecord({k: float(v) for k, v in metrics.items() if k in allowed})
+    values, missing = release_metrics(metrics, allowed, reasons)
+    return RecordDict({wire.METRICS: values, **({wire.MISSING: missing} if missing is not None else {})})
 
 
 @app.train()
@@ -196,7 +205,7 @@ def _train_reply(msg: Message, site: SiteRuntime, manifest: RunManifest, update:
     """The update, the policy's metrics and the signed round record, through the egress guard."""
     content = RecordDict({
         wire.ARRAYS: ArrayRecord(update),
-        wire.METRICS: _released(site, metrics),
+        **_released(site, metrics),
         wire.LEDGER: wire.ledger_record(record),
         wire.SITE: wire.site_record(site.name),
     })
@@ -211,6 +220,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     model = _load_global(cfg, msg.content[wire.ARRAYS])
     val = data.val
     m = task_metrics(cfg.task, model, val.images, val.labels, site.device)
-    metrics = _released(site, {wire.NUM_EXAMPLES: m.pop("n"), **m})
-    content = RecordDict({wire.METRICS: metrics, wire.SITE: wire.site_record(site.name)})
+    n = m.pop("n")
+    content = RecordDict({**_released(site, {wire.NUM_EXAMPLES: n, **m}, missing_reasons(m, val.labels, n)),
+                          wire.SITE: wire.site_record(site.name)})
     return Message(_checked(site, manifest, content), reply_to=msg)

@@ -558,6 +558,8 @@ def _cmd_approve(args: argparse.Namespace) -> int:
         digest = manifest_hash(manifest)
         print(describe_manifest(manifest))
         print()
+        if not _policy_allows(args, manifest):
+            return 1
         if store.is_approved(digest):
             print(f"Already approved at this site ({digest[:12]}).")
             return 0
@@ -575,6 +577,38 @@ def _cmd_approve(args: argparse.Namespace) -> int:
     except (ManifestError, ApprovalStoreError) as err:
         print(f"atoll site approve: {err}")
         return 2
+
+
+def _policy_allows(args: argparse.Namespace, manifest: RunManifest) -> bool:
+    """Check the run against the site's privacy policy, data and ledger, as the guard will at every round.
+
+    One call into the check ``atoll site check`` runs (``client.site_check.policy_findings``). Needs ``--config``
+    (the policy lives there); with ``--state-dir`` only, it says that it could not check.
+    """
+    if not args.config:
+        print("note: the run was not checked against the site's privacy policy (pass --config to check it)")
+        return True
+    from client.ingest import NoUsableImagesError, build_site_dataset
+    from client.ingest.progress import ingest_progress
+    from client.site_check import policy_findings
+    from client.site_config import load_site_config
+
+    cfg = load_site_config(args.config)
+    try:
+        with ingest_progress() as progress:
+            dataset = build_site_dataset(cfg, progress=progress)
+    except NoUsableImagesError as err:  # data not ready yet: the run's own rules can still be checked
+        dataset = err.dataset
+        print("note: no usable image at this site yet, so the delta and budget rules were not checked; "
+              "`atoll site check --config` checks them once the data is in place")
+    findings = policy_findings(cfg, dataset, run=manifest.mechanism, rounds=manifest.num_rounds)
+    for f in findings:
+        print(f"{'not approved' if f.blocking else 'warning'}: {f}")
+    if any(f.blocking for f in findings):
+        print("atoll site approve: not approved: this site's privacy policy would refuse every round of this run "
+              f"(fix the run, or the [privacy] section of {args.config})")
+        return False
+    return True
 
 
 def _list(store: ApprovalStore) -> int:

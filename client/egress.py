@@ -8,7 +8,13 @@ reply's RecordDict against what was declared and approved:
 * ArrayRecord "arrays" only: exactly the declared tensors (names, shapes, dtypes), all finite;
 * MetricRecord "metrics" only: scalar finite numbers under allowed metric names;
 * ConfigRecords only "ledger", "site", "refusal", each with its own keys and short string values
-  (no bytes, no lists: nothing that could smuggle an array).
+  (no bytes, no lists: nothing that could smuggle an array);
+* ConfigRecord "missing" (why a released metric has no value): keys are metric names the policy releases,
+  values one of the fixed codes of `wire.MISSING_REASONS` (no free text).
+
+A metric without a finite value (a one-class validation split has no AUC; a round whose Poisson
+batches were all empty has no loss) must not block the whole reply: `release_metrics` keeps the
+defined ones and names the others in "missing" with a code.
 
 Anything else raises `EgressBlocked`, whose message is generic (it may cross the wire); the
 specifics go to the site's own log under an incident id.
@@ -34,6 +40,7 @@ __all__ = [
     "TensorSpec",
     "check_reply",
     "egress_guard_mod",
+    "release_metrics",
 ]
 
 log = logging.getLogger("atoll.site.egress")
@@ -140,7 +147,50 @@ def _check_metrics(name: str, record: MetricRecord, policy: EgressPolicy) -> Non
             raise EgressBlocked(f"metric {key!r} is not a finite scalar ({type(value).__name__})")
 
 
+def release_metrics(metrics: Mapping[str, float], allowed: Iterable[str],
+                    reasons: Mapping[str, str] | None = None) -> tuple[MetricRecord, ConfigRecord | None]:
+    """The metrics a reply may carry: allowed ones with a finite value, and why the other allowed ones have none.
+
+    Parameters
+    ----------
+    metrics: what the site computed (NaN or inf where a value is not defined).
+    allowed: names the site's policy releases; anything else is dropped here (and blocked by the guard).
+    reasons: a code from `wire.MISSING_REASONS` per metric whose missing value has a known cause;
+        otherwise "NOT_FINITE".
+
+    Returns
+    -------
+    (MetricRecord of finite values, ConfigRecord "missing" or None when nothing is missing).
+    """
+    allowed = set(allowed)
+    reasons = reasons or {}
+    values: dict[str, float] = {}
+    missing: dict[str, str] = {}
+    for key, value in metrics.items():
+        if key not in allowed:
+            continue
+        v = float(value)
+        if math.isfinite(v):
+            values[key] = v
+        else:
+            code = reasons.get(key, "NOT_FINITE")
+            missing[key] = code if code in wire.MISSING_REASONS else "NOT_FINITE"
+    return MetricRecord(values), (wire.missing_record(missing) if missing else None)
+
+
+def _check_missing(record: ConfigRecord, policy: EgressPolicy) -> None:
+    for key, value in record.items():
+        if key not in policy.metrics:
+            raise EgressBlocked(f"missing-metric record names {key!r}, which the site policy does not release")
+        if not isinstance(value, str) or value not in wire.MISSING_REASONS:
+            raise EgressBlocked(f"missing-metric record holds a reason for {key!r} that is not one of "
+                                f"{', '.join(wire.MISSING_REASONS)}")
+
+
 def _check_config(name: str, record: ConfigRecord, policy: EgressPolicy) -> None:
+    if name == wire.MISSING:
+        _check_missing(record, policy)
+        return
     if name not in policy.config_records:
         raise EgressBlocked(f"undeclared config record {name!r}")
     limits = policy.config_records[name]

@@ -36,3 +36,15 @@ def evaluate_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
         auc = float(roc_auc_score(y, p[:, 1]) if p.shape[1] == 2 else
                     roc_auc_score(y, p, multi_class="ovr", labels=list(range(p.shape[1]))))
     return {"loss": sum(losses) / n, "accuracy": acc, "auc": auc, "n": n}
+
+
+def missing_reasons(result: dict[str, float], labels: torch.Tensor) -> dict[str, str]:
+    """Why each undefined (NaN) value of :func:`evaluate_model`'s result is missing, as a code of
+    ``contract.wire.MISSING_REASONS``: ``NO_DATA`` (empty split), ``SINGLE_CLASS`` (AUC of one class is undefined);
+    any other NaN is left to the caller's default (``NOT_FINITE``). Codes only: they travel in the clear."""
+    out: dict[str, str] = {}
+    if int(result.get("n", 0)) == 0:
+        return {k: "NO_DATA" for k in ("loss", "accuracy", "auc")}
+    if math.isnan(result.get("auc", 0.0)) and len(np.unique(labels.numpy())) < 2:
+        out["auc"] = "SINGLE_CLASS"
+    return out

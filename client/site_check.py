@@ -1,11 +1,14 @@
 """``atoll site check``: what a site will train on, what is rejected and why, before any training.
 
-    atoll site check --data DIR [--labels CSV] [--report PATH] [--card PATH]
+    atoll site check --data DIR [--labels CSV [--classes A B ...]] [--report PATH] [--card PATH] [--quiet]
     atoll site check --config site.toml [--report PATH]
 
 Prints the dataset card (counts only; the part that may be shown to the consortium). ``--report`` writes the
-on-site JSON report (every file used or quarantined with its reason; stays on site, written 0600). Exit codes:
-0 at least one usable image, 1 none usable, 2 configuration/usage error.
+on-site JSON report (every file used or quarantined with its reason; stays on site, written 0600). Then applies
+every rule of the site's budget guard that can be judged before a round (the ``[privacy]`` policy on this data,
+the budget left in the ledger): what would refuse every round is an error here. Exit codes: 0 at least one usable
+image and a policy the guard accepts, 1 none usable or the budget spent, 2 configuration/usage error (including
+a policy the guard would refuse, e.g. DELTA_TOO_LARGE).
 """
 
 from __future__ import annotations
@@ -15,13 +18,19 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from client.ingest.card import DEFAULT_THRESHOLD, format_card
 from client.ingest.dataset import NoUsableImagesError, SiteDataset, build_site_dataset
+from client.ingest.progress import ingest_progress
+from client.ingest.quarantine import printable_name
 from client.site_config import LABEL_KEYS, ConfigError, SiteConfig, default_site_config, load_site_config
 
 EXIT_OK, EXIT_NO_DATA, EXIT_CONFIG = 0, 1, 2
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from privacy.policy import PolicyFinding
+    from contract.mechanism import Mechanism
 
 
 def add_parser(subparsers: Any) -> None:
@@ -37,6 +46,9 @@ def add_parser(subparsers: Any) -> None:
         "check",
         help="index a DICOM folder: what will be used, what is quarantined and why",
         description=__doc__.split("\n\n")[0],
+        epilog="exit codes: 0 usable data and a policy the guard accepts; 1 no usable image, or the privacy budget "
+               "is spent; 2 usage or configuration error, including a [privacy] policy the guard would refuse "
+               "(e.g. DELTA_TOO_LARGE)",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", type=Path, help="site TOML file (owned by the hospital)")
@@ -46,17 +58,20 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--label-column", help="CSV column holding the class label (with --data)")
     p.add_argument("--modalities", nargs="+", metavar="CODE",
                    help='allowed modalities with --data (default CR DX; "*" allows any)')
+    p.add_argument("--classes", nargs="+", metavar="NAME",
+                   help="class names when the labels are text, in index order (with --data; e.g. normal pneumonia)")
     p.add_argument("--image-size", type=int, help="preprocessed image side (with --data; default 28)")
     p.add_argument("--report", type=Path, help="write the on-site JSON report here (never share it)")
     p.add_argument("--card", type=Path, help="also write the dataset card as JSON here (shareable)")
     p.add_argument("--threshold", type=int, default=DEFAULT_THRESHOLD,
                    help=f"small-count suppression threshold of the card (default {DEFAULT_THRESHOLD})")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (it is shown only on a terminal anyway)")
     p.set_defaults(func=run_check)
 
 
 def _config(args: argparse.Namespace) -> SiteConfig:
     if args.config is not None:
-        flags = [f for f in ("labels", "label_key", "label_column", "modalities", "image_size")
+        flags = [f for f in ("labels", "label_key", "label_column", "classes", "modalities", "image_size")
                  if getattr(args, f, None) is not None]
         if flags:
             raise ConfigError(f"--{flags[0].replace('_', '-')} only applies with --data; with --config set it in "
@@ -69,11 +84,22 @@ def _config(args: argparse.Namespace) -> SiteConfig:
         overrides["label_column"] = args.label_column
     if args.modalities:
         overrides["modalities"] = tuple(m.upper() for m in args.modalities)
+    if args.classes:
+        overrides["classes"] = _classes(args.classes)
     if args.image_size is not None:
         if not 4 <= args.image_size <= 1024:
             raise ConfigError(f"--image-size must be between 4 and 1024, got {args.image_size}")
         overrides["image_size"] = args.image_size
     return default_site_config(args.data, args.labels, **overrides)
+
+
+def _classes(names: list[str]) -> tuple[str, ...]:
+    cleaned = tuple(n.strip() for n in names)
+    if len(cleaned) < 2 or not all(cleaned):
+        raise ConfigError(f"--classes needs at least two non-empty class names, got {' '.join(names)!r}")
+    if len(set(cleaned)) != len(cleaned):
+        raise ConfigError("--classes: class names must be unique")
+    return cleaned
 
 
 def _write_private(path: Path, payload: dict[str, Any]) -> None:
@@ -92,7 +118,8 @@ def run_check(args: argparse.Namespace) -> int:
     try:
         cfg = _config(args)
         try:
-            dataset: SiteDataset = build_site_dataset(cfg, threshold=args.threshold)
+            with ingest_progress(False if args.quiet else None) as progress:
+                dataset: SiteDataset = build_site_dataset(cfg, threshold=args.threshold, progress=progress)
             failure = None
         except NoUsableImagesError as e:
             dataset, failure = e.dataset, str(e)
@@ -103,22 +130,76 @@ def run_check(args: argparse.Namespace) -> int:
     try:
         if args.report is not None:
             _write_private(args.report, dataset.report)
-            print(f"\nOn-site report (per-file reasons; do not share): {args.report}")
+            print(f"\nOn-site report (per-file reasons; do not share): {printable_name(str(args.report))}")
         if args.card is not None:
             args.card.parent.mkdir(parents=True, exist_ok=True)
             args.card.write_text(json.dumps(dataset.card, indent=2) + "\n", encoding="utf-8")
-            print(f"Dataset card (shareable): {args.card}")
+            print(f"Dataset card (shareable): {printable_name(str(args.card))}")
     except OSError as e:
         print(f"error: cannot write output ({e.strerror or e.__class__.__name__}): {e.filename}", file=sys.stderr)
         return EXIT_CONFIG
+    hints = dataset.report.get("hints", [])
     if failure is not None:
         print(f"\nerror: {failure}", file=sys.stderr)
+        for hint in hints:
+            print(f"hint: {hint}", file=sys.stderr)
         if args.report is None:
             print("hint: add --report report.json to see the reason for every file", file=sys.stderr)
         return EXIT_NO_DATA
+    for hint in hints:
+        print(f"hint: {hint}", file=sys.stderr)
+    code = _check_policy(cfg, dataset)
+    if code != EXIT_OK:
+        return code
     if cfg.labels_csv is None:
         print("\nNo labels given: every decodable image counts as used. Training needs a labels CSV.")
     return EXIT_OK
+
+
+def policy_findings(cfg: SiteConfig, dataset: SiteDataset, run: "Mechanism | None" = None,
+                    rounds: int = 1) -> list["PolicyFinding"]:
+    """The budget guard's rules on this site's data, its ledger and (for ``site approve``) a run's mechanism.
+
+    One call into :func:`privacy.policy.check_policy` with the facts the guard will see at round time: the
+    training split's patients (delta rule) and the lifetime history in the site ledger (budget).
+
+    Raises
+    ------
+    ConfigError: the ledger exists but cannot be read.
+    """
+    from privacy.guard import charges
+    from privacy.ledger import LedgerError
+    from privacy.policy import check_policy
+
+    history: list = []
+    ledger_path = cfg.state_dir / "ledger.jsonl"
+    if cfg.path is not None and ledger_path.is_file():
+        from client.runtime import open_site_ledger
+
+        try:
+            history = charges(open_site_ledger(cfg).records())
+        except (LedgerError, OSError, ValueError) as e:
+            raise ConfigError(f"{ledger_path}: the privacy ledger cannot be read ({e})") from None
+    patients = dataset.train.num_patients
+    return check_policy(cfg.privacy, num_patients=patients or None, history=history, run=run, rounds=rounds)
+
+
+def _check_policy(cfg: SiteConfig, dataset: SiteDataset) -> int:
+    """Print the policy findings; exit 2 for a policy the guard would refuse on this data, 1 for a spent budget."""
+    from privacy.policy import BUDGET_EXCEEDED
+
+    try:
+        findings = policy_findings(cfg, dataset)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    where = f"{cfg.path}: " if cfg.path is not None else ""
+    for f in findings:
+        print(f"{'error' if f.blocking else 'warning'}: {where}{f}", file=sys.stderr)
+    blocking = [f for f in findings if f.blocking]
+    if not blocking:
+        return EXIT_OK
+    return EXIT_NO_DATA if all(f.code == BUDGET_EXCEEDED for f in blocking) else EXIT_CONFIG
 
 
 def main(argv: list[str] | None = None) -> int:

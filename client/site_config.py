@@ -11,6 +11,7 @@ one more entry, not a new parser.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -29,12 +30,43 @@ LABEL_KEYS: tuple[str, ...] = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInst
 TASKS: tuple[str, ...] = ("classification",)
 ANY_MODALITY = "*"
 MIN_SECRET_BYTES = 16
+#: Site name of a first look (``atoll site check --data``), which has no site TOML and so no name.
+FIRST_LOOK_NAME = "first-look"
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _MODALITY = re.compile(r"^([A-Z0-9]{1,16}|\*)$")
 
 
+#: Refusal code of a round that fails on the site's own configuration (the message stays in the site log).
+SITE_CONFIG_INVALID = "SITE_CONFIG_INVALID"
+
+
 class ConfigError(ValueError):
-    """Invalid site configuration; the message names the file, the ``[section].key`` and what to do."""
+    """Invalid site configuration; the message names the file, the ``[section].key`` and what to do.
+
+    ``code`` is what a round refused for this reason answers (``POLICY_INVALID`` for the ``[privacy]`` section),
+    so the lead sees which rule failed instead of a bare SITE_ERROR; the message itself may name paths and
+    stays on the site.
+    """
+
+    def __init__(self, message: str, code: str = SITE_CONFIG_INVALID) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+#: Command-line flags of ``atoll site check --data`` (first look, no site TOML) per ``[data]`` key: messages
+#: cite what the user typed.
+FIRST_LOOK_FLAGS: dict[str, str] = {
+    "dicom_dir": "--data", "labels_csv": "--labels", "label_key": "--label-key", "label_column": "--label-column",
+    "classes": "--classes", "modalities": "--modalities", "image_size": "--image-size",
+}
+
+
+def setting_name(cfg: "SiteConfig", key: str) -> str:
+    """How to name setting ``key`` in a message: ``[data].key`` for a site TOML, the flag for a first look."""
+    if cfg.path is None and key in FIRST_LOOK_FLAGS:
+        return FIRST_LOOK_FLAGS[key]
+    section = "site" if key in SECTIONS["site"] else "data"
+    return f"[{section}].{key}"
 
 
 @dataclass(frozen=True)
@@ -88,7 +120,7 @@ class _Ctx:
 
 
 def _fail(ctx: _Ctx, where: str, msg: str) -> ConfigError:
-    return ConfigError(f"{ctx.file}: {where}: {msg}")
+    return ConfigError(f"{ctx.file}: {where}: {msg}" if where else f"{ctx.file}: {msg}")
 
 
 def _type_name(v: Any) -> str:
@@ -163,9 +195,15 @@ def _path(*, must_exist: bool, kind: str = "any") -> Parser:
     def parse(v: Any, where: str, ctx: _Ctx) -> Path:
         s = _str(v, where, ctx)
         p = Path(os.path.expanduser(s))
-        p = (p if p.is_absolute() else ctx.base / p).resolve()
+        try:
+            p = (p if p.is_absolute() else ctx.base / p).resolve()
+            exists = p.exists()
+        except (RuntimeError, OSError) as e:  # Python < 3.13 raises RuntimeError on a loop, later OSError
+            if isinstance(e, RuntimeError) or getattr(e, "errno", None) == errno.ELOOP:
+                raise _fail(ctx, where, f"{s} is a symbolic link loop; point it at the real folder or file") from None
+            raise _fail(ctx, where, f"cannot resolve {s} ({e.strerror or type(e).__name__})") from None
         if must_exist:
-            if not p.exists():
+            if not exists:
                 raise _fail(ctx, where, f"path does not exist: {p} (relative paths resolve against {ctx.base})")
             if kind == "dir" and not p.is_dir():
                 raise _fail(ctx, where, f"expected a folder, got a file: {p}")
@@ -289,7 +327,7 @@ def _load_policy(table: Mapping[str, Any], where: str) -> "SitePolicy":
     try:
         return SitePolicy.from_table(dict(table), where=where)
     except PolicyError as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(str(e), code=e.code) from None
 
 
 def check_secret_file(path: Path, *, where: str) -> None:
@@ -344,10 +382,10 @@ def default_site_config(dicom_dir: str | Path, labels_csv: str | Path | None = N
     absent. ``overrides`` are :class:`SiteConfig` field names (e.g. ``image_size=64``, ``modalities=("*",)``).
     """
     ctx = _Ctx(base=Path.cwd(), file="--data")
-    data = _path(must_exist=True, kind="dir")(str(dicom_dir), "[data].dicom_dir", ctx)
+    data = _path(must_exist=True, kind="dir")(str(dicom_dir), "", ctx)  # first look: messages cite the flag
     labels = None
     if labels_csv is not None:
-        labels = _path(must_exist=True, kind="file")(str(labels_csv), "[data].labels_csv", _Ctx(Path.cwd(), "--labels"))
+        labels = _path(must_exist=True, kind="file")(str(labels_csv), "", _Ctx(Path.cwd(), "--labels"))
     names = {f.name for f in fields(SiteConfig)}
     unknown = sorted(set(overrides) - names)
     if unknown:
@@ -363,7 +401,7 @@ def default_site_config(dicom_dir: str | Path, labels_csv: str | Path | None = N
     policy = overrides.pop("privacy", None) or _load_policy({}, where="default site config [privacy]")
     cfg = SiteConfig(
         path=None,
-        name="site",
+        name=FIRST_LOOK_NAME,
         state_dir=state_dir,
         secret_file=secret_file,
         signing_key=None,

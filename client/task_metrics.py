@@ -69,3 +69,18 @@ def task_metrics(task: TaskSpec, model: torch.nn.Module, images: torch.Tensor, l
     """The task's validation metrics over one split (plus ``n``, the number of examples)."""
     fn = classification_metrics if task.is_classification else segmentation_metrics
     return fn(task, model, images, labels, device)
+
+
+def missing_reasons(metrics: dict[str, float], labels: torch.Tensor, n: int) -> dict[str, str]:
+    """Why each undefined (NaN) metric of :func:`task_metrics` has no value, as a code of ``wire.MISSING_REASONS``
+    (codes only: they travel in the clear). ``NO_DATA``: an empty split, or a class / label absent from it;
+    ``SINGLE_CLASS``: AUC over one class; anything else is left to the default (``NOT_FINITE``)."""
+    from client.evaluation import missing_reasons as base
+
+    core = {"n": n, "loss": metrics.get("val_loss", 0.0), "accuracy": metrics.get("val_accuracy", 0.0),
+            "auc": metrics.get("val_auc", 0.0)}
+    out = {f"val_{k}": why for k, why in base(core, labels).items() if f"val_{k}" in metrics}
+    for key, value in metrics.items():
+        if key.startswith(("val_recall_", "val_dice")) and math.isnan(value):
+            out[key] = "NO_DATA"
+    return out

@@ -24,6 +24,10 @@ LEDGER = "ledger"
 REFUSAL = "refusal"
 SITE = "site"
 NUM_EXAMPLES = "num-examples"
+MISSING = "missing"  # ConfigRecord: released metric name -> why it has no value this round (MISSING_REASONS)
+
+# Why a metric the site releases has no value in a reply: a fixed vocabulary, so the record can carry no free text.
+MISSING_REASONS = ("NOT_FINITE", "SINGLE_CLASS", "NO_DATA")
 
 # Refusal codes that are not the privacy guard's (its codes come from privacy.guard).
 SITE_ERROR = "SITE_ERROR"
@@ -94,6 +98,17 @@ _NESTED = ("task", "mechanism")
 def refusal_record(code: str, message: str) -> ConfigRecord:
     """A refusal the lead will see. `message` must already be free of identifiers and paths."""
     return ConfigRecord({"code": code, "message": message})
+
+
+def missing_record(reasons: dict[str, str]) -> ConfigRecord:
+    """``{metric name: reason code}`` for released metrics without a value (codes from MISSING_REASONS)."""
+    return ConfigRecord(dict(reasons))
+
+
+def missing_of(content: RecordDict) -> dict[str, str]:
+    if MISSING not in content.config_records:
+        return {}
+    return {str(k): str(v) for k, v in content.config_records[MISSING].items()}
 
 
 def site_record(name: str) -> ConfigRecord:

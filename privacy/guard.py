@@ -50,17 +50,12 @@ from typing import Any, Callable, Iterable
 from contract.mechanism import RECORD_KEYS, Mechanism
 from privacy.accounting import canonical_history, compute_epsilon
 from privacy.ledger import LedgerError, SiteLedger, epsilon_json, record_hash
-from privacy.policy import SitePolicy
+from privacy.policy import (ACCOUNTANT_OUT_OF_POLICY, BUDGET_EXCEEDED, CLIP_OUT_OF_POLICY, NOISE_OUT_OF_POLICY,
+                            NON_DP_NOT_ALLOWED, SAMPLE_RATE_OUT_OF_POLICY, STEPS_OUT_OF_POLICY, SitePolicy,
+                            mechanism_problem)
 
 log = logging.getLogger("atoll.privacy")
 
-BUDGET_EXCEEDED = "BUDGET_EXCEEDED"
-NOISE_OUT_OF_POLICY = "NOISE_OUT_OF_POLICY"
-CLIP_OUT_OF_POLICY = "CLIP_OUT_OF_POLICY"
-STEPS_OUT_OF_POLICY = "STEPS_OUT_OF_POLICY"
-SAMPLE_RATE_OUT_OF_POLICY = "SAMPLE_RATE_OUT_OF_POLICY"
-NON_DP_NOT_ALLOWED = "NON_DP_NOT_ALLOWED"
-ACCOUNTANT_OUT_OF_POLICY = "ACCOUNTANT_OUT_OF_POLICY"
 BAD_REQUEST = "BAD_REQUEST"
 REFUSAL_CODES: tuple[str, ...] = (BUDGET_EXCEEDED, NOISE_OUT_OF_POLICY, CLIP_OUT_OF_POLICY, STEPS_OUT_OF_POLICY,
                                   SAMPLE_RATE_OUT_OF_POLICY, NON_DP_NOT_ALLOWED, ACCOUNTANT_OUT_OF_POLICY,
@@ -250,26 +245,8 @@ class BudgetGuard:
                 return BAD_REQUEST, f"the round request's {name.replace('_', ' ')} {v!r} is not a finite number"
         if isinstance(m.steps, bool) or not isinstance(m.steps, int):
             return BAD_REQUEST, f"the round request's local steps {m.steps!r} is not an integer"
-        if m.accountant and m.accountant != p.accountant:
-            return ACCOUNTANT_OUT_OF_POLICY, (f"the run asks for the {m.accountant!r} accountant; this site charges its "
-                                              f"lifetime budget with {p.accountant!r}")
-        if not m.dp and not p.allow_non_dp:
-            return NON_DP_NOT_ALLOWED, "this site's policy does not allow training without differential privacy"
-        lo, hi = p.local_steps
-        if not lo <= m.steps <= hi:
-            return STEPS_OUT_OF_POLICY, f"local steps {m.steps} outside this site's allowed range [{lo}, {hi}]"
-        if not 0 < m.sample_rate <= p.max_sample_rate:
-            return SAMPLE_RATE_OUT_OF_POLICY, (f"sampling rate q={m.sample_rate:.4g} outside this site's allowed "
-                                               f"range (0, {p.max_sample_rate:g}]")
-        if m.dp:
-            lo, hi = p.noise_multiplier
-            if not lo <= m.noise_multiplier <= hi:
-                return NOISE_OUT_OF_POLICY, (f"noise multiplier σ={m.noise_multiplier:g} outside this site's "
-                                             f"allowed range [{lo:g}, {hi:g}]")
-            lo, hi = p.clip_norm
-            if not lo <= m.clip_norm <= hi:
-                return CLIP_OUT_OF_POLICY, f"clip norm C={m.clip_norm:g} outside this site's allowed range [{lo:g}, {hi:g}]"
-        return None
+        # the policy's rules live in privacy.policy, shared with `atoll site check` and `atoll site approve`
+        return mechanism_problem(p, m)
 
     @staticmethod
     def _mechanism(req: RoundRequest) -> dict[str, Any]:

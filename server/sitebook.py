@@ -29,9 +29,12 @@ class SiteRound:
     val: dict[str, float] = field(default_factory=dict)
     epsilon: float | None = None
     delta: float | None = None
+    missing: dict[str, str] = field(default_factory=dict)  # metric (or "val") -> why it has no value
 
     def as_dict(self) -> dict:
         d = {"status": self.status, "train": self.train, "val": self.val}
+        if self.missing:
+            d["missing"] = dict(self.missing)
         if self.code:
             d.update(code=self.code, message=self.message)
         if self.epsilon is not None:
@@ -98,6 +101,7 @@ class RoundBook:
                 return self._reject(name, site, "UPDATE_NOT_AS_SIGNED", problem)
         metrics = content[wire.METRICS]
         site.train = {k: float(v) for k, v in metrics.items()}
+        site.missing.update(wire.missing_of(content))
         site.status = "contributed"
         msg.content = RecordDict({
             wire.ARRAYS: content[wire.ARRAYS],
@@ -132,9 +136,13 @@ class RoundBook:
 
     def admit_evaluate_reply(self, msg: Message) -> None:
         name, site = self._site(msg)
-        if msg.has_error() or wire.refusal_of(msg.content) or wire.METRICS not in msg.content.metric_records:
+        refusal = None if msg.has_error() else wire.refusal_of(msg.content)
+        if refusal:
+            site.missing["val"] = refusal[0]  # history says why there is no validation entry
+        if msg.has_error() or refusal or wire.METRICS not in msg.content.metric_records:
             return
         site.val = {k: float(v) for k, v in msg.content[wire.METRICS].items()}
+        site.missing.update(wire.missing_of(msg.content))
 
     def aggregated_val(self) -> dict[str, float]:
         """Example-weighted mean of each validation metric over the sites that released it."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Iterable, Mapping
 
+from client.site_config import FIRST_LOOK_NAME
+
 CARD_SCHEMA = "atoll.dataset-card/1"
 REPORT_SCHEMA = "atoll.ingest-report/1"
 DEFAULT_THRESHOLD = 5
@@ -98,8 +100,9 @@ def make_card(
 
 def format_card(card: Mapping[str, Any]) -> str:
     """Human-readable rendering of a card for the terminal (same content, nothing added)."""
+    who = "first look (no site config)" if card["site"] == FIRST_LOOK_NAME else f"site {card['site']}"
     lines = [
-        f"Dataset card - site {card['site']} ({card['task']}, {card['image_size']}x{card['image_size']})",
+        f"Dataset card - {who} ({card['task']}, {card['image_size']}x{card['image_size']})",
         f"  files seen      {card['files_seen']}",
         f"  images used     {card['images_used']}   patients {card['patients']}   studies {card['studies']}"
         f"   series {card['series']}",

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shlex
+import stat
 import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
 
@@ -29,10 +31,14 @@ from client.ingest.card import DEFAULT_THRESHOLD, REPORT_SCHEMA, make_card
 from client.ingest.index import HeaderFacts, attach_pixel_data, header_reason, iter_files, read_header
 from client.ingest.labels import Labels, load_labels
 from client.ingest.pseudonyms import Pseudonymizer
-from client.ingest.quarantine import Quarantined, Reason, describe, reason_for_decode_error
+from client.ingest.quarantine import (Quarantined, Reason, describe, has_bad_name, printable_name,
+                                      reason_for_decode_error)
 from client.ingest.split import TRAIN, VAL, split_patients
 from client.ingest.transforms import build_preprocess, plain_tensors, preprocess, preprocess_key
-from client.site_config import SiteConfig
+from client.site_config import SiteConfig, setting_name
+
+if TYPE_CHECKING:  # pragma: no cover - typing only; rich is imported where a bar is shown
+    from rich.progress import Progress
 
 log = logging.getLogger("atoll.ingest")
 
@@ -93,13 +99,16 @@ def _label_key(f: HeaderFacts, key: str) -> str | None:
             "AccessionNumber": f.accession}[key]
 
 
-def build_site_dataset(cfg: SiteConfig, *, threshold: int = DEFAULT_THRESHOLD) -> SiteDataset:
+def build_site_dataset(cfg: SiteConfig, *, threshold: int = DEFAULT_THRESHOLD,
+                       progress: "Progress | None" = None) -> SiteDataset:
     """Index, quarantine, preprocess (with the on-disk cache) and split the site's data.
 
     Parameters
     ----------
     cfg: validated site configuration.
     threshold: small-cell suppression threshold of the dataset card.
+    progress: a ``rich`` progress display to advance per file (see :func:`client.ingest.progress.ingest_progress`);
+        ``None`` shows nothing. Its text holds counts only.
 
     Raises
     ------
@@ -111,7 +120,8 @@ def build_site_dataset(cfg: SiteConfig, *, threshold: int = DEFAULT_THRESHOLD) -
     labels: Labels | None = None
     label_keys: set[str] = set()
     if cfg.labels_csv is not None:
-        labels = load_labels(cfg.labels_csv, cfg.label_key, cfg.label_column, cfg.classes)
+        labels = load_labels(cfg.labels_csv, cfg.label_key, cfg.label_column, cfg.classes,
+                             setting=lambda k: setting_name(cfg, k))
         label_keys = labels.keys()
     key = preprocess_key(cfg.image_size, cfg.task)
     icache = IndexCache(cfg.cache_dir, pseudonyms.fingerprint(), cfg.task)
@@ -126,12 +136,26 @@ def build_site_dataset(cfg: SiteConfig, *, threshold: int = DEFAULT_THRESHOLD) -
     kept_sops: dict[str, str] = {}
     matched_label_keys: set[str] = set()
 
+    walk_errors: list[tuple[str, OSError]] = []
+    files = list(iter_files(cfg.dicom_dir, exclude, walk_errors))  # listed first: the progress bar needs a total
+    task = progress.add_task("Indexing and caching DICOM", total=len(files)) if progress is not None else None
+    modalities_setting = setting_name(cfg, "modalities")
     with _quiet_pydicom():
-        for rel, path in iter_files(cfg.dicom_dir, exclude):
+        for rel, path in files:
+            if task is not None:
+                progress.advance(task)
+            if has_bad_name(rel):  # cannot be keyed, cached or reported as UTF-8: one file out, not the site
+                quarantined.append(Quarantined(printable_name(rel), Reason.BAD_FILE_NAME,
+                                               "the file or folder name is not valid UTF-8; rename it"))
+                continue
             try:
                 st = path.stat()
             except OSError as e:
                 quarantined.append(Quarantined(rel, Reason.UNREADABLE, describe(e)))
+                continue
+            if not stat.S_ISREG(st.st_mode):  # reading a named pipe or a device would block or never end
+                quarantined.append(Quarantined(rel, Reason.UNREADABLE,
+                                               "not a regular file (named pipe, socket or device)"))
                 continue
             fk = file_key(rel, st)
             seen_keys.add(fk)
@@ -145,7 +169,7 @@ def build_site_dataset(cfg: SiteConfig, *, threshold: int = DEFAULT_THRESHOLD) -
                 if lk is not None and lk in label_keys:
                     matched_label_keys.add(lk)
 
-            problem, label = _usable(facts, cfg, labels, label_keys, kept_sops)
+            problem, label = _usable(facts, cfg, labels, label_keys, kept_sops, modalities_setting)
             if problem is not None:
                 quarantined.append(Quarantined(rel, problem[0], problem[1]))
                 continue
@@ -163,11 +187,17 @@ def build_site_dataset(cfg: SiteConfig, *, threshold: int = DEFAULT_THRESHOLD) -
             used.append({"file": rel, "patient": facts.patient, "study": facts.study or rel,
                          "series": facts.series or rel, "modality": facts.modality, "label": label})
 
+    for rel, e in walk_errors:
+        quarantined.append(Quarantined(printable_name(rel), Reason.UNREADABLE, f"folder cannot be listed: {describe(e)}"))
+    if task is not None:
+        progress.update(task, description="Writing the ingest cache")
     try:
         icache.save(seen_keys)
         tcache.save(seen_keys)
     except OSError as e:
         log.warning("could not write the ingest cache (%s); the next pass will decode again", type(e).__name__)
+    if task is not None:
+        progress.update(task, description="Indexed and cached DICOM")
 
     assignment = split_patients((u["patient"] for u in used), cfg.val_fraction, cfg.seed)
     for u in used:
@@ -179,6 +209,7 @@ def build_site_dataset(cfg: SiteConfig, *, threshold: int = DEFAULT_THRESHOLD) -
     card = make_card(site=cfg.name, task=cfg.task, image_size=cfg.image_size, used=used,
                      quarantined=[q.reason.value for q in quarantined], labels_unmatched=len(unmatched),
                      labelled=labels is not None, class_names=cfg.classes, threshold=threshold)
+    hints = _label_hints(cfg, labels)
     report = {
         "schema": REPORT_SCHEMA,
         "data_dir": str(cfg.dicom_dir),
@@ -189,24 +220,61 @@ def build_site_dataset(cfg: SiteConfig, *, threshold: int = DEFAULT_THRESHOLD) -
         "quarantined": [q.to_json() for q in quarantined],
         "unmatched_labels": [{"key": k, "row": labels.rows.get(k)} for k in unmatched] if labels else [],
         "cache": {"hits": tcache.hits, "misses": tcache.misses},
+        "hints": [local for _, local in hints],
         "card": card,
     }
     dataset = SiteDataset(train=train, val=val, card=card, report=report)
     counts = Counter(q.reason.value for q in quarantined)
-    log.info("site %s: %d images used (%d train / %d val patients), %d quarantined %s, cache %d hit / %d miss, %.1fs",
-             cfg.name, len(used), train.num_patients, val.num_patients, len(quarantined), dict(sorted(counts.items())),
+    patients = (f"{train.num_patients + val.num_patients} patients"
+                + (f" ({train.num_patients} train / {val.num_patients} validation)" if cfg.val_fraction > 0 else ""))
+    log.info("site %s: %d images used, %s; cache %d hit / %d miss; %.1fs", cfg.name, len(used), patients,
              tcache.hits, tcache.misses, time.perf_counter() - t0)
+    if quarantined:  # counts and reason codes only: file names stay in the on-site report
+        log.warning("site %s: %s quarantined (%s); `atoll site check --report FILE` lists the reason for each file",
+                    cfg.name, _plural(len(quarantined), "file"), quarantine_summary(counts))
     if not used:
-        summary = ", ".join(f"{r}: {n}" for r, n in sorted(counts.items())) or "the data folder holds no files"
-        raise NoUsableImagesError(f"no usable image at site {cfg.name} ({summary}); "
+        summary = quarantine_summary(counts, sep=": ") or "the data folder holds no files"
+        fix = "".join(f"; {public}" for public, _ in hints)
+        raise NoUsableImagesError(f"no usable image at site {cfg.name} ({summary}){fix}; "
                                   "run `atoll site check` with --report on the site for details", dataset)
     return dataset
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def quarantine_summary(counts: Mapping[str, int], sep: str = " ") -> str:
+    """``"CORRUPT_HEADER 2, NOT_DICOM 1"``: reason codes by count, most frequent first (no file names)."""
+    return ", ".join(f"{r}{sep}{n}" for r, n in sorted(counts.items(), key=lambda rn: (-rn[1], rn[0])))
+
+
+def _label_hints(cfg: SiteConfig, labels: Labels | None) -> list[tuple[str, str]]:
+    """How to fix labels that are class names while no classes are set: ``(public, local)`` pairs.
+
+    The public form (it may cross the wire inside :class:`NoUsableImagesError`) names the settings only; the
+    local form (on-site report and terminal) quotes the class names found, as a command to copy.
+    """
+    if labels is None or cfg.classes or not labels.text_values:
+        return []
+    public = ("the labels are class names but no classes are set: set [data].classes in the site TOML "
+              "(--classes with `atoll site check --data`)")
+    names = sorted(labels.text_values)
+    if len(names) > 10:
+        return [(public, f"{len(names)} different text labels in {cfg.label_column!r} (e.g. "
+                         f"{', '.join(map(repr, names[:3]))}): is {setting_name(cfg, 'label_column')} the label column?")]
+    toml = ", ".join(f'"{n}"' for n in names)
+    shell = " ".join(shlex.quote(n) for n in names)
+    fix = (f"add --classes {shell} (in a site TOML: classes = [{toml}] under [data], i.e. [data].classes)"
+           if cfg.path is None else f"add classes = [{toml}] under [data] in {cfg.path} ([data].classes)")
+    return [(public, f"the labels are class names ({', '.join(names)}) but no classes are set: {fix}; the order "
+                     "fixes each class's index, so use the same order at every site")]
+
+
 def _usable(facts: HeaderFacts, cfg: SiteConfig, labels: Labels | None, label_keys: set[str],
-            kept_sops: dict[str, str]) -> tuple[tuple[Reason, str] | None, int | None]:
+            kept_sops: dict[str, str], modalities_setting: str) -> tuple[tuple[Reason, str] | None, int | None]:
     """Decision before pixels: ``(problem, None)`` or ``(None, label)``; header -> duplicate -> label, in order."""
-    problem = header_reason(facts, cfg.allows_modality)
+    problem = header_reason(facts, cfg.allows_modality, modalities_setting)
     if problem is None and facts.sop in kept_sops:
         problem = (Reason.DUPLICATE, f"same SOPInstanceUID as the used file {kept_sops[facts.sop]}")
     if problem is not None or labels is None:

@@ -83,21 +83,37 @@ class HeaderFacts:
         return self.frames if isinstance(self.frames, int) else 1
 
 
-def iter_files(root: Path, exclude: tuple[Path, ...] = ()) -> Iterator[tuple[str, Path]]:
+def _resolve(p: Path) -> Path | None:
+    try:
+        return p.resolve()
+    except (RuntimeError, OSError):  # a symlink loop (RuntimeError before Python 3.13)
+        return None
+
+
+def iter_files(root: Path, exclude: tuple[Path, ...] = (),
+               errors: list[tuple[str, OSError]] | None = None) -> Iterator[tuple[str, Path]]:
     """Yield ``(relative POSIX path, absolute path)`` for every file under ``root``, sorted, skipping ``exclude``.
 
     ``exclude`` holds the cache/state folders and the labels file when they live inside the data folder.
+    Folders that cannot be listed are appended to ``errors`` as ``(relative path, error)`` (nothing is skipped
+    silently). Symbolic links to folders are not followed (a link loop cannot trap the walk).
     """
-    excl = {p.resolve() for p in exclude}
+    excl = {r for r in map(_resolve, exclude) if r is not None}
     excl_names = {p.name for p in excl}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+
+    def onerror(e: OSError) -> None:
+        if errors is not None and e.filename is not None:
+            rel = Path(e.filename).relative_to(root).as_posix() if Path(e.filename) != root else "."
+            errors.append((rel + "/", e))
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=onerror):
         d = Path(dirpath)
         prefix = d.relative_to(root).as_posix()
         prefix = "" if prefix == "." else prefix + "/"
-        dirnames[:] = sorted(n for n in dirnames if n not in excl_names or (d / n).resolve() not in excl)
+        dirnames[:] = sorted(n for n in dirnames if n not in excl_names or _resolve(d / n) not in excl)
         for name in sorted(filenames):
             p = d / name
-            if name in excl_names and p.resolve() in excl:  # resolve (a syscall per level) only on a name match
+            if name in excl_names and _resolve(p) in excl:  # resolve (a syscall per level) only on a name match
                 continue
             yield prefix + name, p
 
@@ -204,8 +220,12 @@ def _facts(rel: str, ds: Dataset, pos: int, size: int, pseudonyms: Pseudonymizer
     )
 
 
-def header_reason(f: HeaderFacts, allows_modality: Any) -> tuple[Reason, str] | None:
-    """First reason (in a fixed order) why a file cannot be used, judged from its header alone; None if usable."""
+def header_reason(f: HeaderFacts, allows_modality: Any,
+                  modalities_setting: str = "[data].modalities") -> tuple[Reason, str] | None:
+    """First reason (in a fixed order) why a file cannot be used, judged from its header alone; None if usable.
+
+    ``modalities_setting`` names the setting in the detail (``--modalities`` in a first look).
+    """
     if f.error is not None:
         return Reason(f.error[0]), f.error[1]
     if f.pixel_offset is None:
@@ -216,7 +236,7 @@ def header_reason(f: HeaderFacts, allows_modality: Any) -> tuple[Reason, str] | 
     if not f.sop:
         return Reason.MISSING_UID, "no SOPInstanceUID"
     if not allows_modality(f.modality):
-        return Reason.MODALITY_NOT_ALLOWED, f"modality {f.modality or '(missing)'} is not in [data].modalities"
+        return Reason.MODALITY_NOT_ALLOWED, f"modality {f.modality or '(missing)'} is not in {modalities_setting}"
     if f.burned_in == "YES":
         return Reason.BURNED_IN_ANNOTATION, "BurnedInAnnotation = YES"
     if not f.patient:

@@ -7,6 +7,7 @@ details (which may name files) stay in the on-site report.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from enum import Enum
 
@@ -30,6 +31,25 @@ class Reason(str, Enum):
     NO_LABEL = "NO_LABEL"  # labels given, but none matches this image
     BAD_LABEL = "BAD_LABEL"  # a label matches but its value is not a known class, or keys disagree
     DECODE_ERROR = "DECODE_ERROR"  # a plugin exists but decoding or preprocessing failed
+    BAD_FILE_NAME = "BAD_FILE_NAME"  # the file's name (or a folder's) is not valid UTF-8: it cannot be keyed
+
+
+def printable_name(rel: str) -> str:
+    """A file name as the on-site report can hold it: undecodable bytes shown as ``\\xff`` escapes.
+
+    ``os.walk`` hands back undecodable bytes as lone surrogates, which no UTF-8 writer (JSON report, cache key,
+    log handler) accepts; the escaped form lets the admin find the file.
+    """
+    return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
+def has_bad_name(rel: str) -> bool:
+    """Whether ``rel`` holds bytes that are not UTF-8 (surrogate escapes from the file system)."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 @dataclass(frozen=True)
