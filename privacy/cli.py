@@ -13,6 +13,7 @@ import secrets
 import sys
 from pathlib import Path
 
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND = 0, 1, 2, 3  # as atoll.cli.EXIT_CODES
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 KEY_FILE = "site_ed25519.pem"
 SECRET_FILE = "pseudonym.secret"
@@ -38,7 +39,7 @@ def add_audit_parser(audit_subparsers: argparse._SubParsersAction) -> None:
         "verify", help="verify a run's signed privacy ledger against site ledgers and enrolled keys",
         description="Checks signatures, hash chains, the server copy against each site's own ledger, budgets, and "
                     "recomputes every epsilon with Opacus and independently with Google's dp_accounting. "
-                    "Exit 0 only when everything holds.")
+                    "Exit 0 only when everything holds, 1 when a check fails, 3 when RUN_DIR is not a run folder.")
     _common(v)
     v.add_argument("--json", action="store_true", help="print the full result as JSON")
     v.set_defaults(func=audit_verify)
@@ -57,9 +58,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run's folder (holds ledger.jsonl)")
     p.add_argument("--site-ledger", action="append", default=[], metavar="FILE",
                    help="a site's own ledger.jsonl to cross-check (repeat per site)")
-    p.add_argument("--keys", default=None, metavar="DIR",
-                   help="enrolled site public keys <site>.pub (default: RUN_DIR/../../consortium/keys if it "
-                        "exists, else RUN_DIR/keys)")
+    p.add_argument("--keys-dir", "--keys", dest="keys", default=None, metavar="DIR",
+                   help="folder of the enrolled sites' ledger public keys, one <site>.pub per site (each site's "
+                        "site_ed25519.pub from `atoll site init`, renamed to its site name). Default: the "
+                        "--keys-dir the run was started with (RUN_DIR/settings.json) if that folder exists here, "
+                        "else RUN_DIR/../../consortium/keys (the demo's layout), else RUN_DIR/keys")
 
 
 # ------------------------------------------------------------------------------------------------ site init
@@ -158,31 +161,84 @@ def site_init(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ audit
 
 
+def _run_folder_problem(run_dir: str) -> str | None:
+    """Why ``run_dir`` is not a run folder (no ledger copy, no settings), or None."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        return f"{root} does not exist (give the run's folder, RUN_DIR/<run-name>)"
+    if not (root / "ledger.jsonl").is_file() and not (root / "settings.json").is_file():
+        runs = sorted(p.name for p in root.iterdir() if (p / "settings.json").is_file())
+        hint = f"; it holds the runs {', '.join(runs[-5:])}: pass {root / runs[-1]}" if runs else ""
+        return f"{root} is not a run folder (no ledger.jsonl, no settings.json){hint}"
+    return None
+
+
+def _keys_dir(args: argparse.Namespace) -> str | None:
+    """--keys-dir, else the keys folder the run was started with when it exists on this machine."""
+    import json
+
+    if args.keys:
+        return args.keys
+    try:
+        recorded = json.loads((Path(args.run_dir) / "settings.json").read_text()).get("keys_dir") or ""
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recorded if recorded and Path(recorded).is_dir() else None
+
+
+def run_status_line(run_dir: str | Path) -> str | None:
+    """How the run ended, from its status.json (e.g. 'stopped by the lead at round 2 of 3 ...'), or None."""
+    import json
+
+    try:
+        status = json.loads((Path(run_dir) / "status.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return f"{status.get('status')}" + (f" — {status['reason']}" if status.get("reason") else "")
+
+
 def audit_verify(args: argparse.Namespace) -> int:
+    problem = _run_folder_problem(args.run_dir)
+    if problem:
+        print(f"atoll audit verify: {problem}", file=sys.stderr)
+        return EXIT_NOT_FOUND
     from privacy.audit import result_json, verify_run
 
-    result = verify_run(args.run_dir, args.site_ledger, args.keys)
-    print(result_json(result) if args.json else result.text())
-    return 0 if result.ok else 1
+    result = verify_run(args.run_dir, args.site_ledger, _keys_dir(args))
+    status = run_status_line(args.run_dir)
+    if args.json:
+        import json
+
+        print(json.dumps({**json.loads(result_json(result)), "run_status": status}, indent=2))
+    else:
+        text = result.text()
+        if status:  # how the run ended, next to the verdict: a lead's stop is a stop, not a gap
+            text = text.replace("\n", f"\nrun status: {status}\n", 1)
+        print(text)
+    return EXIT_OK if result.ok else EXIT_FAILED
 
 
 def audit_report(args: argparse.Namespace) -> int:
+    problem = _run_folder_problem(args.run_dir)
+    if problem:
+        print(f"atoll audit report: {problem}", file=sys.stderr)
+        return EXIT_NOT_FOUND
     from privacy.audit import verify_run
     from privacy.report import print_pdf, render_report
 
-    result = verify_run(args.run_dir, args.site_ledger, args.keys)
+    result = verify_run(args.run_dir, args.site_ledger, _keys_dir(args))
     out = Path(args.out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(render_report(result, Path(args.run_dir)), encoding="utf-8")
     except OSError as exc:
         print(f"error: cannot write {out}: {exc.strerror}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
     print(f"report written: {out} (verification {'PASS' if result.ok else 'FAIL'})")
     if args.pdf:
         problem = print_pdf(out, Path(args.pdf))
         if problem:
             print(f"error: PDF not written: {problem}", file=sys.stderr)
-            return 1
+            return EXIT_FAILED
         print(f"PDF written: {args.pdf}")
-    return 0
+    return EXIT_OK

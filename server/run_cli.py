@@ -1,74 +1,137 @@
-"""`atoll run start|status`: the consortium lead's commands.
+"""`atoll run start|status|stop`: the consortium lead's commands.
 
 `start` submits the Atoll app to a SuperLink with Flower's own `flwr run` (so Flower builds and
-ships the FAB) after checking the settings locally, so a typo fails here and not at round 1.
-`status` reads a run folder and shows, per round, which site contributed, refused or was rejected,
-the released validation metrics and each site's reported epsilon.
+ships the FAB) after checking the settings and the connection locally, so a typo fails here and not
+at round 1, and prints the run folder to watch. `status` reads a run folder and shows, per round,
+which site contributed, refused or was rejected, the released validation metrics and each site's
+reported epsilon. `stop` asks the ServerApp to stop cleanly after the round in flight.
+
+Parsers import only the standard library (and RunSettings, itself light): the ML stack loads in
+the ServerApp, never for `--help` or a settings error.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+from server.connections import ConnectionNotFound, resolve
+from server.outputs import SERVER_FILE, STOP_FILE, read_stop_request, write_stop_request
 from server.settings import RunSettings, SettingsError
 
 APP_DIR = Path(__file__).resolve().parents[1]
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND = 0, 1, 2, 3  # as atoll.cli.EXIT_CODES
+
+# Names as models.MODEL_NAMES and server.robust.STRATEGIES hold them, listed here so that `--help` and a typo
+# need neither MONAI nor Flower's strategies (tests/test_cli_startup.py keeps the lists equal).
+MODEL_CHOICES = ("atollnet", "atollnet-wide", "densenet121", "resnet18", "resnet34")
+STRATEGY_CHOICES = ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option with a value shows its default (flags and empty defaults do not); the epilog keeps its lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, "", False) or isinstance(action, argparse._StoreTrueAction):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    run = sub.add_parser("run", help="consortium lead: start and watch training runs")
+    run = sub.add_parser("run", help="consortium lead: start, watch and stop training runs",
+                         description="Start a training run on the consortium's SuperLink, watch its folder, stop it.")
     run_sub = run.add_subparsers(dest="run_command", metavar="COMMAND")
-    run.set_defaults(func=lambda a: (run.print_help(), 2)[1])
+    run.set_defaults(func=lambda a: (run.print_help(), EXIT_USAGE)[1])
 
     start = run_sub.add_parser(
-        "start", help="submit a training run to the consortium's SuperLink",
-        description="Checks the run settings, then runs `flwr run APP SUPERLINK --run-config ...`. "
-                    "SUPERLINK is a connection name from $FLWR_HOME/config.toml (see README, 'Consortium lead').")
-    start.add_argument("superlink", help="connection name in $FLWR_HOME/config.toml")
-    start.add_argument("--run-dir", required=True, help="absolute folder on the SuperLink host for run outputs")
-    start.add_argument("--run-name", default="", help="name of the run folder (default: generated)")
-    start.add_argument("--keys-dir", default="", help="enrolled site signing keys (<site>.pub) on the SuperLink host")
+        "start", help="submit a training run to the consortium's SuperLink", formatter_class=HelpFormatter,
+        description="Checks the run settings and the connection, then runs `flwr run APP --run-config ...` "
+                    "against the SuperLink connection NAME ([superlink.NAME] in $FLWR_HOME/config.toml, see "
+                    "README 'Consortium lead'), and prints the run folder to watch with `atoll run status`. "
+                    "Give the same run-shape options as to `atoll run manifest`, or the sites refuse the run.")
+    start.add_argument("--superlink", metavar="NAME", default=None,
+                       help="connection name in $FLWR_HOME/config.toml (default: its [superlink] default)")
+    start.add_argument("connection", nargs="?", default=None, metavar="NAME",
+                       help="deprecated spelling of --superlink NAME (still accepted)")
+    start.add_argument("--run-dir", metavar="DIR", required=True,
+                       help="absolute folder on the SuperLink host under which the run folder is made")
+    start.add_argument("--run-name", metavar="NAME", default="", help="name of the run folder (empty: run-DATE-TIME-XXXX)")
+    start.add_argument("--keys-dir", metavar="DIR", default="",
+                       help="folder on the SuperLink host with each enrolled site's ledger key as <site>.pub "
+                            "(the site_ed25519.pub of `atoll site init`, renamed)")
     add_run_shape_arguments(start)
     d = RunSettings()
-    start.add_argument("--min-sites", type=int, default=d.min_sites)
-    start.add_argument("--secagg-num-shares", type=float, default=d.secagg_num_shares,
+    start.add_argument("--strategy", type=str.lower, choices=STRATEGY_CHOICES, default=d.strategy, metavar="NAME",
+                       help=f"Flower aggregation strategy: {', '.join(STRATEGY_CHOICES)} (robust ones need enough "
+                            "sites; see README)")
+    start.add_argument("--max-update-norm", metavar="X", type=float, default=d.max_update_norm,
+                       help="reject a site's update whose distance to the global model exceeds this (0 = no bound)")
+    start.add_argument("--min-sites", metavar="N", type=int, default=d.min_sites,
+                       help="stop the run when fewer sites contribute to a round")
+    start.add_argument("--num-sites", metavar="N", type=int, default=d.num_sites,
+                       help="sites to wait for before each round (0 = --min-sites)")
+    start.add_argument("--secagg-num-shares", metavar="X", type=float, default=d.secagg_num_shares,
                        help="SecAgg+: key shares per site, an odd count >= 3 or a fraction of the sites (1 = all)")
-    start.add_argument("--secagg-reconstruction-threshold", type=float, default=d.secagg_reconstruction_threshold,
+    start.add_argument("--secagg-reconstruction-threshold", metavar="X", type=float, default=d.secagg_reconstruction_threshold,
                        help="SecAgg+: shares needed to rebuild a dropped site's masks, a count >= 2 or a fraction")
-    start.add_argument("--secagg-max-weight", type=float, default=d.secagg_max_weight,
+    start.add_argument("--secagg-max-weight", metavar="X", type=float, default=d.secagg_max_weight,
                        help="SecAgg+: at least the largest number of training examples at any site")
     start.add_argument("--allow-insecure-demo", action="store_true",
                        help="let the run go to a connection marked `insecure = true` (plaintext, no TLS): local "
                             "demos and tests only; refused otherwise")
-    start.add_argument("--app", default=str(APP_DIR), help="Flower app folder (default: this Atoll checkout)")
+    start.add_argument("--app", metavar="DIR", default=str(APP_DIR), help="Flower app folder")
     start.add_argument("--stream", action="store_true", help="follow the run's logs")
     start.set_defaults(func=_start)
 
-    status = run_sub.add_parser("status", help="show a run's rounds, sites, metrics and epsilon")
-    status.add_argument("run_dir", help="the run's folder (RUN_DIR/<run-name>)")
+    status = run_sub.add_parser(
+        "status", help="show a run's state, rounds, sites, metrics and epsilon", formatter_class=HelpFormatter,
+        description="Reads the run folder (on the SuperLink host). A run whose ServerApp is gone without a final "
+                    "status (killed, crashed) is reported as such, not as running; with --superlink the answer "
+                    "also names Flower's own status of the run (`flwr ls`).")
+    status.add_argument("run_dir", metavar="RUN_FOLDER", help="the run's folder (RUN_DIR/<run-name>)")
     status.add_argument("--json", action="store_true", help="print history.json as is")
+    status.add_argument("--superlink", metavar="NAME", default=None,
+                        help="also ask Flower (`flwr ls`) for the run's status over this connection")
     status.set_defaults(func=_status)
+
+    stop = run_sub.add_parser(
+        "stop", help="stop a run cleanly after the round in flight", formatter_class=HelpFormatter,
+        description="Asks the run's ServerApp to stop: it finishes the round in flight (every site's charge for "
+                    "it is recorded in the run's ledger copy), sends no further round, and writes status.json "
+                    "'stopped by the lead at round K'; `atoll audit verify` then reports the stop, not a gap. "
+                    "Run it on the SuperLink host. `flwr stop RUN_ID` instead kills the run at once: a round in "
+                    "flight may then be charged at the sites but missing from the server's record.")
+    stop.add_argument("run_dir", metavar="RUN_FOLDER", help="the run's folder (RUN_DIR/<run-name>)")
+    stop.add_argument("--reason", default="", help="why, for the record (no patient data)")
+    stop.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                      help="wait up to this long for the run to record the stop (0 = do not wait)")
+    stop.set_defaults(func=_stop)
 
 
 def add_run_shape_arguments(p: argparse.ArgumentParser) -> None:
     """What a run does with the sites' data, and so what they approve: shared by `atoll run start` and
     `atoll run manifest`, with RunSettings' defaults, so that a default run matches a default manifest."""
     d = RunSettings()
-    p.add_argument("--rounds", type=int, default=d.num_server_rounds)
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--local-steps", type=int, default=d.local_steps)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="minibatch size without DP")
-    p.add_argument("--sample-rate", type=float, default=d.sample_rate,
+    p.add_argument("--rounds", metavar="N", type=int, default=d.num_server_rounds, help="federated rounds")
+    p.add_argument("--model", default=d.model, choices=MODEL_CHOICES, metavar="NAME",
+                   help=f"network: {', '.join(MODEL_CHOICES)}")
+    p.add_argument("--image-size", metavar="PIXELS", type=int, default=d.image_size, help="side of the preprocessed images, pixels")
+    p.add_argument("--local-steps", metavar="N", type=int, default=d.local_steps, help="local (DP-SGD) steps per site per round")
+    p.add_argument("--lr", metavar="X", type=float, default=d.lr, help="local learning rate (SGD with momentum 0.9)")
+    p.add_argument("--batch-size", metavar="N", type=int, default=d.batch_size, help="minibatch size without DP")
+    p.add_argument("--sample-rate", metavar="Q", type=float, default=d.sample_rate,
                    help="DP-SGD: probability that a patient is in a step's batch")
-    p.add_argument("--noise-multiplier", type=float, default=d.noise_multiplier)
-    p.add_argument("--clip-norm", type=float, default=d.clip_norm)
+    p.add_argument("--noise-multiplier", metavar="SIGMA", type=float, default=d.noise_multiplier,
+                   help="DP-SGD noise multiplier sigma (noise std = sigma x clip norm)")
+    p.add_argument("--clip-norm", metavar="C", type=float, default=d.clip_norm, help="DP-SGD per-patient clip norm C")
     p.add_argument("--no-dp", action="store_true", help="ask for non-DP training (sites refuse unless allowed)")
     p.add_argument("--secagg", action="store_true",
                    help="aggregate under SecAgg+ (the server sees only the sum of the masked updates; "
@@ -83,9 +146,26 @@ def run_shape_config(args: argparse.Namespace) -> dict:
             "dp": not args.no_dp, "secagg": args.secagg}
 
 
+def _err(text: str) -> None:
+    print(f"atoll run: {text}", file=sys.stderr)
+
+
+def new_run_name() -> str:
+    """A fresh run folder name, chosen here so that `atoll run start` can say where the run writes."""
+    return f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
 def _start(args: argparse.Namespace) -> int:
-    cfg = {**run_shape_config(args), "run-dir": args.run_dir, "run-name": args.run_name, "keys-dir": args.keys_dir,
-           "min-sites": args.min_sites}
+    if args.connection and args.superlink and args.connection != args.superlink:
+        _err(f"two connections given ({args.connection!r} and --superlink {args.superlink!r}); give one")
+        return EXIT_USAGE
+    if args.connection:
+        print(f"note: the positional connection name is deprecated; use --superlink {args.connection}",
+              file=sys.stderr)
+    run_name = args.run_name or new_run_name()
+    cfg = {**run_shape_config(args), "run-dir": args.run_dir, "run-name": run_name, "keys-dir": args.keys_dir,
+           "strategy": args.strategy, "max-update-norm": args.max_update_norm, "min-sites": args.min_sites,
+           "num-sites": args.num_sites}
     if args.secagg:
         cfg.update({"secagg-num-shares": args.secagg_num_shares,
                     "secagg-reconstruction-threshold": args.secagg_reconstruction_threshold,
@@ -93,58 +173,123 @@ def _start(args: argparse.Namespace) -> int:
     try:
         RunSettings.from_run_config(cfg)
     except SettingsError as exc:
-        print(f"atoll run start: {exc}", file=sys.stderr)
-        return 2
+        _err(f"start: {exc}")
+        return EXIT_USAGE
     if not (Path(args.app) / "pyproject.toml").exists():
-        print(f"atoll run start: {args.app} is not a Flower app folder (no pyproject.toml); pass --app",
-              file=sys.stderr)
-        return 2
-    problem = _insecure_connection(args.superlink)
-    if problem and not args.allow_insecure_demo:
-        print(f"atoll run start: {problem}. A consortium runs over TLS (README 'Consortium lead'); for a local "
-              "demo or test only, pass --allow-insecure-demo", file=sys.stderr)
-        return 2
-    if problem:
-        print("=" * 78 + f"\nWARNING: INSECURE RUN. {problem}: model updates, ledger records and metrics travel\n"
-              "in plaintext and anyone on the network can read or alter them. Demo/test use only.\n" + "=" * 78,
-              file=sys.stderr)
+        _err(f"start: {args.app} is not a Flower app folder (no pyproject.toml); pass --app")
+        return EXIT_USAGE
+    try:
+        conn = resolve(args.superlink or args.connection)
+    except ConnectionNotFound as exc:
+        _err(f"start: {exc}")
+        return EXIT_NOT_FOUND
+    if conn.insecure and not args.allow_insecure_demo:
+        _err(f"start: connection {conn.name!r} in {conn.path} is marked insecure = true. A consortium runs over "
+             "TLS (README 'Consortium lead'); for a local demo or test only, pass --allow-insecure-demo")
+        return EXIT_USAGE
+    if conn.insecure:
+        print("=" * 78 + f"\nWARNING: INSECURE RUN. connection {conn.name!r} in {conn.path} is marked insecure = "
+              "true:\nmodel updates, ledger records and metrics travel in plaintext and anyone on the network\n"
+              "can read or alter them. Demo/test use only.\n" + "=" * 78, file=sys.stderr)
     flwr = shutil.which("flwr") or str(Path(sys.executable).parent / "flwr")
     overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in cfg.items())
-    cmd = [flwr, "run", args.app, args.superlink, "--run-config", overrides] + (["--stream"] if args.stream else [])
-    print("$ " + " ".join(cmd[:4]) + " --run-config '" + overrides + "'")
-    return subprocess.call(cmd)
+    cmd = [flwr, "run", args.app, conn.name, "--run-config", overrides] + (["--stream"] if args.stream else [])
+    folder = Path(args.run_dir) / run_name
+    print(f"run folder (on the SuperLink host): {folder}")
+    print("$ " + " ".join(cmd[:4]) + " --run-config '" + overrides + "'", flush=True)
+    rc = subprocess.call(cmd)
+    if rc == 0 and not args.stream:
+        print(f"watch it:  atoll run status {folder}\nstop it:   atoll run stop {folder}   (after the round in flight)")
+    return rc
 
 
-def _insecure_connection(name: str) -> str | None:
-    """Why the Flower connection ``name`` is plaintext (``insecure = true`` in $FLWR_HOME/config.toml), or None."""
-    import os
-    import tomllib
+# ------------------------------------------------------------------------------------------------ status
 
-    path = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr")) / "config.toml"
-    try:
-        conf = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError):
-        return None  # flwr itself reports a missing or broken connection file
-    conn = conf.get("superlink", {}).get(name, {})
-    if isinstance(conn, dict) and conn.get("insecure") is True:
-        return f"connection {name!r} in {path} is marked insecure = true"
+
+def _run_folder(path: str) -> Path | None:
+    """``path`` if it is a run folder, else None after saying what it is (and which runs it holds)."""
+    root = Path(path)
+    if (root / "settings.json").is_file():
+        return root
+    if not root.is_dir():
+        _err(f"{root} does not exist (give the run's folder, RUN_DIR/<run-name>, on the SuperLink host)")
+        return None
+    runs = sorted(p.name for p in root.iterdir() if (p / "settings.json").is_file())
+    hint = f"; it holds the runs {', '.join(runs[-5:])}: pass {root / runs[-1]}" if runs else ""
+    _err(f"{root} is not a run folder (no settings.json){hint}")
     return None
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, someone else's
+    return True
+
+
+def server_state(root: Path) -> dict:
+    """The run's final status.json, or what can be told of a run without one (running / gone)."""
+    status_path = root / "status.json"
+    if status_path.is_file():
+        return json.loads(status_path.read_text())
+    server = {}
+    try:
+        server = json.loads((root / SERVER_FILE).read_text())
+    except (OSError, ValueError):
+        pass
+    pid, host = server.get("pid"), server.get("host")
+    if isinstance(pid, int) and host == socket.gethostname() and not _pid_alive(pid):
+        return {"status": "ended", "reason": f"the ServerApp (pid {pid}) is gone without a final status: it was "
+                                             "killed or crashed; the last round recorded is the last one done",
+                "flower_run_id": server.get("flower_run_id")}
+    state = {"status": "running", "flower_run_id": server.get("flower_run_id")}
+    stop = read_stop_request(root)
+    if stop is not None:
+        state["reason"] = "the lead asked it to stop; it stops after the round in flight"
+    return state
+
+
+def _flower_status(connection: str, run_id) -> str:
+    """Flower's own status of the run (`flwr ls --run-id`), or why it could not be asked."""
+    if not isinstance(run_id, int):
+        return "unknown (the run folder does not name its Flower run id)"
+    try:
+        conn = resolve(connection)
+    except ConnectionNotFound as exc:
+        return f"not asked: {str(exc).splitlines()[0]}"
+    flwr = shutil.which("flwr") or str(Path(sys.executable).parent / "flwr")
+    try:
+        res = subprocess.run([flwr, "ls", conn.name, "--run-id", str(run_id), "--format", "json"],
+                             capture_output=True, text=True, timeout=60)
+        runs = json.loads(res.stdout[res.stdout.find("{"):]).get("runs", [])
+        return str(runs[0].get("status")) if runs else f"run {run_id} unknown to Flower"
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError) as exc:
+        return f"not asked: `flwr ls` failed ({exc.__class__.__name__})"
+
+
 def _status(args: argparse.Namespace) -> int:
-    root = Path(args.run_dir)
+    root = _run_folder(args.run_dir)
+    if root is None:
+        return EXIT_NOT_FOUND
     hist_path = root / "history.json"
-    if not hist_path.exists():
-        print(f"atoll run status: {hist_path} not found; is {root} a run folder (RUN_DIR/<run-name>)?",
-              file=sys.stderr)
-        return 2
-    history = json.loads(hist_path.read_text())
+    history = json.loads(hist_path.read_text()) if hist_path.is_file() else []
     if args.json:
         print(json.dumps(history, indent=2))
-        return 0
-    status_path = root / "status.json"
-    status = json.loads(status_path.read_text()) if status_path.exists() else {"status": "running"}
-    print(f"run {root.name}: {status['status']}" + (f" — {status['reason']}" if status.get("reason") else ""))
+        return EXIT_OK
+    state = server_state(root)
+    settings = json.loads((root / "settings.json").read_text())
+    rounds = settings.get("num_server_rounds")
+    head = f"run {root.name}: {state['status']}" + (f" — {state['reason']}" if state.get("reason") else "")
+    if state["status"] == "running":
+        done = len(history)
+        head += (f" — started, waiting for round 1 of {rounds}" if not done
+                 else f" — {done} of {rounds} round(s) done, round {done + 1} in flight")
+    print(head)
+    if args.superlink:
+        print(f"Flower says: {_flower_status(args.superlink, state.get('flower_run_id'))}")
     for entry in history:
         agg = entry.get("aggregated", {})
         line = f"round {entry['round']}: " + ", ".join(f"{k} {v:.3f}" for k, v in agg.items())
@@ -153,4 +298,36 @@ def _status(args: argparse.Namespace) -> int:
             eps = f" epsilon {s['epsilon']:.2f}" if s.get("epsilon") is not None else ""
             why = f" [{s['code']}] {s['message']}" if s.get("code") else ""
             print(f"    {site:<16} {s['status']}{eps}{why}")
-    return 0
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------ stop
+
+
+def _stop(args: argparse.Namespace) -> int:
+    root = _run_folder(args.run_dir)
+    if root is None:
+        return EXIT_NOT_FOUND
+    state = server_state(root)
+    if state["status"] != "running":
+        _err(f"stop: run {root.name} is not running ({state['status']}"
+             + (f": {state['reason']}" if state.get("reason") else "") + ")")
+        return EXIT_FAILED
+    if "\n" in args.reason or len(args.reason) > 200:
+        _err("stop: --reason must be one line of at most 200 characters")
+        return EXIT_USAGE
+    write_stop_request(root, args.reason)
+    print(f"asked run {root.name} to stop ({root / STOP_FILE}); it stops after the round in flight")
+    deadline = time.monotonic() + args.wait
+    while args.wait > 0 and time.monotonic() < deadline:
+        state = server_state(root)
+        if state["status"] != "running":
+            print(f"run {root.name}: {state['status']}" + (f" — {state['reason']}" if state.get("reason") else ""))
+            return EXIT_OK
+        time.sleep(1.0)
+    if args.wait > 0:
+        _err(f"stop: run {root.name} has not recorded the stop within {args.wait:.0f} s; it will after the round "
+             f"in flight (`atoll run status {root}`)")
+        return EXIT_FAILED
+    print(f"watch it: atoll run status {root}")
+    return EXIT_OK
