@@ -31,6 +31,11 @@ EXIT_CODES = """exit codes:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.data_only:
+        from atoll.demo import write_demo_data
+
+        write_demo_data(Path(args.out))
+        return EXIT_OK
     print(f"atoll demo: starting (folder {Path(args.out).resolve()}); loading PyTorch, MONAI and Flower ...",
           flush=True)
     from atoll.demo import run_demo
@@ -69,6 +74,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, choices=MODEL_CHOICES, metavar="NAME",
                    help=f"network: {', '.join(MODEL_CHOICES)} (default: {d.model})")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
+    p.add_argument("--data-only", action="store_true",
+                   help="only write the hospitals' DICOM exports and labels CSVs (DIR/hospital-*/dicom, labels.csv), "
+                        "e.g. to try the README's deployment walkthrough on them; no training")
     p.set_defaults(func=_demo)
 
 

@@ -28,6 +28,14 @@ def add_site_init_parser(site_subparsers: argparse._SubParsersAction) -> None:
                     "Refuses to overwrite any of them. Send only the .pub file and the key id to the consortium.")
     p.add_argument("--out", required=True, help="folder for the site's files (created if absent)")
     p.add_argument("--name", required=True, help="the site's name as the consortium will know it (no PHI)")
+    p.add_argument("--dicom", metavar="DIR", default=None,
+                   help="the site's DICOM folder (PACS export) to write into site.toml [data] (else: edit it there)")
+    p.add_argument("--labels", metavar="CSV", default=None, help="the labels CSV to write into site.toml [data]")
+    p.add_argument("--label-key", metavar="KEY", default="SOPInstanceUID",
+                   choices=("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "AccessionNumber"),
+                   help="the DICOM attribute the CSV's first column holds (SOPInstanceUID, SeriesInstanceUID, "
+                        "StudyInstanceUID or AccessionNumber)")
+    p.add_argument("--label-column", metavar="NAME", default="label", help="the CSV column with the class label")
     p.add_argument("--passphrase-env", metavar="VAR", default=None,
                    help="encrypt the private key with the passphrase in environment variable VAR "
                         "(the ClientApp reads it from $ATOLL_SITE_KEY_PASSPHRASE)")
@@ -68,7 +76,14 @@ def _common(p: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------------ site init
 
 
-def site_toml_template(name: str) -> str:
+def site_toml_template(name: str, dicom_dir: str | None = None, labels_csv: str | None = None,
+                       label_key: str = "SOPInstanceUID", label_column: str = "label") -> str:
+    """The commented site.toml of `atoll site init`; the [data] lines given are filled in, the rest say EDIT."""
+    dicom_line = (f'dicom_dir = {_toml_str(dicom_dir)}' if dicom_dir
+                  else 'dicom_dir = "dicom"                 # EDIT: your PACS export folder')
+    labels_line = (f'labels_csv = {_toml_str(labels_csv)}' if labels_csv
+                   else '# labels_csv = "labels.csv"         # EDIT: required for training; one row per labelled '
+                        'image/series/study')
     return f'''# Atoll site configuration for "{name}". Owned by the hospital, never by the consortium.
 # Relative paths resolve against this file's folder. Unknown keys are errors (a typo never falls back silently).
 
@@ -80,10 +95,10 @@ signing_key = "{KEY_FILE}"          # Ed25519 key that signs the privacy ledger 
 device = "auto"                     # auto | cpu | cuda | cuda:N
 
 [data]
-dicom_dir = "dicom"                 # EDIT: your PACS export folder
-# labels_csv = "labels.csv"         # EDIT: required for training; one row per labelled image/series/study
-label_key = "SOPInstanceUID"        # SOPInstanceUID | SeriesInstanceUID | StudyInstanceUID | AccessionNumber
-label_column = "label"
+{dicom_line}
+{labels_line}
+label_key = "{label_key}"        # SOPInstanceUID | SeriesInstanceUID | StudyInstanceUID | AccessionNumber
+label_column = {_toml_str(label_column)}
 task = "classification"
 modalities = ["CR", "DX"]
 image_size = 28
@@ -106,6 +121,12 @@ released_metrics = ["num-examples", "train_loss", "val_loss", "val_accuracy", "v
 '''
 
 
+def _toml_str(text: str) -> str:
+    import json
+
+    return json.dumps(str(text))  # a JSON string is a valid TOML basic string
+
+
 def site_init(args: argparse.Namespace) -> int:
     from privacy.keys import KeyFileError, generate_private_key, key_id, write_private_key, write_public_key
 
@@ -115,6 +136,15 @@ def site_init(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     out = Path(args.out).expanduser().resolve()
+    dicom = labels = None
+    for flag, value in (("--dicom", getattr(args, "dicom", None)), ("--labels", getattr(args, "labels", None))):
+        if value is None:
+            continue
+        path = Path(value).expanduser().resolve()
+        if not (path.is_dir() if flag == "--dicom" else path.is_file()):
+            print(f"error: {flag} {value}: no such {'folder' if flag == '--dicom' else 'file'}", file=sys.stderr)
+            return EXIT_NOT_FOUND
+        dicom, labels = (str(path), labels) if flag == "--dicom" else (dicom, str(path))
     key_path, pub_path = out / KEY_FILE, out / KEY_FILE.replace(".pem", ".pub")
     secret_path, cfg_path = out / SECRET_FILE, out / CONFIG_FILE
     existing = [p for p in (key_path, pub_path, secret_path, cfg_path) if p.exists()]
@@ -140,7 +170,8 @@ def site_init(args: argparse.Namespace) -> int:
             fh.write(secrets.token_hex(32) + "\n")
         fd = os.open(cfg_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         with os.fdopen(fd, "w") as fh:
-            fh.write(site_toml_template(name))
+            fh.write(site_toml_template(name, dicom, labels, getattr(args, "label_key", "SOPInstanceUID"),
+                                        getattr(args, "label_column", "label")))
     except (KeyFileError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -148,11 +179,13 @@ def site_init(args: argparse.Namespace) -> int:
     print(f"site {name!r} initialised in {out}")
     print(f"  private key   {key_path} (0600{', passphrase-protected' if passphrase else ''}) — never leaves the site")
     print(f"  pseudonym key {secret_path} (0600) — never leaves the site; back it up")
-    print(f"  config        {cfg_path} — edit [data] (dicom_dir, labels_csv) and review [privacy]")
+    print(f"  config        {cfg_path} — " + ("review [data] and [privacy]" if dicom and labels
+                                                else "edit [data] (dicom_dir, labels_csv) and review [privacy]"))
+    print(f"check the data next:  atoll site check --config {cfg_path}")
     print("send to the consortium (and nothing else):")
     print(f"  public key    {pub_path}")
     print(f"  key id        {kid}")
-    print(f"  site name     {name}   (they enroll the key as keys/{name}.pub)")
+    print(f"  site name     {name}   (the lead stores the key as KEYS_DIR/{name}.pub: `atoll run start --keys-dir`)")
     if passphrase and args.passphrase_env != "ATOLL_SITE_KEY_PASSPHRASE":
         print("note: the ClientApp reads the passphrase from $ATOLL_SITE_KEY_PASSPHRASE")
     return 0

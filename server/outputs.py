@@ -53,11 +53,13 @@ class RunOutputs:
     def create(cls, run_dir: Path, name: str, settings: Any, flower_run_id: int | None = None) -> "RunOutputs":
         root = run_dir / name
         (root / "weights").mkdir(parents=True, exist_ok=True)
+        # a reused run name never inherits an old stop request (removed before settings.json marks the folder a
+        # run, so that a stop written as soon as the folder is a run is never lost)
+        (root / STOP_FILE).unlink(missing_ok=True)
         _atomic_write(root / "settings.json", json.dumps(dataclasses.asdict(settings), indent=2))
         # who writes this folder: a run without status.json whose process is gone was killed, not running
         _atomic_write(root / SERVER_FILE, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                                       "flower_run_id": flower_run_id, "started": time.time()}))
-        (root / STOP_FILE).unlink(missing_ok=True)  # a reused run name never inherits an old stop request
         out = cls(root, name)
         out.ledger = _consortium_ledger(root, settings)
         return out
@@ -91,8 +93,15 @@ class RunOutputs:
         return self.status == "stopped" and self.reason.startswith(STOPPED_BY_LEAD)
 
     def stop_requested(self) -> dict | None:
-        """The lead's stop request (`atoll run stop`), checked by the ServerApp before each round."""
-        return read_stop_request(self.root)
+        """The lead's stop request (`atoll run stop`) once it is due, checked by the ServerApp before each round.
+
+        A request may name the round after which to stop (``after_round``); until that round is recorded it waits.
+        """
+        request = read_stop_request(self.root)
+        if request is None:
+            return None
+        after = request.get("after_round")
+        return request if not isinstance(after, int) or len(self.history) >= after else None
 
     def finish_stopped_by_lead(self, request: dict, num_rounds: int) -> None:
         """A clean stop between rounds: every round a site was asked to train is complete and recorded."""
@@ -104,9 +113,9 @@ class RunOutputs:
                     requested_at=request.get("requested_at"))
 
 
-def write_stop_request(root: Path, reason: str = "") -> Path:
+def write_stop_request(root: Path, reason: str = "", after_round: int | None = None) -> Path:
     path = Path(root) / STOP_FILE
-    _atomic_write(path, json.dumps({"requested_at": time.time(), "reason": reason}))
+    _atomic_write(path, json.dumps({"requested_at": time.time(), "reason": reason, "after_round": after_round}))
     return path
 
 

@@ -100,6 +100,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     status.add_argument("--json", action="store_true", help="print history.json as is")
     status.add_argument("--superlink", metavar="NAME", default=None,
                         help="also ask Flower (`flwr ls`) for the run's status over this connection")
+    status.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="follow the run: print each round as it is recorded, until the run ends or SECONDS "
+                             "pass (0 = print once); exit 1 if it is still running then")
     status.set_defaults(func=_status)
 
     stop = run_sub.add_parser(
@@ -111,6 +114,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "flight may then be charged at the sites but missing from the server's record.")
     stop.add_argument("run_dir", metavar="RUN_FOLDER", help="the run's folder (RUN_DIR/<run-name>)")
     stop.add_argument("--reason", default="", help="why, for the record (no patient data)")
+    stop.add_argument("--after-round", type=int, default=None, metavar="K",
+                      help="stop once round K is done (default: after the round in flight)")
     stop.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                       help="wait up to this long for the run to record the stop (0 = do not wait)")
     stop.set_defaults(func=_stop)
@@ -206,9 +211,17 @@ def _start(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ status
 
 
-def _run_folder(path: str) -> Path | None:
-    """``path`` if it is a run folder, else None after saying what it is (and which runs it holds)."""
+def _run_folder(path: str, wait: float = 0.0) -> Path | None:
+    """``path`` if it is a run folder, else None after saying what it is (and which runs it holds).
+
+    ``wait`` > 0: a run just submitted has no folder until its ServerApp starts; wait that long for it.
+    """
     root = Path(path)
+    deadline = time.monotonic() + wait
+    if wait > 0 and not (root / "settings.json").is_file():
+        print(f"waiting for the ServerApp to create {root} ...", flush=True)
+        while time.monotonic() < deadline and not (root / "settings.json").is_file():
+            time.sleep(1.0)
     if (root / "settings.json").is_file():
         return root
     if not root.is_dir():
@@ -270,15 +283,52 @@ def _flower_status(connection: str, run_id) -> str:
         return f"not asked: `flwr ls` failed ({exc.__class__.__name__})"
 
 
+def _history(root: Path) -> list[dict]:
+    try:
+        return json.loads((root / "history.json").read_text())
+    except FileNotFoundError:
+        return []
+
+
+def _round_lines(entry: dict) -> list[str]:
+    agg = entry.get("aggregated", {})
+    lines = [f"round {entry['round']}: " + ", ".join(f"{k} {v:.3f}" for k, v in agg.items())]
+    for site, s in entry["sites"].items():
+        eps = f" epsilon {s['epsilon']:.2f}" if s.get("epsilon") is not None else ""
+        why = f" [{s['code']}] {s['message']}" if s.get("code") else ""
+        lines.append(f"    {site:<16} {s['status']}{eps}{why}")
+    return lines
+
+
+def _follow(root: Path, seconds: float) -> int:
+    """`status --wait`: each round as it lands, then the final state."""
+    deadline, shown = time.monotonic() + seconds, 0
+    print(f"following run {root.name} (up to {seconds:.0f} s) ...", flush=True)
+    while True:
+        history, state = _history(root), server_state(root)
+        for entry in history[shown:]:
+            print("\n".join(_round_lines(entry)), flush=True)
+        shown = len(history)
+        if state["status"] != "running":
+            print(f"run {root.name}: {state['status']}" + (f" — {state['reason']}" if state.get("reason") else ""))
+            return EXIT_OK
+        if time.monotonic() >= deadline:
+            _err(f"status: run {root.name} still running after {seconds:.0f} s ({shown} round(s) recorded)")
+            return EXIT_FAILED
+        time.sleep(1.0)
+
+
 def _status(args: argparse.Namespace) -> int:
-    root = _run_folder(args.run_dir)
+    start = time.monotonic()
+    root = _run_folder(args.run_dir, args.wait)
     if root is None:
         return EXIT_NOT_FOUND
-    hist_path = root / "history.json"
-    history = json.loads(hist_path.read_text()) if hist_path.is_file() else []
+    history = _history(root)
     if args.json:
         print(json.dumps(history, indent=2))
         return EXIT_OK
+    if args.wait > 0:
+        return _follow(root, max(1.0, args.wait - (time.monotonic() - start)))
     state = server_state(root)
     settings = json.loads((root / "settings.json").read_text())
     rounds = settings.get("num_server_rounds")
@@ -291,13 +341,7 @@ def _status(args: argparse.Namespace) -> int:
     if args.superlink:
         print(f"Flower says: {_flower_status(args.superlink, state.get('flower_run_id'))}")
     for entry in history:
-        agg = entry.get("aggregated", {})
-        line = f"round {entry['round']}: " + ", ".join(f"{k} {v:.3f}" for k, v in agg.items())
-        print(line)
-        for site, s in entry["sites"].items():
-            eps = f" epsilon {s['epsilon']:.2f}" if s.get("epsilon") is not None else ""
-            why = f" [{s['code']}] {s['message']}" if s.get("code") else ""
-            print(f"    {site:<16} {s['status']}{eps}{why}")
+        print("\n".join(_round_lines(entry)))
     return EXIT_OK
 
 
@@ -305,7 +349,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    root = _run_folder(args.run_dir)
+    root = _run_folder(args.run_dir, args.wait)
     if root is None:
         return EXIT_NOT_FOUND
     state = server_state(root)
@@ -316,8 +360,12 @@ def _stop(args: argparse.Namespace) -> int:
     if "\n" in args.reason or len(args.reason) > 200:
         _err("stop: --reason must be one line of at most 200 characters")
         return EXIT_USAGE
-    write_stop_request(root, args.reason)
-    print(f"asked run {root.name} to stop ({root / STOP_FILE}); it stops after the round in flight")
+    if args.after_round is not None and args.after_round < 0:
+        _err("stop: --after-round must be >= 0")
+        return EXIT_USAGE
+    write_stop_request(root, args.reason, args.after_round)
+    when = "after the round in flight" if args.after_round is None else f"once round {args.after_round} is done"
+    print(f"asked run {root.name} to stop ({root / STOP_FILE}); it stops {when}")
     deadline = time.monotonic() + args.wait
     while args.wait > 0 and time.monotonic() < deadline:
         state = server_state(root)
