@@ -148,7 +148,7 @@ def _init(args: argparse.Namespace) -> int:
     print("Expose only /v1/fleet/ of that port to the hospitals: the same port serves Flower's Control API,")
     print("which has no account authentication in open-source Flower (see docs/security.md).")
     print("Tell the Flower CLI where the SuperLink is: add to $FLWR_HOME/config.toml (default ~/.flwr/config.toml):")
-    host = ([*pki.hosts, *pki.ips] or ["127.0.0.1"])[0]
+    host = ([*args.host, *args.ip] or ["127.0.0.1"])[0]
     print(f'  [superlink.my-consortium]\n  address = "{host}:8000"\n  root-certificates = "{pki.ca_cert.resolve()}"')
     print("Then register each hospital's node key (from `atoll site enroll`):")
     print("  atoll consortium register HOSPITAL.pub --name HOSPITAL --fingerprint SHA256:... --superlink my-consortium")
