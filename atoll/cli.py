@@ -196,8 +196,8 @@ def _finish(parser: argparse.ArgumentParser) -> None:
                 _finish(child)
 
 
-def build_parser(only: str | None = "") -> argparse.ArgumentParser:
-    """The `atoll` parser. ``only``: build just that group in full (``""``: none, ``None``: every group)."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The `atoll` parser. ``only``: build just that group in full (``""``: none; default: every group)."""
     parser = argparse.ArgumentParser(
         prog="atoll",
         description="Atoll: federated learning for hospitals. Images stay in each hospital; "
