@@ -89,6 +89,7 @@ def _positive_int(text: str) -> int:
 
 def _add_site(sub: argparse._SubParsersAction) -> None:
     from client.enroll import add_parser as add_site_enroll
+    from client.probe import add_parser as add_site_probe
     from client.site_check import add_parser as add_site_check
     from privacy.cli import add_site_init_parser
 
@@ -97,6 +98,7 @@ def _add_site(sub: argparse._SubParsersAction) -> None:
     add_site_init_parser(site_sub)
     add_site_check(sub)          # finds the "site" group above and adds "check" to it
     add_site_enroll(site_sub)
+    add_site_probe(site_sub)
     try:
         from client.approval import add_parser as add_site_approve
     except ImportError:
