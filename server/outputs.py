@@ -107,7 +107,8 @@ class RunOutputs:
         """A clean stop between rounds: every round a site was asked to train is complete and recorded."""
         done = len(self.history)
         why = request.get("reason") or ""
-        reason = (f"{STOPPED_BY_LEAD} at round {done} of {num_rounds} (rounds 1-{done} complete and recorded; "
+        rounds = "round 1" if done == 1 else f"rounds 1-{done}"
+        reason = (f"{STOPPED_BY_LEAD} at round {done} of {num_rounds} ({rounds} complete and recorded; "
                   f"round {done + 1} was never sent)" if done else f"{STOPPED_BY_LEAD} before round 1")
         self.finish("stopped", reason + (f": {why}" if why else ""), stopped_by="lead", stopped_at_round=done,
                     requested_at=request.get("requested_at"))
