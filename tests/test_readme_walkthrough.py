@@ -132,22 +132,27 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path):
         assert len(rounds) == 2
 
         # a plaintext SuperNode against this TLS SuperLink: with the documented --max-retries it stops, not loops
-        plain = subprocess.run(["flower-supernode", "--superlink", f"127.0.0.1:{ports[8000]}", "--insecure",
-                                "--port", str(free_port()), "--max-retries", "2", "--max-wait-time", "30",
-                                "--node-config", f'site-config="{work / "hospital-a" / "site.toml"}"'],
-                               cwd=work, env=env, capture_output=True, text=True, timeout=180)
-        (tmp_path / "plaintext-supernode.log").write_text(plain.stdout + plain.stderr)
-        assert plain.returncode != 0, plain.stdout + plain.stderr
+        plain_log = tmp_path / "plaintext-supernode.log"
+        plain = subprocess.Popen(["flower-supernode", "--superlink", f"127.0.0.1:{ports[8000]}", "--insecure",
+                                  "--port", str(free_port()), "--max-retries", "2", "--max-wait-time", "30",
+                                  "--node-config", f'site-config="{work / "hospital-a" / "site.toml"}"'],
+                                 cwd=work, env=env, stdout=open(plain_log, "w"), stderr=subprocess.STDOUT,
+                                 start_new_session=True)  # its own SuperExec child would hold a pipe open
+        background.append(plain)
+        assert plain.wait(timeout=180) == 1, plain_log.read_text()[-3000:]
+        assert "Exit Code: 305" in plain_log.read_text()
     finally:
-        for proc in background:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+        for proc in background:  # each its own process group: also what it started (SuperExec, ClientApps)
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         for proc in background:
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
+                pass
+            try:
                 os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
+            except ProcessLookupError:
+                pass
