@@ -261,3 +261,17 @@ def test_run_start_passes_strategy_and_norm_bound_and_prints_the_run_folder(tmp_
     assert name.startswith("run-")
     assert f"run folder (on the SuperLink host): /srv/runs/{name}" in out
     assert f"atoll run status /srv/runs/{name}" in out and f"atoll run stop /srv/runs/{name}" in out
+
+
+def test_a_stop_after_round_k_waits_for_round_k(tmp_path):
+    from server.outputs import RunOutputs
+    from server.settings import RunSettings
+
+    out = RunOutputs.create(tmp_path / "runs", "r1", RunSettings(run_dir=str(tmp_path / "runs"), num_server_rounds=5))
+    code, _, text = atoll("run", "stop", str(out.root), "--after-round", "2")
+    assert code == 0 and "once round 2 is done" in text, text
+    assert out.stop_requested() is None  # before round 1: not due yet
+    out.history.append({"round": 1, "sites": {}})
+    assert out.stop_requested() is None
+    out.history.append({"round": 2, "sites": {}})
+    assert out.stop_requested()["after_round"] == 2
