@@ -47,7 +47,7 @@ def test_the_report_fits_a_1280_px_window(run_dir, tmp_path):
     name): the mechanism table stays inside the page's column and the page needs no horizontal scroll."""
     chromium = find_chromium()
     if chromium is None:
-        pytest.skip("Chromium is not installed (apt-get install -y chromium); .ci/run installs it")
+        pytest.skip("Chromium is not installed (apt-get install -y chromium); the HTML checks above still run")
     page = render_report(verify_run(run_dir), run_dir).replace(RUN, "run-20261201-095930-92142-pneumonia-study-2")
     # the report itself runs no script (its CSP forbids it): this copy measures the page and writes the figures down
     measure = ("var m = document.getElementById('mechanism').getBoundingClientRect().right, "
