@@ -196,6 +196,10 @@ def _start(args: argparse.Namespace) -> int:
         print("=" * 78 + f"\nWARNING: INSECURE RUN. connection {conn.name!r} in {conn.path} is marked insecure = "
               "true:\nmodel updates, ledger records and metrics travel in plaintext and anyone on the network\n"
               "can read or alter them. Demo/test use only.\n" + "=" * 78, file=sys.stderr)
+    problem = _unreachable(conn)
+    if problem:
+        _err(f"start: {problem}")
+        return EXIT_FAILED
     flwr = shutil.which("flwr") or str(Path(sys.executable).parent / "flwr")
     overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in cfg.items())
     cmd = [flwr, "run", args.app, conn.name, "--run-config", overrides] + (["--stream"] if args.stream else [])
@@ -206,6 +210,20 @@ def _start(args: argparse.Namespace) -> int:
     if rc == 0 and not args.stream:
         print(f"watch it:  atoll run status {folder}\nstop it:   atoll run stop {folder}   (after the round in flight)")
     return rc
+
+
+def _unreachable(conn, timeout: float = 5.0) -> str | None:
+    """Why nothing answers at the connection's address (so that `flwr run` does not retry it for two minutes)."""
+    address = str(conn.conf.get("address") or "")
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return None  # Flower's own checks name a malformed or missing address
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        return (f"nothing answers at {address} (connection {conn.name!r} in {conn.path}: "
+                f"{exc.strerror or exc.__class__.__name__}); is the SuperLink running there?")
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ status

@@ -90,9 +90,9 @@ def test_run_setting_errors_are_usage_errors_without_the_ml_stack(argv, fragment
     assert heavy == []
 
 
-def _flwr_home(tmp_path: Path) -> Path:
+def _flwr_home(tmp_path: Path, port: int = 1) -> Path:
     (tmp_path / "config.toml").write_text(
-        '[superlink]\ndefault = "alpha"\n\n[superlink.alpha]\naddress = "127.0.0.1:1"\nroot-certificates = "/x"\n\n'
+        f'[superlink]\ndefault = "alpha"\n\n[superlink.alpha]\naddress = "127.0.0.1:{port}"\nroot-certificates = "/x"\n\n'
         '[superlink.beta]\naddress = "127.0.0.1:2"\ninsecure = true\n')
     return tmp_path
 
@@ -246,10 +246,15 @@ def test_every_run_option_has_help_and_shows_its_default(path):
 
 
 def test_run_start_passes_strategy_and_norm_bound_and_prints_the_run_folder(tmp_path, monkeypatch, capsys):
+    import socket
+
     import server.run_cli as run_cli
     from atoll.cli import main
 
-    monkeypatch.setenv("FLWR_HOME", str(_flwr_home(tmp_path)))
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    monkeypatch.setenv("FLWR_HOME", str(_flwr_home(tmp_path, srv.getsockname()[1])))
     calls: list = []
     monkeypatch.setattr(run_cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
     assert main(["run", "start", "--superlink", "alpha", "--run-dir", "/srv/runs", "--strategy", "FedMedian",
@@ -261,6 +266,7 @@ def test_run_start_passes_strategy_and_norm_bound_and_prints_the_run_folder(tmp_
     assert name.startswith("run-")
     assert f"run folder (on the SuperLink host): /srv/runs/{name}" in out
     assert f"atoll run status /srv/runs/{name}" in out and f"atoll run stop /srv/runs/{name}" in out
+    srv.close()
 
 
 def test_a_stop_after_round_k_waits_for_round_k(tmp_path):
