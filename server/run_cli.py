@@ -348,6 +348,10 @@ def _status(args: argparse.Namespace) -> int:
     if args.wait > 0:
         return _follow(root, max(1.0, args.wait - (time.monotonic() - start)))
     state = server_state(root)
+    flower = _flower_status(args.superlink, state.get("flower_run_id")) if args.superlink else None
+    if state["status"] == "running" and flower and flower.startswith("finished"):
+        state = {**state, "status": "ended", "reason": f"Flower lists the run as {flower} but its ServerApp wrote "
+                                                      "no final status (killed or crashed)"}
     settings = json.loads((root / "settings.json").read_text())
     rounds = settings.get("num_server_rounds")
     head = f"run {root.name}: {state['status']}" + (f" — {state['reason']}" if state.get("reason") else "")
@@ -356,8 +360,8 @@ def _status(args: argparse.Namespace) -> int:
         head += (f" — started, waiting for round 1 of {rounds}" if not done
                  else f" — {done} of {rounds} round(s) done, round {done + 1} in flight")
     print(head)
-    if args.superlink:
-        print(f"Flower says: {_flower_status(args.superlink, state.get('flower_run_id'))}")
+    if flower is not None:
+        print(f"Flower says: {flower}")
     for entry in history:
         print("\n".join(_round_lines(entry)))
     return EXIT_OK
