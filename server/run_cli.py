@@ -263,14 +263,14 @@ def _pid_alive(pid: int) -> bool:
 
 def server_state(root: Path) -> dict:
     """The run's final status.json, or what can be told of a run without one (running / gone)."""
-    status_path = root / "status.json"
-    if status_path.is_file():
-        return json.loads(status_path.read_text())
     server = {}
     try:
         server = json.loads((root / SERVER_FILE).read_text())
     except (OSError, ValueError):
         pass
+    status_path = root / "status.json"
+    if status_path.is_file():
+        return {**json.loads(status_path.read_text()), "flower_run_id": server.get("flower_run_id")}
     pid, host = server.get("pid"), server.get("host")
     if isinstance(pid, int) and host == socket.gethostname() and not _pid_alive(pid):
         return {"status": "ended", "reason": f"the ServerApp (pid {pid}) is gone without a final status: it was "

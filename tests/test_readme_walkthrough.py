@@ -122,7 +122,7 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path):
         assert status["status"] == "stopped" and status["stopped_by"] == "lead" and status["stopped_at_round"] == 1
         assert len(json.loads((second / "history.json").read_text())) == 1
         assert "stopped by the lead at round 1 of 2" in outputs["lead-stop"]
-        assert "Flower says: " in outputs["lead-stop"] and "not asked" not in outputs["lead-stop"], outputs["lead-stop"]
+        assert re.search(r"Flower says: (finished|running)", outputs["lead-stop"]), outputs["lead-stop"]
         audit = outputs["audit"]
         assert "run status: stopped — stopped by the lead at round 1 of 2" in audit
         assert "verdict: PASS" in audit and "missing from the server copy" not in audit, audit
