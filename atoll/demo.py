@@ -74,7 +74,9 @@ def run_demo(out: Path, rounds: int = 3, *, dp: bool = True, verbose: bool = Fal
     for var, val in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1"),
                      ("RAY_DEDUP_LOGS", "0"), ("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")):
         os.environ.setdefault(var, val)
-    log.info("preparing the demo consortium in %s", out)
+    fresh = not (out / "consortium.json").exists()
+    log.info("%s the three hospitals' PACS exports in %s%s", "writing" if fresh else "checking", out,
+             " (DICOM files from the embedded chest X-rays, first run only)" if fresh else "")
     manifest = demo_data.generate_consortium(out, image_size=(overrides or {}).get("image_size", 28))
     hospitals = manifest["hospitals"]
     configs = [out / h / "site.toml" for h in hospitals]
@@ -90,8 +92,10 @@ def run_demo(out: Path, rounds: int = 3, *, dp: bool = True, verbose: bool = Fal
     settings = demo_settings(rounds, dp=dp, run_dir=out / "runs", keys_dir=keys_dir, num_sites=len(hospitals),
                              overrides=overrides)
     settings.check()
+    log.info("each site's admin approves the run manifest (hashing the app bundle and the model's outputs) ...")
     digest = approve_run(configs, settings)
     log.info("each site's admin approved run manifest %s (as `atoll site approve` records it)", digest[:16])
+    ingest_sites(configs, settings.task.image_size)
     log.info("training %d rounds of %s with %s (%s) across %s", rounds, settings.task.describe(), settings.model,
              f"DP-SGD {settings.mechanism.describe()}" if dp else "no DP", ", ".join(hospitals))
     outputs = simulate(settings, configs, verbose=verbose)
@@ -99,6 +103,60 @@ def run_demo(out: Path, rounds: int = 3, *, dp: bool = True, verbose: bool = Fal
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary, out)
     return summary
+
+
+def write_demo_data(out: Path) -> dict:
+    """`atoll demo --data-only`: the hospitals' PACS exports (DICOM + labels CSV), and where they are."""
+    out = Path(out).resolve()
+    print(f"writing the demo hospitals' PACS exports in {out} (first run only) ...", flush=True)
+    manifest = demo_data.generate_consortium(out)
+    for h in manifest["hospitals"]:
+        info = manifest["sites"][h]
+        key = next((spec.label_key for spec in demo_data.HOSPITALS if spec.name == h), "SOPInstanceUID")
+        print(f"  {h}: {out / h / 'dicom'}  labels {out / h / 'labels.csv'} (key {key}, column "
+              f"{manifest['label_column']}; {info.get('images', '?')} images)")
+    return manifest
+
+
+def ingest_sites(site_configs: list[Path], image_size: int) -> None:
+    """Index, quarantine, decode and cache each site's DICOM export before round 1, saying so site by site.
+
+    The ClientApps would do this themselves in round 1 (silently, for minutes on a small machine); done here
+    first, they find every image in the site's on-disk cache. The counts printed are the site's own view
+    (as `atoll site check` shows its admin), including the files it quarantined and why.
+    """
+    from client.ingest import build_site_dataset
+    from client.site_config import load_site_config
+
+    for path in site_configs:
+        cfg = dataclasses.replace(load_site_config(path), image_size=image_size)
+        log.info("%s: indexing its DICOM export, decoding and caching the images (first time only) ...", cfg.name)
+        t0 = time.perf_counter()
+        with _quiet("atoll.ingest"):
+            data = build_site_dataset(cfg)
+        report = data.report.get("quarantined", [])
+        reasons: dict[str, int] = {}
+        for q in report:
+            reasons[q.get("reason", "?")] = reasons.get(q.get("reason", "?"), 0) + 1
+        why = (" — " + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))) if reasons else ""
+        log.info("%s: %d images of %d patients ready (%d train / %d validation patients), %d file(s) quarantined%s "
+                 "(%.0f s)", cfg.name, len(data.train.labels) + len(data.val.labels),
+                 data.train.num_patients + data.val.num_patients, data.train.num_patients, data.val.num_patients,
+                 len(report), why, time.perf_counter() - t0)
+
+
+class _quiet:
+    """Silence one logger's INFO lines (the demo says the same in its own words)."""
+
+    def __init__(self, name: str) -> None:
+        self.logger = logging.getLogger(name)
+
+    def __enter__(self) -> None:
+        self.level = self.logger.level
+        self.logger.setLevel(logging.WARNING)
+
+    def __exit__(self, *exc) -> None:
+        self.logger.setLevel(self.level)
 
 
 def prepare_site_keys(out: Path, hospitals: list[str]) -> Path:
@@ -139,6 +197,8 @@ def simulate(settings, site_configs: list[Path], *, verbose: bool = False):
     from client.runtime import SIM_SITE_CONFIGS_ENV
     from server.app import run_consortium
 
+    if not verbose:
+        _only_flower_warnings()
     holder: dict = {}
     server_app = ServerApp()
 
@@ -159,6 +219,18 @@ def simulate(settings, site_configs: list[Path], *, verbose: bool = False):
     return holder["outputs"]
 
 
+def _only_flower_warnings() -> None:
+    """Without --verbose: Flower's warnings once, not its INFO/DEBUG lines twice.
+
+    Opacus adds a root handler on import and Flower's simulation resets its own logger to DEBUG, so every Flower
+    line would print twice between Atoll's own progress lines; Atoll's demo-internal use of the deprecated
+    `run_simulation` is no news to the user either.
+    """
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.propagate = False
+    flwr_log.addFilter(lambda r: r.levelno >= logging.WARNING and "DEPRECATED FEATURE" not in str(r.msg))
+
+
 def evaluate_heldout(out: Path, settings, outputs) -> list[dict]:
     """Score the global model of every round on the official test split (never seen by a site)."""
     from client.ingest import build_site_dataset
@@ -169,7 +241,9 @@ def evaluate_heldout(out: Path, settings, outputs) -> list[dict]:
 
     cfg = load_site_config(out / demo_data.HELDOUT / "site.toml")
     cfg = dataclasses.replace(cfg, image_size=settings.task.image_size)
-    ds = fit_task(settings.task, cfg, build_site_dataset(cfg))
+    log.info("scoring each round's global model on the held-out test split (seen by no site) ...")
+    with _quiet("atoll.ingest"):  # its split into train/val patients means nothing for a test set
+        ds = fit_task(settings.task, cfg, build_site_dataset(cfg))
     images = torch.cat([ds.train.images, ds.val.images])
     labels = torch.cat([ds.train.labels, ds.val.labels])
     scores = []
@@ -240,3 +314,9 @@ def print_summary(s: dict, out: Path) -> None:
     elif not s["dp"]:
         print("  DP was off for this run (--no-dp): the updates carry no privacy guarantee")
     print(f"  wall time {s['wall_seconds']:.0f} s; summary: {out / 'summary.json'}; run folder: {out / s['run_dir']}")
+    print("next:")
+    run = out / s["run_dir"]
+    ledgers = " ".join(f"--site-ledger {out / site / 'state' / 'ledger.jsonl'}" for site in s["sites"])
+    print(f"  atoll audit verify {run} {ledgers}")
+    print(f"  atoll audit report {run} --out {out / 'privacy-report.html'}")
+    print(f"  atoll run status {run}")

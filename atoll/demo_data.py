@@ -16,6 +16,7 @@ import csv
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -66,6 +67,7 @@ HOSPITALS: tuple[HospitalSpec, ...] = (
     HospitalSpec("hospital-c", "Coral Coast Community Hospital", 653, 279, ImplicitVRLittleEndian,
                  "AccessionNumber", "Carestream", 8.0),
 )
+log = logging.getLogger("atoll.demo")
 HELDOUT = "heldout-test"
 
 
@@ -272,6 +274,8 @@ def generate_consortium(out: Path, *, image_size: int = 28, seed: int = 0) -> di
         take = [pos.pop() for _ in range(spec.n_pneumonia)] + [neg.pop() for _ in range(spec.n_normal)]
         root = out / spec.name
         root.mkdir(parents=True, exist_ok=True)
+        log.info("%s: writing its PACS export (%d DICOM files, labels keyed by %s) ...", spec.name, len(take),
+                 spec.label_key)
         sites[spec.name] = _write_site(root, spec, images[take], labels[take], seed + 1 + i,
                                        broken=(spec.name == "hospital-c"))
         _write_secret(root / "pseudonym.secret", spec.name)
@@ -281,6 +285,7 @@ def generate_consortium(out: Path, *, image_size: int = 28, seed: int = 0) -> di
                              ExplicitVRLittleEndian, "SOPInstanceUID", "Various", 1.0)
     root = out / HELDOUT
     root.mkdir(parents=True, exist_ok=True)
+    log.info("%s: writing the official test split (%d images, seen by no site) ...", HELDOUT, len(data["test_images"]))
     test_labels = data["test_labels"].reshape(-1).astype(int)
     sites[HELDOUT] = _write_site(root, test_spec, data["test_images"], test_labels, seed + 99, broken=False)
     _write_secret(root / "pseudonym.secret", HELDOUT)

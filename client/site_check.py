@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from client.ingest.card import DEFAULT_THRESHOLD, format_card
-from client.ingest.dataset import NoUsableImagesError, SiteDataset, build_site_dataset
-from client.ingest.progress import ingest_progress
-from client.ingest.quarantine import printable_name
 from client.site_config import LABEL_KEYS, ConfigError, SiteConfig, default_site_config, load_site_config
+
+if TYPE_CHECKING:  # the dataset module loads MONAI and torch: only when a check actually runs
+    from client.ingest.dataset import SiteDataset
 
 EXIT_OK, EXIT_NO_DATA, EXIT_CONFIG = 0, 1, 2
 
@@ -117,6 +117,10 @@ def run_check(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     try:
         cfg = _config(args)
+        from client.ingest.dataset import NoUsableImagesError, build_site_dataset  # after config errors
+        from client.ingest.progress import ingest_progress
+        from client.ingest.quarantine import printable_name
+
         try:
             with ingest_progress(False if args.quiet else None) as progress:
                 dataset: SiteDataset = build_site_dataset(cfg, threshold=args.threshold, progress=progress)

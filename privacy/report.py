@@ -36,6 +36,7 @@ td.l,th.l{text-align:left;white-space:normal}
 .fail{color:#fff;background:#c62828;padding:.15em .6em;border-radius:.3em}
 .warn{color:#8a5a00}.err{color:#c62828}.muted{color:#666;font-size:.9em}
 figure{margin:1em 0}figcaption{font-size:.9em;color:#444}
+.wide{max-width:100%;overflow-x:auto}#mechanism{font-size:.8em}#mechanism td.l{word-break:break-all;min-width:6em}
 @media print{body{margin:0}h2{page-break-after:avoid}}
 """
 
@@ -152,12 +153,22 @@ def _mechanism_table(result: AuditResult) -> str:
                 f'<td>{"yes" if p.dp else "<b>NO</b>"}</td><td>{p.noise_multiplier:g}</td><td>{p.clip_norm:g}</td>'
                 f'<td>{p.sample_rate:.4g}</td><td>{p.steps}</td><td>{_e(p.accountant)}</td><td>{p.delta:.2e}</td>'
                 f'<td>{_eps(p.epsilon_before)}</td><td>{_eps(p.epsilon_after)}</td><td>{_eps(p.opacus_epsilon)}</td>'
-                f'<td>{_eps(p.independent_epsilon)} <span class="muted">({_e(p.independent_method)})</span></td>'
+                f'<td>{_eps(p.independent_epsilon)}<br><span class="muted">({_e(p.independent_method)})</span></td>'
                 f'<td>{_eps(p.max_epsilon, 2)}</td></tr>')
     return ('<table id="mechanism"><tr><th class="l">site</th><th class="l">run</th><th>round</th><th>DP</th>'
             '<th>σ</th><th>C</th><th>q</th><th>steps</th><th>accountant</th><th>δ</th><th>ε before</th>'
             '<th>ε after (recorded)</th><th>ε Opacus (recomputed)</th><th>ε independent</th><th>budget</th></tr>'
             + "".join(rows) + "</table>")
+
+
+def _run_status(run_dir: Path) -> str:
+    """How the run ended (its status.json), e.g. a stop the lead asked for; empty when the run has no status."""
+    try:
+        status = json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    reason = f" — {status['reason']}" if status.get("reason") else ""
+    return f'<p id="run-status">Run status: {_e(status.get("status"))}{_e(reason)}</p>\n'
 
 
 def render_report(result: AuditResult, run_dir: Path | None = None) -> str:
@@ -168,12 +179,18 @@ def render_report(result: AuditResult, run_dir: Path | None = None) -> str:
         f'<tr><td class="l">{_e(n)}</td><td>{"OK" if v.ok else "<b class=err>FAIL</b>"}</td><td>{v.server_records}</td>'
         f'<td>{_eps(v.epsilon)}</td><td>{_eps(v.max_epsilon, 2)}</td><td>{(v.delta or 0):.2e}</td>'
         f'<td class="l">{_e(v.accountant or "—")}</td>'
-        f'<td class="l">{_e(v.site_ledger or "not given")}</td>'
+        f'<td class="l">{_e(v.site_ledger) if v.cross_checked else "no (server copy only)"}</td>'
         f'<td>{v.reservations if v.cross_checked else "—"}</td><td>{v.refusals if v.cross_checked else "—"}</td></tr>'
         for n, v in sorted(result.sites.items()))
+    unchecked = sorted(n for n, v in result.sites.items() if not v.cross_checked)
     findings = "".join(
         f'<li class="{"err" if f.level == "error" else "warn"}">{_e(str(f))}</li>' for f in result.findings
-    ) or "<li>none: every signature, chain link, cross-check and recomputation holds</li>"
+    ) or ("<li>none: every signature, chain link, cross-check and recomputation holds</li>" if not unchecked else
+          "<li>none: every signature, chain link and recomputation of the server copy holds</li>")
+    if unchecked:  # say what was not checked, next to what was: a PASS without site ledgers is a weaker PASS
+        findings += (f'<li class="warn">not cross-checked against the site\'s own ledger (no --site-ledger given): '
+                     f'{_e(", ".join(unchecked))}; rounds a site charged but the server copy lacks cannot be seen '
+                     "without it</li>")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; img-src data:">
@@ -182,7 +199,7 @@ def render_report(result: AuditResult, run_dir: Path | None = None) -> str:
 <h1>Atoll privacy report: run {_e(run_dir.name)}</h1>
 <p class="muted">Generated {_e(time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()))} from {_e(result.run_dir)};
 enrolled keys: {_e(result.keys_dir or 'none found')}. Unit of privacy: one patient (all of their images).</p>
-<p id="verdict">Verification: {verdict} — {len(result.errors)} error(s),
+{_run_status(run_dir)}<p id="verdict">Verification: {verdict} — {len(result.errors)} error(s),
 {sum(f.level == 'warning' for f in result.findings)} warning(s), {result.server_records} record(s) in the server copy.</p>
 
 <h2>Privacy spent per site</h2>
@@ -194,7 +211,7 @@ budget (dashed). ε includes earlier runs on the same dataset. ∞ marks a non-D
 {site_rows}</table>
 
 <h2>Mechanism parameters (as recorded and signed by each site)</h2>
-{_mechanism_table(result)}
+<div class="wide">{_mechanism_table(result)}</div>
 
 <h2>What left each site</h2>
 {_released_section(result, _history(run_dir))}

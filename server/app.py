@@ -40,7 +40,7 @@ def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(dict(context.run_config))
     build_strategy(settings)  # a bad strategy setting fails here, before round 1
     out = run_consortium(grid, settings, context.run_id)
-    if out.status != "completed":
+    if out.status != "completed" and not out.stopped_by_lead:
         # Flower then lists the run as finished:failed with this reason (`flwr ls`), not as completed
         raise RunStopped(f"run {out.name} {out.status}: {out.reason} (details: {out.root / 'history.json'})")
 
@@ -60,7 +60,7 @@ def build_strategy(settings: RunSettings) -> Strategy:
 def run_consortium(grid: Grid, settings: RunSettings, flower_run_id: int) -> RunOutputs:
     """Run all rounds; returns the outputs (also on disk under settings.run_dir)."""
     run_name = settings.name_for(flower_run_id)
-    out = RunOutputs.create(Path(settings.run_dir), run_name, settings)
+    out = RunOutputs.create(Path(settings.run_dir), run_name, settings, flower_run_id)
     strategy = build_strategy(settings)
     torch.manual_seed(settings.seed)
     model = build_task_model(settings.model, settings.task)
@@ -71,8 +71,13 @@ def run_consortium(grid: Grid, settings: RunSettings, flower_run_id: int) -> Run
     secagg = SecAggRounds(grid, settings) if settings.secagg else None  # the fit under SecAgg+
     try:
         for rnd in range(1, settings.num_server_rounds + 1):
+            if (request := out.stop_requested()) is not None:  # `atoll run stop`: a clean stop between rounds
+                out.finish_stopped_by_lead(request, settings.num_server_rounds)
+                log.warning("run %s: %s", run_name, out.reason)
+                break
             arrays = _one_round(grid, strategy, settings, run_name, rnd, arrays, out, secagg)
-        out.finish("completed")
+        else:
+            out.finish("completed")
     except RunStopped as stop:
         log.error("run %s stopped: %s", run_name, stop)
         out.finish("stopped", str(stop))

@@ -22,16 +22,22 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from server.connections import ConnectionNotFound, resolve
 from server.pki import CA_DAYS, SERVER_DAYS, PKIError, describe_certificate, init_consortium, superlink_tls_args
 
 __all__ = ["RegisterError", "add_parser", "check_site_public_key", "register_command"]
 
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND = 0, 1, 2, 3  # as atoll.cli.EXIT_CODES
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _NIST = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)  # flwr.supercore.primitives.asymmetric.uses_nist_ec_curve
 
 
 class RegisterError(Exception):
-    """A user-facing registration problem."""
+    """A user-facing registration problem; ``code`` is the exit code (atoll.cli.EXIT_CODES)."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def check_site_public_key(path: str | Path) -> tuple[str, str]:
@@ -44,7 +50,7 @@ def check_site_public_key(path: str | Path) -> tuple[str, str]:
     try:
         data = p.read_bytes()
     except FileNotFoundError:
-        raise RegisterError(f"public key file {p} does not exist") from None
+        raise RegisterError(f"public key file {p} does not exist", EXIT_NOT_FOUND) from None
     try:
         key = serialization.load_ssh_public_key(data.strip())
     except (ValueError, UnsupportedAlgorithm):
@@ -106,7 +112,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--name", required=True, help="site label, e.g. hospital-a")
     r.add_argument("--fingerprint", default=None, help="SHA256:... fingerprint the site read out to you")
     r.add_argument("--yes", action="store_true", help="skip the fingerprint confirmation (verified another way)")
-    r.add_argument("--superlink", default=None, help="SuperLink connection name in $FLWR_HOME/config.toml")
+    r.add_argument("--superlink", default=None, metavar="NAME",
+                   help="SuperLink connection: a [superlink.NAME] block in $FLWR_HOME/config.toml, as for "
+                        "`atoll run start --superlink NAME` (default: that file's [superlink] default)")
     r.add_argument("--dry-run", action="store_true", help="print the flwr command instead of running it")
     r.set_defaults(func=_register)
 
@@ -119,10 +127,10 @@ def _init(args: argparse.Namespace) -> int:
         flags = superlink_tls_args(pki.out)
     except PKIError as exc:
         print(f"atoll consortium init: {exc}")
-        return 2
+        return EXIT_USAGE
     except OSError as exc:
         print(f"atoll consortium init: cannot write to {args.out} ({exc.strerror or exc.__class__.__name__})")
-        return 2
+        return EXIT_USAGE
     print(f"Consortium TLS material written to {pki.out}")
     print(f"  {pki.ca_cert.name:<11} CA certificate, valid until {ca.not_after:%Y-%m-%d}: "
           "send it to every hospital")
@@ -139,9 +147,12 @@ def _init(args: argparse.Namespace) -> int:
           + " --disable-runtime-dependency-installation --database /path/to/state.db")
     print("Expose only /v1/fleet/ of that port to the hospitals: the same port serves Flower's Control API,")
     print("which has no account authentication in open-source Flower (see docs/security.md).")
+    print("Tell the Flower CLI where the SuperLink is: add to $FLWR_HOME/config.toml (default ~/.flwr/config.toml):")
+    host = ([*args.host, *args.ip] or ["127.0.0.1"])[0]
+    print(f'  [superlink.my-consortium]\n  address = "{host}:8000"\n  root-certificates = "{pki.ca_cert.resolve()}"')
     print("Then register each hospital's node key (from `atoll site enroll`):")
-    print("  atoll consortium register HOSPITAL.pub --name HOSPITAL --fingerprint SHA256:...")
-    return 0
+    print("  atoll consortium register HOSPITAL.pub --name HOSPITAL --fingerprint SHA256:... --superlink my-consortium")
+    return EXIT_OK
 
 
 
@@ -154,25 +165,37 @@ def _register(args: argparse.Namespace) -> int:
         if args.fingerprint is not None:
             if args.fingerprint.strip() != fingerprint:
                 raise RegisterError(f"fingerprint mismatch: the key file has {fingerprint}, the site read out "
-                                    f"{args.fingerprint.strip()}. Do NOT register it; ask the site to send its key again")
+                                    f"{args.fingerprint.strip()}. Do NOT register it; ask the site to send its key again",
+                                    EXIT_FAILED)
             print("Fingerprint confirmed.")
         elif not args.yes:
             raise RegisterError("confirm the key first: pass --fingerprint SHA256:... as read out by the site "
                                 "(printed by `atoll site enroll`), or --yes if you verified it another way")
-        cmd = register_command(args.public_key, args.name, args.superlink)
+        if args.dry_run:  # shows the command; the connection is checked when it runs
+            name = args.superlink
+        else:  # an unknown name fails here, not as Flower's local simulation SuperLink on 127.0.0.1:39091
+            conn = resolve(args.superlink)
+            if conn.name != args.superlink:
+                print(f"Connection: {conn.name!r} (the [superlink] default of {conn.path})")
+            name = conn.name
+        cmd = register_command(args.public_key, args.name, name)
+    except ConnectionNotFound as exc:
+        print(f"atoll consortium register: {exc}")
+        return EXIT_NOT_FOUND
     except RegisterError as exc:
         print(f"atoll consortium register: {exc}")
-        return 2
+        return exc.code
     if args.dry_run:
         print("Would run: " + " ".join(cmd))
-        return 0
+        return EXIT_OK
     print("Running: " + " ".join(cmd))
     try:
         done = subprocess.run(cmd, check=False)
     except OSError as exc:
         print(f"atoll consortium register: cannot run flwr ({exc.strerror or exc})")
-        return 2
+        return EXIT_USAGE
     if done.returncode != 0:
         print(f"atoll consortium register: `flwr supernode register` failed (exit code {done.returncode}); check "
-              "the SuperLink connection in $FLWR_HOME/config.toml and that the SuperLink is running")
-    return done.returncode
+              f"the connection {name!r} in $FLWR_HOME/config.toml and that the SuperLink is running")
+        return EXIT_FAILED
+    return EXIT_OK

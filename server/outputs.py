@@ -6,7 +6,11 @@ Layout of RUN_DIR/<run-name>/:
   history.json         per round: each site's status, released train/val metrics, epsilon; aggregates
   checkpoint.json      last completed round and its weights file (written atomically)
   ledger.jsonl         the consortium's copy of the sites' signed ledger records (privacy.ledger)
-  status.json          completed | stopped (+ reason)
+  status.json          completed | stopped (+ reason; a stop the lead asked for says so and at which round)
+  server.json          the ServerApp's pid, host and Flower run id: `atoll run status` tells a killed run
+  stop-request.json    written by `atoll run stop`: the ServerApp stops cleanly before the next round
+
+torch and Flower are imported where weights are written, so that the lead's CLI reads a run folder without them.
 """
 
 from __future__ import annotations
@@ -14,12 +18,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from flwr.app import ArrayRecord
+if TYPE_CHECKING:
+    from flwr.app import ArrayRecord
+
+SERVER_FILE = "server.json"
+STOP_FILE = "stop-request.json"
+STOPPED_BY_LEAD = "stopped by the lead"
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -41,10 +50,16 @@ class RunOutputs:
     reason: str = ""
 
     @classmethod
-    def create(cls, run_dir: Path, name: str, settings: Any) -> "RunOutputs":
+    def create(cls, run_dir: Path, name: str, settings: Any, flower_run_id: int | None = None) -> "RunOutputs":
         root = run_dir / name
         (root / "weights").mkdir(parents=True, exist_ok=True)
+        # a reused run name never inherits an old stop request (removed before settings.json marks the folder a
+        # run, so that a stop written as soon as the folder is a run is never lost)
+        (root / STOP_FILE).unlink(missing_ok=True)
         _atomic_write(root / "settings.json", json.dumps(dataclasses.asdict(settings), indent=2))
+        # who writes this folder: a run without status.json whose process is gone was killed, not running
+        _atomic_write(root / SERVER_FILE, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                      "flower_run_id": flower_run_id, "started": time.time()}))
         out = cls(root, name)
         out.ledger = _consortium_ledger(root, settings)
         return out
@@ -53,6 +68,8 @@ class RunOutputs:
         return self.root / "weights" / f"round-{server_round:03d}.pt"
 
     def save_weights(self, server_round: int, arrays: ArrayRecord) -> None:
+        import torch
+
         path = self.weights_path(server_round)
         tmp = path.with_suffix(".tmp")
         torch.save(arrays.to_torch_state_dict(), tmp)
@@ -66,10 +83,51 @@ class RunOutputs:
         self.history.append(entry)
         _atomic_write(self.root / "history.json", json.dumps(self.history, indent=2))
 
-    def finish(self, status: str, reason: str = "") -> None:
+    def finish(self, status: str, reason: str = "", **extra: Any) -> None:
         self.status, self.reason = status, reason
         _atomic_write(self.root / "status.json", json.dumps({"status": status, "reason": reason,
-                                                              "rounds": len(self.history)}))
+                                                              "rounds": len(self.history), **extra}))
+
+    @property
+    def stopped_by_lead(self) -> bool:
+        return self.status == "stopped" and self.reason.startswith(STOPPED_BY_LEAD)
+
+    def stop_requested(self) -> dict | None:
+        """The lead's stop request (`atoll run stop`) once it is due, checked by the ServerApp before each round.
+
+        A request may name the round after which to stop (``after_round``); until that round is recorded it waits.
+        """
+        request = read_stop_request(self.root)
+        if request is None:
+            return None
+        after = request.get("after_round")
+        return request if not isinstance(after, int) or len(self.history) >= after else None
+
+    def finish_stopped_by_lead(self, request: dict, num_rounds: int) -> None:
+        """A clean stop between rounds: every round a site was asked to train is complete and recorded."""
+        done = len(self.history)
+        why = request.get("reason") or ""
+        rounds = "round 1" if done == 1 else f"rounds 1-{done}"
+        reason = (f"{STOPPED_BY_LEAD} at round {done} of {num_rounds} ({rounds} complete and recorded; "
+                  f"round {done + 1} was never sent)" if done else f"{STOPPED_BY_LEAD} before round 1")
+        self.finish("stopped", reason + (f": {why}" if why else ""), stopped_by="lead", stopped_at_round=done,
+                    requested_at=request.get("requested_at"))
+
+
+def write_stop_request(root: Path, reason: str = "", after_round: int | None = None) -> Path:
+    path = Path(root) / STOP_FILE
+    _atomic_write(path, json.dumps({"requested_at": time.time(), "reason": reason, "after_round": after_round}))
+    return path
+
+
+def read_stop_request(root: Path) -> dict | None:
+    try:
+        data = json.loads((Path(root) / STOP_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"reason": ""}  # a torn request is still the lead's request to stop
+    return data if isinstance(data, dict) else {"reason": ""}
 
 
 def _consortium_ledger(root: Path, settings: Any):

@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from contract import Mechanism, MechanismError, TaskError, TaskSpec
 from contract._fields import KINDS, coerce, key_of
-from contract.wire import RoundConfig
-from privacy.secagg_prg import check_num_shares
+
+if TYPE_CHECKING:  # imported where used: `atoll run --help` and a settings check must not wait for Flower/NumPy
+    from contract.wire import RoundConfig
 
 
 class SettingsError(ValueError):
@@ -120,6 +121,8 @@ class RunSettings:
              "one site's update, so it cannot bound its norm (the sites' DP-SGD clipping still bounds it)")
         need(self.min_sites >= 2, "min-sites", "must be >= 2 when secagg = true (a sum over one site is its update)")
         need(self.secagg_max_weight >= 1, "secagg-max-weight", "must be >= 1 (the largest num-examples of a site)")
+        from privacy.secagg_prg import check_num_shares
+
         num_shares, threshold = self.secagg_parameters()
         try:
             check_num_shares(num_shares, threshold)
@@ -153,6 +156,8 @@ class RunSettings:
         return self.run_name or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{flower_run_id % 100000:05d}"
 
     def round_config(self, run_name: str, server_round: int) -> RoundConfig:
+        from contract.wire import RoundConfig
+
         return RoundConfig(run_id=run_name, server_round=server_round, num_rounds=self.num_server_rounds,
                            model=self.model, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
                            secagg=self.secagg, strategy=self.strategy, proximal_mu=self.proximal_mu,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from client import approval
+from client import approve_cli
 from contract import Mechanism, TaskSpec
 from client.approval import (
     ApprovalStore,
@@ -85,7 +85,7 @@ def _manifest(**over) -> RunManifest:
 
 def _cli(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="atoll site")
-    approval.add_parser(parser.add_subparsers(dest="cmd", required=True))
+    approve_cli.add_parser(parser.add_subparsers(dest="cmd", required=True))
     return parser.parse_args(argv)
 
 

@@ -167,7 +167,7 @@ def test_register_checks_fingerprint_before_calling_flwr(tmp_path: Path, capsys:
 
     other, _ = enroll_site(tmp_path / "other", "hospital-b")
     bad = _consortium_cli(["register", str(e.public_key), "--name", "hospital-a", "--fingerprint", other.fingerprint])
-    assert bad.func(bad) == 2
+    assert bad.func(bad) == 1  # refused (atoll.cli.EXIT_CODES)
     assert "fingerprint mismatch" in capsys.readouterr().out
 
     unconfirmed = _consortium_cli(["register", str(e.public_key), "--name", "hospital-a"])
@@ -188,7 +188,7 @@ def test_register_refuses_keys_flower_would_reject(tmp_path: Path, capsys: pytes
     assert args.func(args) == 2
     assert "NIST curve" in capsys.readouterr().out
     missing = _consortium_cli(["register", str(tmp_path / "nope.pub"), "--name", "x", "--yes"])
-    assert missing.func(missing) == 2
+    assert missing.func(missing) == 3  # not found
     assert "does not exist" in capsys.readouterr().out
 
 

@@ -15,13 +15,24 @@ def _connections(home, **conns: dict) -> None:
 
 
 @pytest.fixture
-def flwr_calls(tmp_path, monkeypatch) -> list:
+def listening_port():
+    """A port something listens on: `atoll run start` checks the connection's address answers before `flwr run`."""
+    import socket
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        yield srv.getsockname()[1]
+
+
+@pytest.fixture
+def flwr_calls(tmp_path, monkeypatch, listening_port) -> list:
     """The `flwr run` command lines `atoll run start` would execute (nothing is started)."""
     import server.run_cli as run_cli
 
     monkeypatch.setenv("FLWR_HOME", str(tmp_path))
-    _connections(tmp_path, demo={"address": '"127.0.0.1:9093"', "insecure": "true"},
-                 consortium={"address": '"fl.example:8000"', "root-certificates": '"/pki/ca.crt"'})
+    _connections(tmp_path, demo={"address": f'"127.0.0.1:{listening_port}"', "insecure": "true"},
+                 consortium={"address": f'"127.0.0.1:{listening_port}"', "root-certificates": '"/pki/ca.crt"'})
     calls: list = []
     monkeypatch.setattr(run_cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
     return calls
@@ -44,3 +55,19 @@ def test_a_tls_connection_runs_without_warning(flwr_calls, capsys):
     assert main(["run", "start", "consortium", "--run-dir", "/srv/runs"]) == 0
     assert "INSECURE" not in capsys.readouterr().err
     assert flwr_calls[0][3] == "consortium"
+
+
+def test_a_connection_where_nothing_listens_fails_at_once(tmp_path, monkeypatch, capsys):
+    import socket
+
+    import server.run_cli as run_cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]  # closed again: nothing listens there
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    _connections(tmp_path, gone={"address": f'"127.0.0.1:{dead}"', "root-certificates": '"/pki/ca.crt"'})
+    calls: list = []
+    monkeypatch.setattr(run_cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    assert main(["run", "start", "--superlink", "gone", "--run-dir", "/srv/runs"]) == 1
+    assert f"nothing answers at 127.0.0.1:{dead}" in capsys.readouterr().err and calls == []
