@@ -78,6 +78,9 @@ def _add_rooms(sub: argparse._SubParsersAction) -> None:
     add_site_init_parser(site_sub)
     add_site_check(sub)          # finds the "site" group above and adds "check" to it
     add_site_enroll(site_sub)
+    from client.pacs.cli import add_parser as add_site_pull
+
+    add_site_pull(site_sub)      # `atoll site pull`: mirror the site's PACS ([data.source])
     try:
         from client.approval import add_parser as add_site_approve
     except ImportError:

@@ -29,6 +29,7 @@ RUN_NOT_APPROVED = "RUN_NOT_APPROVED"
 EGRESS_BLOCKED = "EGRESS_BLOCKED"
 ROUND_ALREADY_ANSWERED = "ROUND_ALREADY_ANSWERED"
 SECAGG_MISMATCH = "SECAGG_MISMATCH"
+NO_COMPLETE_MIRROR = "NO_COMPLETE_MIRROR"  # a PACS site whose first pull has not succeeded (client.pacs)
 
 # Every metric Atoll's ClientApp can release; a site sends the subset its policy lists.
 APP_METRICS = ("num-examples", "train_loss", "train_seconds", "val_loss", "val_accuracy", "val_auc")

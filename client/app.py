@@ -30,6 +30,7 @@ from client.egress import EgressBlocked, EgressPolicy, check_reply
 from client.evaluation import evaluate_model
 from client.ingest import NoUsableImagesError
 from client.manifest import build_run_manifest
+from client.pacs.errors import NoCompleteMirror
 from client.release_cache import ReleaseCache, Released
 from client.runtime import SiteRuntime, SiteSetupError, site_runtime
 from models import build_model, state_dict_sha256
@@ -62,6 +63,9 @@ def site_errors_stay_local(handler: Callable[[Message, Context], Message]):
         except NoUsableImagesError as exc:
             log.error("no usable images: %s", exc)
             return _refuse(msg, wire.NO_USABLE_DATA, str(exc))
+        except NoCompleteMirror as exc:  # the local message names the PACS; the refusal does not
+            log.error("%s", exc)
+            return _refuse(msg, wire.NO_COMPLETE_MIRROR, NoCompleteMirror.public)
         except _Refusal as exc:
             return _refuse(msg, exc.code, exc.message, exc.site)
         except EgressBlocked:

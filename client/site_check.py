@@ -91,6 +91,10 @@ def run_check(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     try:
         cfg = _config(args)
+        if cfg.source is not None:  # a PACS site: its data is the last complete mirror (`atoll site pull`)
+            from client.pacs.mirror import require_complete_mirror
+
+            require_complete_mirror(cfg)
         try:
             dataset: SiteDataset = build_site_dataset(cfg, threshold=args.threshold)
             failure = None

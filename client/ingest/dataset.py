@@ -61,6 +61,7 @@ class SiteDataset:
     val: SplitTensors
     card: dict = field(default_factory=dict)
     report: dict = field(default_factory=dict)
+    sop_uids: tuple[str, ...] = ()  # sorted SOP Instance UIDs of the used images (dataset fingerprint; on site)
 
 
 class NoUsableImagesError(RuntimeError):
@@ -191,7 +192,7 @@ def build_site_dataset(cfg: SiteConfig, *, threshold: int = DEFAULT_THRESHOLD) -
         "cache": {"hits": tcache.hits, "misses": tcache.misses},
         "card": card,
     }
-    dataset = SiteDataset(train=train, val=val, card=card, report=report)
+    dataset = SiteDataset(train=train, val=val, card=card, report=report, sop_uids=tuple(sorted(kept_sops)))
     counts = Counter(q.reason.value for q in quarantined)
     log.info("site %s: %d images used (%d train / %d val patients), %d quarantined %s, cache %d hit / %d miss, %.1fs",
              cfg.name, len(used), train.num_patients, val.num_patients, len(quarantined), dict(sorted(counts.items())),

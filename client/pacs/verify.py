@@ -1,0 +1,63 @@
+"""Is a retrieved object the instance that was asked for, and does it decode as DICOM?
+
+A PACS can hand back a corrupt attachment, a cut stream or another object than the one requested (a mixed-up
+storage area, a proxy serving the wrong cache entry). Such an object is quarantined, never mirrored: the reasons
+are those of the folder quarantine (:class:`client.ingest.quarantine.Reason`) plus :data:`WRONG_INSTANCE`.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from client.ingest.quarantine import Reason, describe
+
+WRONG_INSTANCE = "WRONG_INSTANCE"  # decodes, but is not the instance that was asked for
+INVALID_UID = "INVALID_UID"  # the PACS listed a SOP Instance UID that is not a DICOM UID
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def valid_uid(uid: str) -> bool:
+    """A DICOM UID (digits and dots, at most 64 characters): safe to use as a file name in the mirror."""
+    return len(uid) <= 64 and bool(_UID.match(uid))
+
+
+@dataclass(frozen=True)
+class Checked:
+    """Outcome for one object: ``sop`` it claims to be (if readable), ``problem`` = (reason, detail) or None."""
+
+    sop: str | None
+    problem: tuple[str, str] | None
+
+
+def check_instance(data: bytes, wanted: Collection[str], asked: str | None = None) -> Checked:
+    """Parse ``data`` fully (header and every element, pixels undecoded) and check its SOP Instance UID.
+
+    ``asked``: the UID this object was requested as (WADO-RS per instance), else it must be one of ``wanted``
+    (C-MOVE/C-GET deliver a series' objects in any order).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom's warnings can quote header values
+            ds = pydicom.dcmread(io.BytesIO(data))
+            ds.get("PixelData")  # force reading to the end: a cut stream fails here, not in training
+            sop = str(ds.get("SOPInstanceUID", "") or "").strip()
+    except InvalidDicomError:
+        return Checked(None, (Reason.NOT_DICOM.value, "no DICOM preamble/File Meta header"))
+    except (EOFError, OSError) as e:
+        return Checked(None, (Reason.TRUNCATED.value, describe(e)))
+    except Exception as e:  # noqa: BLE001 - any parse failure of a damaged object
+        return Checked(None, (Reason.CORRUPT_HEADER.value, describe(e)))
+    if not sop:
+        return Checked(None, (Reason.MISSING_UID.value, "no SOPInstanceUID"))
+    if asked is not None and sop != asked:
+        return Checked(sop, (WRONG_INSTANCE, "the PACS returned another instance than the one requested"))
+    if sop not in wanted:
+        return Checked(sop, (WRONG_INSTANCE, "the PACS sent an instance that was not requested"))
+    return Checked(sop, None)
