@@ -42,8 +42,10 @@ def _server(tmp_path: Path, name: str, extra: dict[str, Any]) -> Iterator[Orthan
 
 @pytest.fixture
 def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
-    """A fresh Orthanc that rejects associations from AE titles it does not know."""
-    yield from _server(tmp_path, "orthanc", {"DicomAlwaysAllowEcho": False, "DicomAlwaysAllowStore": False})
+    """A fresh Orthanc that rejects associations from AE titles it does not know. Tests edit its storage area,
+    so it caches no attachment and answers queries from its index alone."""
+    yield from _server(tmp_path, "orthanc", {"DicomAlwaysAllowEcho": False, "DicomAlwaysAllowStore": False,
+                                                 "MaximumStorageCacheSize": 0, "StorageAccessOnFind": "Never"})
 
 
 @pytest.fixture
@@ -131,3 +133,21 @@ class Counting:
 def assert_no_canary(text: str) -> None:
     for c in CANARIES:
         assert c not in text, f"PHI canary {c} leaked"
+
+
+def swap_attachment(pacs: Orthanc, sop: str, keyword: str = "SOPInstanceUID") -> str:
+    """Make the PACS hold another object under ``sop``: its stored file rewritten with a different ``keyword``
+    UID of the same length (so Orthanc's stored offsets still fit); returns the impostor's UID."""
+    import pydicom
+
+    path = pacs.attachment_path(sop)
+    ds = pydicom.dcmread(io.BytesIO(path.read_bytes()))
+    old = str(ds.get(keyword))
+    other = old[:-1] + ("1" if old[-1] != "1" else "2")
+    setattr(ds, keyword, other)
+    if keyword == "SOPInstanceUID":
+        ds.file_meta.MediaStorageSOPInstanceUID = other
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    path.write_bytes(buf.getvalue())
+    return other

@@ -21,6 +21,7 @@ from client.ingest.quarantine import Reason, describe
 from client.pacs.errors import AuthRefused, ProtocolError, SourceUnreachable
 from client.pacs.source import DicomWebSource, read_credential
 from client.pacs.transport import Deliver, Received, RemoteInstance
+from client.pacs.verify import RETRIEVE_FAILED
 
 _STUDY, _SERIES, _SOP, _MODALITY = "0020000D", "0020000E", "00080018", "00080060"
 _ANY_SYNTAX = (("application/dicom", "*"),)
@@ -122,14 +123,21 @@ class DicomWebTransport:
     def fetch(self, study: str, series: str, sops: list[str], deliver: Deliver) -> None:
         for sop in sops:
             try:
+                ds = self.client.retrieve_instance(study, series, sop, media_types=_ANY_SYNTAX)
+            except requests.exceptions.HTTPError as e:
+                code = e.response.status_code if e.response is not None else 0
+                if code == 404 or (code >= 500 and code not in (503, 504)):
+                    # Listed but not served (Orthanc: a UID its index does not hold, or a corrupt attachment):
+                    # quarantined like a bad file, so one broken object cannot block every pull; asked again
+                    # at the next pull.
+                    deliver(Received(sop, None, (RETRIEVE_FAILED, f"listed by the PACS, but it could not be "
+                                                                  f"retrieved (HTTP {code})")))
+                    continue
                 with self._errors("retrieving an instance (WADO-RS)"):
-                    ds = self.client.retrieve_instance(study, series, sop, media_types=_ANY_SYNTAX)
-            except ProtocolError as e:
-                if "HTTP 404" in e.problem:
-                    continue  # gone since it was listed: it does not arrive, and the pull reports it missing
-                raise
-            except (SourceUnreachable, AuthRefused):
-                raise
+                    raise
+            except requests.exceptions.RequestException:
+                with self._errors("retrieving an instance (WADO-RS)"):
+                    raise
             except Exception as e:  # noqa: BLE001 - dicomweb-client parses each part with pydicom
                 reason = Reason.NOT_DICOM if isinstance(e, pydicom.errors.InvalidDicomError) else Reason.CORRUPT_HEADER
                 deliver(Received(sop, None, (reason.value, describe(e))))

@@ -179,7 +179,7 @@ class _Pull:
         return remote
 
     def _fetch_series(self, t: Transport, study: str, series: str, sops: list[str], *, total: int) -> None:
-        wanted = set(sops)
+        wanted = {sop: (study, series) for sop in sops}
         strays: list[tuple[str, str]] = []
 
         def deliver(rx: Received) -> None:
@@ -197,9 +197,10 @@ class _Pull:
                 return
             self._kept += 1
             self.mirror.keep_quarantined(self._kept, sop if sop and valid_uid(sop) else None, rx.data)
-            if rx.asked is not None and rx.asked in wanted:
-                if rx.asked not in self.quarantined:
-                    self.quarantined[rx.asked] = problem  # type: ignore[assignment]
+            key = rx.asked if rx.asked is not None else sop
+            if key in wanted and key not in self.ok:
+                if key not in self.quarantined:
+                    self.quarantined[key] = problem  # type: ignore[assignment]
                     self.progress.advance()
             else:
                 strays.append(problem)  # type: ignore[arg-type]

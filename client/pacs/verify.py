@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import re
 import warnings
-from collections.abc import Collection
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pydicom
@@ -19,6 +19,7 @@ from pydicom.errors import InvalidDicomError
 from client.ingest.quarantine import Reason, describe
 
 WRONG_INSTANCE = "WRONG_INSTANCE"  # decodes, but is not the instance that was asked for
+RETRIEVE_FAILED = "RETRIEVE_FAILED"  # the PACS failed to serve this one instance (e.g. HTTP 500)
 INVALID_UID = "INVALID_UID"  # the PACS listed a SOP Instance UID that is not a DICOM UID
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -36,11 +37,13 @@ class Checked:
     problem: tuple[str, str] | None
 
 
-def check_instance(data: bytes, wanted: Collection[str], asked: str | None = None) -> Checked:
-    """Parse ``data`` fully (header and every element, pixels undecoded) and check its SOP Instance UID.
+def check_instance(data: bytes, wanted: Mapping[str, tuple[str, str]], asked: str | None = None) -> Checked:
+    """Parse ``data`` fully (header and every element, pixels undecoded) and check its UIDs.
 
-    ``asked``: the UID this object was requested as (WADO-RS per instance), else it must be one of ``wanted``
-    (C-MOVE/C-GET deliver a series' objects in any order).
+    ``wanted``: SOP Instance UID -> (Study, Series Instance UID) as the PACS listed them. ``asked``: the UID this
+    object was requested as (WADO-RS per instance); without it (C-MOVE/C-GET deliver a series' objects in any
+    order) the object must be one of ``wanted``. An object filed under another study or series than the listing
+    says is not what was asked for either.
     """
     try:
         with warnings.catch_warnings():
@@ -48,6 +51,7 @@ def check_instance(data: bytes, wanted: Collection[str], asked: str | None = Non
             ds = pydicom.dcmread(io.BytesIO(data))
             ds.get("PixelData")  # force reading to the end: a cut stream fails here, not in training
             sop = str(ds.get("SOPInstanceUID", "") or "").strip()
+            where = (str(ds.get("StudyInstanceUID", "") or "").strip(), str(ds.get("SeriesInstanceUID", "") or "").strip())
     except InvalidDicomError:
         return Checked(None, (Reason.NOT_DICOM.value, "no DICOM preamble/File Meta header"))
     except (EOFError, OSError) as e:
@@ -60,4 +64,6 @@ def check_instance(data: bytes, wanted: Collection[str], asked: str | None = Non
         return Checked(sop, (WRONG_INSTANCE, "the PACS returned another instance than the one requested"))
     if sop not in wanted:
         return Checked(sop, (WRONG_INSTANCE, "the PACS sent an instance that was not requested"))
+    if where != tuple(wanted[sop]):
+        return Checked(sop, (WRONG_INSTANCE, "the object belongs to another study or series than the PACS listed"))
     return Checked(sop, None)
