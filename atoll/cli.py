@@ -23,7 +23,7 @@ def _demo(args: argparse.Namespace) -> int:
                                    "model": args.model, "lr": args.lr,
                                    "sample_rate": args.sample_rate}.items() if v is not None}
     summary = run_demo(Path(args.out), rounds=args.rounds, dp=not args.no_dp, verbose=args.verbose,
-                       overrides=overrides)
+                       overrides=overrides, pacs=args.pacs)
     return 0 if summary["status"] == "completed" else 1
 
 
@@ -43,6 +43,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    help="DP-SGD: probability that a patient is in a step's batch")
     p.add_argument("--model", default=None, help="network name (see models.MODEL_NAMES)")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
+    p.add_argument("--pacs", action="store_true",
+                   help="serve each hospital's export from its own local Orthanc (apt-get install orthanc "
+                        "orthanc-dicomweb) and have the sites `atoll site pull` from it before training")
     p.set_defaults(func=_demo)
 
 

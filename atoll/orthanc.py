@@ -24,7 +24,7 @@ PLUGIN_CANDIDATES = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/l
 INSTALL_HINT = "install it with: sudo apt-get install -y orthanc orthanc-dicomweb"
 
 
-class OrthancUnavailable(RuntimeError):
+class OrthancUnavailable(FileNotFoundError):
     """Orthanc or its DICOMweb plugin is not installed (the message says how to install them)."""
 
 

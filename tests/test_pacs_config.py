@@ -104,6 +104,14 @@ def test_never_pulled_site_has_no_complete_mirror(tmp_path):
     assert "http" not in NoCompleteMirror.public and "/" not in NoCompleteMirror.public.replace("`atoll site pull`", "")
 
 
+def test_site_check_on_a_never_pulled_site_says_to_pull(tmp_path, capsys):
+    from atoll.cli import main
+
+    toml = _toml(tmp_path, 'kind = "dicomweb"\nurl = "http://p/dw"')
+    assert main(["site", "check", "--config", str(toml)]) == 2
+    assert "atoll site pull --config" in capsys.readouterr().err
+
+
 def test_interrupted_commit_is_finished_locally_and_tampering_is_refused(tmp_path):
     cfg = load_site_config(_toml(tmp_path, 'kind = "dicomweb"\nurl = "http://p/dw"'))
     m = Mirror(cfg.state_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import pytest
@@ -43,7 +44,8 @@ def _fingerprint(cfg) -> str:
     return site_dataset_fingerprint(cfg.secret_file, build_site_dataset(cfg).sop_uids)
 
 
-def test_first_pull_nothing_new_ten_new_and_removal(orthanc, tmp_path, capsys):
+def test_first_pull_nothing_new_ten_new_and_removal(orthanc, tmp_path, capsys, caplog):
+    caplog.set_level(logging.DEBUG)
     sops = load(orthanc, range(12))
     toml = dicomweb_site(tmp_path, orthanc)
     cfg = load_site_config(toml)
@@ -76,7 +78,10 @@ def test_first_pull_nothing_new_ten_new_and_removal(orthanc, tmp_path, capsys):
     ds = build_site_dataset(cfg)
     assert len(ds.sop_uids) == 20 and not set(gone) & set(ds.sop_uids)
     assert _fingerprint(cfg) not in (first, after_new)
-    assert_no_canary(json.dumps(ds.card) + out.out + out.err)
+    assert_no_canary(json.dumps(ds.card) + out.out + out.err + "\n".join(r.getMessage() for r in caplog.records))
+
+    assert atoll_main(["site", "check", "--config", str(toml)]) == 0  # the mirror reads like a folder
+    assert_no_canary(capsys.readouterr().out)
 
 
 def test_interrupted_pull_resumes_without_fetching_again(orthanc, tmp_path):
@@ -182,7 +187,7 @@ def test_an_object_that_is_not_what_was_asked_is_quarantined(orthanc, tmp_path, 
 
 
 @pytest.mark.slow
-def test_a_round_trains_on_the_mirror_and_refuses_without_one(orthanc, tmp_path):
+def test_a_round_trains_on_the_mirror_and_refuses_without_one(orthanc, tmp_path, caplog):
     """The ClientApp never talks to the PACS: with the PACS down it trains on the mirror; without a mirror it
     refuses with NO_COMPLETE_MIRROR; nothing identifying is in either reply."""
     from atoll.demo import approve_run
@@ -214,6 +219,7 @@ def test_a_round_trains_on_the_mirror_and_refuses_without_one(orthanc, tmp_path)
         return Context(run_id=1, node_id=7, node_config={SITE_CONFIG_KEY: str(path)}, state=RecordDict(),
                        run_config={})
 
+    caplog.set_level(logging.DEBUG)
     reply = train(message(), ctx(toml))
     assert wire.REFUSAL not in reply.content, reply.content
     runtime = site_runtime({SITE_CONFIG_KEY: str(toml)}, settings.image_size)
@@ -226,3 +232,4 @@ def test_a_round_trains_on_the_mirror_and_refuses_without_one(orthanc, tmp_path)
         blob += repr(dict(r.content.get(wire.REFUSAL, {})))
         assert_no_canary(blob)
         assert str(orthanc.http_port) not in blob and "127.0.0.1" not in blob
+    assert_no_canary("\n".join(r.getMessage() for r in caplog.records if r.name.startswith(("atoll", "flwr"))))
