@@ -155,3 +155,21 @@ def test_folder_site_exposes_its_uids_and_fingerprint(tmp_path):
     assert ds.sop_uids == tuple(sorted(r["sop"] for r in records))
     fp = site_dataset_fingerprint(cfg.secret_file, ds.sop_uids)
     assert fp == dataset_fingerprint(cfg.secret_file.read_bytes().strip(), [r["sop"] for r in records])
+
+
+def test_check_instance_on_real_bytes():
+    from client.pacs.verify import WRONG_INSTANCE, check_instance
+    from pacs_helpers import instance
+
+    sop, data = instance(1)
+    import pydicom, io
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    where = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
+    assert check_instance(data, {sop: where}, sop).problem is None
+    other, _ = instance(2)
+    assert check_instance(data, {other: where}, other).problem[0] == WRONG_INSTANCE  # another object than asked
+    assert check_instance(data, {other: where}).problem[0] == WRONG_INSTANCE  # C-MOVE: not among those asked
+    assert check_instance(data, {sop: ("1.2", "3.4")}, sop).problem[0] == WRONG_INSTANCE  # filed elsewhere
+    assert check_instance(b"<html>login</html>", {sop: where}, sop).problem[0] == "NOT_DICOM"
+    assert check_instance(data[: len(data) - 200], {sop: where}, sop).problem[0] in ("TRUNCATED", "CORRUPT_HEADER")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import threading
 from typing import Any, Iterator
 
 import pydicom
@@ -70,29 +71,42 @@ def _first(item: dict[str, Any], tag: str) -> str | None:
 class DicomWebTransport:
     """One DICOMweb server for the duration of a pull."""
 
+    #: Series fetched at once by the pull (HTTP waits overlap; one client and session per thread).
+    workers = 4
+
     def __init__(self, source: DicomWebSource) -> None:
         self.source = source
         self._name = source.describe()
-        self._client: DICOMwebClient | None = None
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._lock = threading.Lock()
         self._quiet = _QuietLoggers()
 
     def __enter__(self) -> "DicomWebTransport":
         self._quiet.__enter__()
-        session = _session(self.source)
-        self._client = DICOMwebClient(self.source.url, session=session)
-        # Retry only what a busy server answers (429/503/504), briefly: a down server must fail fast.
-        self._client.set_http_retry_params(retry=True, max_attempts=3, wait_exponential_multiplier=500)
+        self.client  # credentials are read (and checked) now, not in a worker thread
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._client is not None:
-            self._client._session.close()  # dicomweb-client has no public close; the session is ours
+        with self._lock:
+            for s in self._sessions:
+                s.close()
+            self._sessions.clear()
         self._quiet.__exit__(*exc)
 
     @property
     def client(self) -> DICOMwebClient:
-        assert self._client is not None, "use the transport as a context manager"
-        return self._client
+        """This thread's client (requests sessions are not meant to be shared between threads)."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            session = _session(self.source)
+            with self._lock:
+                self._sessions.append(session)
+            client = DICOMwebClient(self.source.url, session=session)
+            # Retry only what a busy server answers (429/503/504), briefly: a down server must fail fast.
+            client.set_http_retry_params(retry=True, max_attempts=3, wait_exponential_multiplier=500)
+            self._local.client = client
+        return client
 
     def list_instances(self) -> list[RemoteInstance]:
         q = self.source.query
@@ -103,22 +117,19 @@ class DicomWebTransport:
             base["StudyDescription"] = q.study_description
         if q.series_description:
             base["SeriesDescription"] = q.series_description
-        series: set[tuple[str, str]] = set()
+        out: set[RemoteInstance] = set()
         for modality in q.modalities or (None,):
+            # One all-instances search per modality (paged): a PACS with thousands of series answers it in one
+            # go, where a search per series would cost a round trip each.
             filters = dict(base, **({"Modality": modality} if modality else {}))
-            with self._errors("searching series (QIDO-RS)"):
-                found = self.client.search_for_series(search_filters=filters, get_remaining=True,
-                                                      fields=[_STUDY, _SERIES, _MODALITY])
-            for item in found:
-                study, ser = _first(item, _STUDY), _first(item, _SERIES)
-                if study and ser:
-                    series.add((study, ser))
-        out: list[RemoteInstance] = []
-        for study, ser in sorted(series):
             with self._errors("searching instances (QIDO-RS)"):
-                found = self.client.search_for_instances(study, ser, get_remaining=True, fields=[_SOP])
-            out.extend(RemoteInstance(study, ser, sop) for sop in (_first(i, _SOP) for i in found) if sop)
-        return out
+                found = self.client.search_for_instances(search_filters=filters, get_remaining=True,
+                                                         fields=[_STUDY, _SERIES, _SOP])
+            for item in found:
+                study, ser, sop = _first(item, _STUDY), _first(item, _SERIES), _first(item, _SOP)
+                if study and ser and sop:
+                    out.add(RemoteInstance(study, ser, sop))
+        return sorted(out)
 
     def fetch(self, study: str, series: str, sops: list[str], deliver: Deliver) -> None:
         for sop in sops:

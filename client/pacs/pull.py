@@ -15,8 +15,10 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Protocol
 
@@ -45,6 +47,10 @@ class Progress(Protocol):
     def listed(self, total: int, to_fetch: int) -> None: ...
 
     def advance(self) -> None: ...
+
+
+class _Stopped(Exception):
+    """Another series' fetch failed: this one stops before its next instance (that failure is what is raised)."""
 
 
 class _NoProgress:
@@ -118,7 +124,6 @@ def pull(cfg: "SiteConfig", *, progress: Progress | None = None,
             mirror.record_attempt(130, f"{name}: interrupted; the next pull resumes")
             raise
         mirror.record_attempt(result.exit_code, result.summary())
-    log.info("%s", result.summary())
     return result
 
 
@@ -131,6 +136,8 @@ class _Pull:
         self.quarantined: dict[str, tuple[str, str]] = {}
         self._kept = 0
         self._invalid = 0
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
 
     def run(self) -> PullResult:
         t0 = time.perf_counter()
@@ -147,15 +154,14 @@ class _Pull:
                                      "or the PACS; the mirror was left unchanged")
             remote = self._remote(listed)
             have = before & m.files(m.mirror)
-            staged = m.files(m.incoming) & set(remote)
+            staged = self._recheck(m.files(m.incoming) & set(remote), remote)
             todo = sorted(set(remote) - have - staged)
             self.progress.listed(len(remote), len(todo))
             m.clear_quarantine()
             series: dict[tuple[str, str], list[str]] = defaultdict(list)
             for sop in todo:
                 series[(remote[sop].study, remote[sop].series)].append(sop)
-            for (study, ser), sops in sorted(series.items()):
-                self._fetch_series(t, study, ser, sops, total=len(todo))
+            self._fetch_all(t, sorted(series.items()), total=len(todo))
         instances = {sop: (r.study, r.series) for sop, r in remote.items() if sop not in self.quarantined}
         assert set(instances) <= have | staged | self.ok, "commit only what is on disk"
         m.commit(Manifest(source=self.name, completed_at=now_utc(), instances=instances, quarantined=self.quarantined))
@@ -164,6 +170,21 @@ class _Pull:
                           removed=len(before - set(instances)), resumed=len(staged),
                           seconds=time.perf_counter() - t0,
                           reasons=Counter(r for r, _ in self.quarantined.values()))
+
+    def _recheck(self, staged: set[str], remote: dict[str, RemoteInstance]) -> set[str]:
+        """What an interrupted pull staged is checked again (it was not fsynced); a bad file is fetched again."""
+        good = set()
+        for sop in staged:
+            path = self.mirror.incoming / f"{sop}.dcm"
+            try:
+                ok = check_instance(path.read_bytes(), {sop: (remote[sop].study, remote[sop].series)}, sop).problem is None
+            except OSError:
+                ok = False
+            if ok:
+                good.add(sop)
+            else:
+                path.unlink(missing_ok=True)
+        return good
 
     def _remote(self, listed: list[RemoteInstance]) -> dict[str, RemoteInstance]:
         """SOP UID -> listing; a UID that is not a DICOM UID is quarantined (it cannot name a file)."""
@@ -178,11 +199,37 @@ class _Pull:
                                                                                  "UIDs are not DICOM UIDs")
         return remote
 
+    def _fetch_all(self, t: Transport, batches: list[tuple[tuple[str, str], list[str]]], *, total: int) -> None:
+        """Fetch every series; several at once when the transport allows (DICOMweb), else one by one (DIMSE:
+        one association). The first failure stops the others before their next instance and is raised."""
+        workers = int(getattr(t, "workers", 1))
+        if workers <= 1:
+            for (study, ser), sops in batches:
+                self._fetch_series(t, study, ser, sops, total=total)
+            return
+        with ThreadPoolExecutor(workers, thread_name_prefix="atoll-pull") as pool:
+            futures = [pool.submit(self._fetch_series, t, study, ser, sops, total=total)
+                       for (study, ser), sops in batches]
+            try:
+                for f in as_completed(futures):
+                    f.result()
+            except BaseException:
+                self._stop.set()
+                for f in futures:
+                    f.cancel()
+                raise
+
     def _fetch_series(self, t: Transport, study: str, series: str, sops: list[str], *, total: int) -> None:
         wanted = {sop: (study, series) for sop in sops}
         strays: list[tuple[str, str]] = []
 
         def deliver(rx: Received) -> None:
+            with self._lock:
+                _deliver(rx)
+
+        def _deliver(rx: Received) -> None:
+            if self._stop.is_set():
+                raise _Stopped()
             if rx.data is None:
                 sop, problem = rx.asked, rx.error
             else:
@@ -205,6 +252,8 @@ class _Pull:
             else:
                 strays.append(problem)  # type: ignore[arg-type]
 
+        if self._stop.is_set():
+            raise _Stopped()
         try:
             t.fetch(study, series, sops, deliver)
         except SourceUnreachable as e:
@@ -212,6 +261,10 @@ class _Pull:
                                                 f"{len(self.ok)} of {total} new instance(s) ({e.problem})",
                                      "run `atoll site pull` again once the PACS is back: it resumes where this one "
                                      "stopped; until then the site trains on its last complete mirror") from None
+        with self._lock:
+            self._account(sops, strays)
+
+    def _account(self, sops: list[str], strays: list[tuple[str, str]]) -> None:
         missing = [s for s in sops if s not in self.ok and s not in self.quarantined]
         for sop, (reason, detail) in zip(list(missing), strays):
             # C-MOVE/C-GET do not say which request an object answers: one that is not what was asked for,

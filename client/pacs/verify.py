@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels.utils import get_expected_length
 
 from client.ingest.quarantine import Reason, describe
 
@@ -37,6 +38,24 @@ class Checked:
     problem: tuple[str, str] | None
 
 
+def _cut_short(ds: pydicom.Dataset) -> str | None:
+    """Why the pixel data is incomplete, or None. pydicom reads a cut stream without complaint (a short last value;
+    for encapsulated data, only a warning that the delimiter is missing), so the length is checked here."""
+    pixels = ds.get("PixelData")
+    if pixels is None:
+        return "image object without Pixel Data: the stream ends before its pixels" if "Rows" in ds else None
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts is not None and ts.is_encapsulated:
+        return None  # fragments: completeness is the delimiter warning's business
+    try:
+        expected = get_expected_length(ds, unit="bytes")
+    except Exception:  # noqa: BLE001 - geometry attributes missing or absurd: the ingest quarantines those
+        return None
+    if len(pixels) < expected:
+        return f"Pixel Data holds {len(pixels)} of {expected} bytes: the stream was cut"
+    return None
+
+
 def check_instance(data: bytes, wanted: Mapping[str, tuple[str, str]], asked: str | None = None) -> Checked:
     """Parse ``data`` fully (header and every element, pixels undecoded) and check its UIDs.
 
@@ -46,12 +65,14 @@ def check_instance(data: bytes, wanted: Mapping[str, tuple[str, str]], asked: st
     says is not what was asked for either.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pydicom's warnings can quote header values
+        with warnings.catch_warnings(record=True) as caught:  # never shown: they can quote header values
+            warnings.simplefilter("always")
             ds = pydicom.dcmread(io.BytesIO(data))
-            ds.get("PixelData")  # force reading to the end: a cut stream fails here, not in training
             sop = str(ds.get("SOPInstanceUID", "") or "").strip()
             where = (str(ds.get("StudyInstanceUID", "") or "").strip(), str(ds.get("SeriesInstanceUID", "") or "").strip())
+            cut = _cut_short(ds) or next((str(w.message)[:120] for w in caught if "End of file" in str(w.message)), None)
+        if cut:
+            return Checked(sop or None, (Reason.TRUNCATED.value, cut))
     except InvalidDicomError:
         return Checked(None, (Reason.NOT_DICOM.value, "no DICOM preamble/File Meta header"))
     except (EOFError, OSError) as e:
