@@ -9,12 +9,14 @@ import pytest
 from atoll.cli import main as atoll_main
 from client.ingest import build_site_dataset
 from client.pacs.errors import (
+    EXIT_INCOMPLETE,
     EXIT_PROTOCOL,
     EXIT_REJECTED,
     EXIT_UNREACHABLE,
     AssociationRejected,
     ProtocolError,
     SourceUnreachable,
+    TransferIncomplete,
 )
 from client.pacs.mirror import Mirror, require_complete_mirror
 from client.pacs.pull import pull
@@ -107,3 +109,17 @@ def test_c_move_delivers_another_object_than_asked(orthanc, tmp_path):
     manifest = Mirror(cfg.state_dir).manifest()
     assert manifest is not None and manifest.quarantined[sops[2]][0] == WRONG_INSTANCE
     assert impostor not in manifest.instances and sops[2] not in manifest.instances
+
+
+def test_c_move_that_cannot_send_every_instance_is_incomplete(orthanc, tmp_path):
+    """A series the PACS cannot send whole (one stored file is damaged, so its C-STORE sub-operation fails):
+    nothing of it is presented as complete; the rest waits in staging for the next pull."""
+    sops = load(orthanc, range(6))
+    cfg = load_site_config(dimse_site(tmp_path, orthanc))
+    orthanc.attachment_path(sops[4]).write_bytes(b"\0" * 64)
+    with pytest.raises(TransferIncomplete) as e:
+        pull(cfg)
+    assert e.value.exit_code == EXIT_INCOMPLETE and "did not arrive" in str(e.value) and "again" in str(e.value)
+    m = Mirror(cfg.state_dir)
+    assert m.manifest() is None and not m.files(m.mirror)
+    assert sops[4] not in m.files(m.incoming) and len(m.files(m.incoming)) >= 2  # its series-mates at least

@@ -73,6 +73,7 @@ class DimseTransport:
         self._scp: Any = None
         self._deliver: Deliver | None = None
         self._lock = threading.Lock()
+        self._stored = 0  # C-STOREs received for the current C-MOVE/C-GET
         self._log_level = logging.getLogger("pynetdicom").level
 
     # ---------------------------------------------------------------------------------------------------------
@@ -232,6 +233,7 @@ class DimseTransport:
         else:
             err = None
         with self._lock:
+            self._stored += 1
             deliver(Received(None, data, err))
         return _SUCCESS
 
@@ -242,6 +244,7 @@ class DimseTransport:
         ident.SeriesInstanceUID = series
         ident.SOPInstanceUID = sops if len(sops) > 1 else sops[0]  # a list of UIDs: one request per series
         self._deliver = deliver
+        self._stored = 0
         try:
             if self.source.retrieve == "move":
                 dest = self.source.move_ae or self.source.calling_ae
@@ -262,8 +265,10 @@ class DimseTransport:
                                          "run `atoll site pull` again: it resumes where this one stopped")
             if code in _PENDING:
                 continue
-            if code in (_SUCCESS, _WARNING):
-                return  # a warning means failed sub-operations: the pull counts what did not arrive
+            if code in (_SUCCESS, _WARNING) or status.get("NumberOfFailedSuboperations") or self._stored:
+                # Some sub-operations failed (Orthanc then answers a plain failure status, without counts, once
+                # part of the series has arrived): the pull counts what did not arrive and says to pull again.
+                return
             if code == _MOVE_DESTINATION_UNKNOWN:
                 raise AssociationRejected(self._name, f"the PACS does not know the move destination "
                                                       f"{self.source.move_ae or self.source.calling_ae!r}",

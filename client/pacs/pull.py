@@ -262,9 +262,9 @@ class _Pull:
                                      "run `atoll site pull` again once the PACS is back: it resumes where this one "
                                      "stopped; until then the site trains on its last complete mirror") from None
         with self._lock:
-            self._account(sops, strays)
+            self._account(sops, strays, total)
 
-    def _account(self, sops: list[str], strays: list[tuple[str, str]]) -> None:
+    def _account(self, sops: list[str], strays: list[tuple[str, str]], total: int) -> None:
         missing = [s for s in sops if s not in self.ok and s not in self.quarantined]
         for sop, (reason, detail) in zip(list(missing), strays):
             # C-MOVE/C-GET do not say which request an object answers: one that is not what was asked for,
