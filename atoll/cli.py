@@ -75,7 +75,7 @@ def _add_rooms(sub: argparse._SubParsersAction) -> None:
     from server.consortium_cli import add_parser as add_consortium
     from server.run_cli import add_parser as add_run
 
-    site = sub.add_parser("site", help="hospital site admin: check data, site identity, run approvals")
+    site = sub.add_parser("site", help="hospital site admin: check data, PACS pull, site identity, run approvals")
     site_sub = site.add_subparsers(dest="site_command", metavar="COMMAND")
     site.set_defaults(func=lambda a: _usage(site))
     add_site_init_parser(site_sub)

@@ -3,8 +3,8 @@
 For each hospital: start an Orthanc (127.0.0.1, free ports, basic auth, storage in ``DIR/<hospital>/orthanc``, kept
 between demo runs so a rerun uploads nothing), load the hospital's export into it (REST upload; the junk files of
 the export are refused by Orthanc as they would be by any PACS), write ``DIR/<hospital>/site-pacs.toml`` (the
-hospital's ``site.toml`` with a DICOMweb ``[data.source]`` in place of ``dicom_dir`` and its own state folder
-``state-pacs``), and run ``atoll site pull`` on it. The Orthancs are stopped before training starts: the rounds
+hospital's ``site.toml`` with a DICOMweb ``[data.source]`` in place of ``dicom_dir``; same state folder, so the
+site's lifetime privacy ledger is the same whether it reads the folder or the PACS), and run ``atoll site pull`` on it. The Orthancs are stopped before training starts: the rounds
 read the mirrors only, as they must.
 """
 
@@ -23,14 +23,12 @@ from atoll.orthanc import Orthanc
 log = logging.getLogger("atoll.demo")
 
 PACS_TOML = "site-pacs.toml"
-PACS_STATE = "state-pacs"
 
 
 def pacs_site_toml(site_toml: str, url: str, password_file: Path) -> str:
-    """The hospital's folder config turned into a PACS config (same site, its own state folder)."""
+    """The hospital's folder config turned into a PACS config: same site, same state folder (so the same lifetime
+    ledger, keys and approvals: the same patients' images, whichever way they arrive), the mirror inside it."""
     text = re.sub(r'(?m)^dicom_dir = .*\n', "", site_toml)
-    text = re.sub(r'(?m)^state_dir = "state"$', f'state_dir = "{PACS_STATE}"', text)
-    text = re.sub(r'(?m)^cache_dir = "state/cache"$', f'cache_dir = "{PACS_STATE}/cache"', text)
     return text + (f'\n[data.source]                 # the hospital\'s PACS (a local Orthanc in this demo)\n'
                    f'kind = "dicomweb"\nurl = "{url}"\nusername = "atoll"\npassword_file = "{password_file.name}"\n')
 
