@@ -44,7 +44,7 @@ def _demo(args: argparse.Namespace) -> int:
                                    "model": args.model, "lr": args.lr,
                                    "sample_rate": args.sample_rate}.items() if v is not None}
     summary = run_demo(Path(args.out), rounds=args.rounds, dp=not args.no_dp, verbose=args.verbose,
-                       overrides=overrides)
+                       overrides=overrides, pacs=args.pacs)
     return EXIT_OK if summary["status"] == "completed" else EXIT_FAILED
 
 
@@ -77,6 +77,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-only", action="store_true",
                    help="only write the hospitals' DICOM exports and labels CSVs (DIR/hospital-*/dicom, labels.csv), "
                         "e.g. to try the README's deployment walkthrough on them; no training")
+    p.add_argument("--pacs", action="store_true",
+                   help="serve each hospital's export from its own local Orthanc (apt-get install orthanc "
+                        "orthanc-dicomweb) and have the sites `atoll site pull` from it before training")
     p.set_defaults(func=_demo)
 
 
@@ -99,6 +102,9 @@ def _add_site(sub: argparse._SubParsersAction) -> None:
     add_site_check(sub)          # finds the "site" group above and adds "check" to it
     add_site_enroll(site_sub)
     add_site_probe(site_sub)
+    from client.pacs.cli import add_parser as add_site_pull
+
+    add_site_pull(site_sub)      # `atoll site pull`: mirror the site's PACS ([data.source])
     from client.approve_cli import add_parser as add_site_approve
 
     add_site_approve(site_sub)
@@ -127,7 +133,7 @@ def _add_consortium(sub: argparse._SubParsersAction) -> None:
 # name -> (one help line, builder). The help line is what `atoll --help` shows without building the group.
 _GROUPS: dict[str, tuple[str, Callable[[argparse._SubParsersAction], None]]] = {
     "demo": ("anyone: run a local three-hospital consortium on embedded chest X-rays", _add_demo),
-    "site": ("hospital site admin: check data, site identity, run approvals", _add_site),
+    "site": ("hospital site admin: check data, PACS pull, site identity, run approvals", _add_site),
     "run": ("consortium lead: start, watch and stop training runs", _add_run),
     "audit": ("auditor: verify signed privacy ledgers, render reports", _add_audit),
     "consortium": ("consortium lead: TLS material, site registration", _add_consortium),

@@ -63,8 +63,11 @@ def setup_console_logging(verbose: bool) -> None:
 
 
 def run_demo(out: Path, rounds: int = 3, *, dp: bool = True, verbose: bool = False,
-             overrides: dict | None = None) -> dict:
-    """Generate (if absent) and train the demo consortium; returns and writes DIR/summary.json."""
+             overrides: dict | None = None, pacs: bool = False) -> dict:
+    """Generate (if absent) and train the demo consortium; returns and writes DIR/summary.json.
+
+    ``pacs``: serve each hospital's export from its own Orthanc and have the sites pull it first (atoll.demo_pacs).
+    """
     from client.site_config import load_site_config  # noqa: F401 (validates configs before training)
     from server.settings import RunSettings
 
@@ -80,6 +83,10 @@ def run_demo(out: Path, rounds: int = 3, *, dp: bool = True, verbose: bool = Fal
     manifest = demo_data.generate_consortium(out, image_size=(overrides or {}).get("image_size", 28))
     hospitals = manifest["hospitals"]
     configs = [out / h / "site.toml" for h in hospitals]
+    if pacs:
+        from atoll.demo_pacs import serve_and_pull
+
+        configs, _ = serve_and_pull(out, hospitals)
     for c in configs:
         load_site_config(c)  # a bad site config is rejected here, before any training
     if not dp:

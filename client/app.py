@@ -29,6 +29,7 @@ from client.approval import ApprovalStore, RunManifest, RunNotApproved
 from client.egress import EgressBlocked, EgressPolicy, check_reply, release_metrics
 from client.ingest import NoUsableImagesError
 from client.manifest import build_run_manifest
+from client.pacs.errors import NoCompleteMirror
 from client.release_cache import ReleaseCache, Released
 from client.runtime import SiteRuntime, SiteSetupError, site_runtime
 from client.site_config import SITE_CONFIG_INVALID, ConfigError
@@ -65,6 +66,9 @@ def site_errors_stay_local(handler: Callable[[Message, Context], Message]):
         except NoUsableImagesError as exc:
             log.error("no usable images: %s", exc)
             return _refuse(msg, wire.NO_USABLE_DATA, str(exc))
+        except NoCompleteMirror as exc:  # the local message names the PACS; the refusal does not
+            log.error("%s", exc)
+            return _refuse(msg, wire.NO_COMPLETE_MIRROR, NoCompleteMirror.public)
         except _Refusal as exc:
             return _refuse(msg, exc.code, exc.message, exc.site)
         except EgressBlocked:

@@ -8,6 +8,7 @@ preprocessing cache and the append-only ledger. Nothing privacy-relevant lives o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -69,6 +70,13 @@ class SiteRuntime:
     def name(self) -> str:
         return self.config.name
 
+    @functools.cached_property
+    def dataset_fingerprint(self) -> str:
+        """Keyed hash of the SOP Instance UIDs this site trains on (client.pacs.fingerprint); reveals nothing."""
+        from client.pacs.fingerprint import site_dataset_fingerprint
+
+        return site_dataset_fingerprint(self.config.secret_file, self.data.sop_uids)
+
 
 _CACHE: dict[tuple[str, int], SiteRuntime] = {}
 
@@ -81,6 +89,10 @@ def site_runtime(node_config: dict, image_size: int) -> SiteRuntime:
         cfg = load_site_config(path)
         if cfg.image_size != image_size:
             cfg = dataclasses.replace(cfg, image_size=int(image_size))
+        if cfg.source is not None:  # a PACS site trains on its last complete mirror; a round never pulls
+            from client.pacs.mirror import require_complete_mirror
+
+            require_complete_mirror(cfg)
         data = build_site_dataset(cfg)
         ledger = open_site_ledger(cfg)
         guard = BudgetGuard(ledger, cfg.privacy, num_patients=data.train.num_patients)

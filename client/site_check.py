@@ -117,6 +117,10 @@ def run_check(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     try:
         cfg = _config(args)
+        if cfg.source is not None:  # a PACS site: its data is the last complete mirror (`atoll site pull`)
+            from client.pacs.mirror import require_complete_mirror
+
+            require_complete_mirror(cfg)
         from client.ingest.dataset import NoUsableImagesError, build_site_dataset  # after config errors
         from client.ingest.progress import ingest_progress
         from client.ingest.quarantine import printable_name

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
+    from client.pacs.source import PacsSource
     from privacy.policy import SitePolicy
 
 LABEL_KEYS: tuple[str, ...] = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "AccessionNumber")
@@ -91,6 +92,7 @@ class SiteConfig:
     seed: int
     privacy: "SitePolicy"
     classes: tuple[str, ...] | None = None
+    source: "PacsSource | None" = None  # [data.source]: dicom_dir is then the PACS mirror in state_dir
 
     def allows_modality(self, modality: str | None) -> bool:
         """True when ``modality`` is in the allowed list (``"*"`` allows any, including a missing one)."""
@@ -214,6 +216,13 @@ def _path(*, must_exist: bool, kind: str = "any") -> Parser:
     return parse
 
 
+def _source(v: Any, where: str, ctx: _Ctx) -> Any:
+    """``[data.source]``: parsed by its owner, client.pacs.source (imported lazily; it imports this module)."""
+    from client.pacs.source import parse_source
+
+    return parse_source(v, where, ctx)
+
+
 SECTIONS: dict[str, dict[str, _Key]] = {
     "site": {
         "name": _Key(_str, required=True),
@@ -223,7 +232,8 @@ SECTIONS: dict[str, dict[str, _Key]] = {
         "device": _Key(_device),
     },
     "data": {
-        "dicom_dir": _Key(_path(must_exist=True, kind="dir"), required=True),
+        "dicom_dir": _Key(_path(must_exist=True, kind="dir")),  # required unless [data.source] is given
+        "source": _Key(_source),
         "labels_csv": _Key(_path(must_exist=True, kind="file")),
         "label_key": _Key(_choice(LABEL_KEYS)),
         "label_column": _Key(_str),
@@ -296,6 +306,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
                 raise _fail(ctx, where, f"missing required key; add `{key} = ...` under [{section}]")
 
     state_dir = values.get("state_dir", (ctx.base / "state").resolve())
+    source, dicom_dir = _data_location(values, state_dir, ctx)
     secret_file = values.get("secret_file", state_dir / "pseudonym.secret")
     check_secret_file(secret_file, where=f"{ctx.file}: [site].secret_file")
     return SiteConfig(
@@ -305,7 +316,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
         secret_file=secret_file,
         signing_key=values.get("signing_key"),
         device=values.get("device", DEFAULTS["device"]),
-        dicom_dir=values["dicom_dir"],
+        dicom_dir=dicom_dir,
         labels_csv=values.get("labels_csv"),
         label_key=values.get("label_key", DEFAULTS["label_key"]),
         label_column=values.get("label_column", DEFAULTS["label_column"]),
@@ -317,7 +328,25 @@ def load_site_config(path: str | Path) -> SiteConfig:
         seed=values.get("seed", DEFAULTS["seed"]),
         privacy=_load_policy(raw.get("privacy", {}), where=f"{p} [privacy]"),
         classes=values.get("classes"),
+        source=source,
     )
+
+
+def _data_location(values: dict[str, Any], state_dir: Path, ctx: _Ctx) -> tuple[Any, Path]:
+    """``[data].dicom_dir`` (a folder), or ``[data.source]`` (a PACS, mirrored inside ``state_dir``): one of them."""
+    source = values.get("source")
+    if source is None:
+        if "dicom_dir" not in values:
+            raise _fail(ctx, "[data].dicom_dir", "missing required key; add `dicom_dir = ...` under [data] (a "
+                                                 "folder of DICOM files), or a [data.source] table to pull from a PACS")
+        return None, values["dicom_dir"]
+    if "dicom_dir" in values:
+        raise _fail(ctx, "[data].dicom_dir", "not allowed with [data.source]: the images are pulled into the "
+                                             "site's state folder; remove dicom_dir (or remove [data.source])")
+    from client.pacs.mirror import mirror_dir
+    from client.pacs.source import with_default_modalities
+
+    return with_default_modalities(source, values.get("modalities", DEFAULTS["modalities"])), mirror_dir(state_dir)
 
 
 def _load_policy(table: Mapping[str, Any], where: str) -> "SitePolicy":

@@ -38,6 +38,7 @@ EGRESS_BLOCKED = "EGRESS_BLOCKED"
 ROUND_ALREADY_ANSWERED = "ROUND_ALREADY_ANSWERED"
 SECAGG_MISMATCH = "SECAGG_MISMATCH"
 TASK_MISMATCH = "TASK_MISMATCH"
+NO_COMPLETE_MIRROR = "NO_COMPLETE_MIRROR"  # a PACS site whose first pull has not succeeded (client.pacs)
 
 #: Metrics of the default (binary X-ray) task, kept for callers that predate TaskSpec.metric_names().
 APP_METRICS = TaskSpec().metric_names()

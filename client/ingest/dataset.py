@@ -67,6 +67,7 @@ class SiteDataset:
     val: SplitTensors
     card: dict = field(default_factory=dict)
     report: dict = field(default_factory=dict)
+    sop_uids: tuple[str, ...] = ()  # sorted SOP Instance UIDs of the used images (dataset fingerprint; on site)
 
 
 class NoUsableImagesError(RuntimeError):
@@ -223,7 +224,7 @@ def build_site_dataset(cfg: SiteConfig, *, threshold: int = DEFAULT_THRESHOLD,
         "hints": [local for _, local in hints],
         "card": card,
     }
-    dataset = SiteDataset(train=train, val=val, card=card, report=report)
+    dataset = SiteDataset(train=train, val=val, card=card, report=report, sop_uids=tuple(sorted(kept_sops)))
     counts = Counter(q.reason.value for q in quarantined)
     patients = (f"{train.num_patients + val.num_patients} patients"
                 + (f" ({train.num_patients} train / {val.num_patients} validation)" if cfg.val_fraction > 0 else ""))
