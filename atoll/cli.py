@@ -4,6 +4,7 @@
   atoll site ...    hospital site admin: check data, create the site identity, approve runs
   atoll run ...     consortium lead: start and watch training runs
   atoll audit ...   auditor: verify the signed privacy ledgers, render a report
+  atoll console     any role: a web page per role (site approvals and budget, runs live, audit verdict)
 
 Each room registers its own sub-commands (``add_parser``); this module only composes them.
 Expected failures print a one-line reason and exit non-zero; no traceback reaches the user.
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="atoll",
         description="Atoll: federated learning for hospitals. Images stay in each hospital; "
                     "every site's privacy spend is signed and auditable.")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,site,run,audit,consortium}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,site,run,audit,consortium,console}")
     _add_demo(sub)
     _add_rooms(sub)
     return parser
@@ -91,6 +92,9 @@ def _add_rooms(sub: argparse._SubParsersAction) -> None:
     audit.set_defaults(func=lambda a: _usage(audit))
     add_audit_parser(audit_sub)
     add_consortium(sub)
+    from console.cli import add_parser as add_console
+
+    add_console(sub)
 
 
 def _add_run_manifest(sub: argparse._SubParsersAction) -> None:
