@@ -212,7 +212,7 @@ class SiteConsole:
         out = []
         for digest, rec in status.items():
             out.append({"digest": digest, "state": "approved" if rec["action"] == "approve" else "revoked",
-                        "at": rec.get("at"), "by": rec.get("by")})
+                        "at": rec.get("at"), "by": rec.get("by"), "reason": rec.get("reason", "")})
         rej = self.inbox / REJECTED / REJECTIONS_FILE
         if rej.is_file():
             for line in rej.read_text(encoding="utf-8").splitlines():

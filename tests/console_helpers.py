@@ -180,3 +180,16 @@ class RunWriter:
 
     def finish(self, status: str = "completed", reason: str = "") -> None:
         self.out.finish(status, reason)
+
+
+def wait_for(driver, css: str, timeout: float = 30.0):
+    """The first element matching ``css`` once it exists (after a form post or a live update)."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        return WebDriverWait(driver, timeout).until(lambda d: d.find_element(By.CSS_SELECTOR, css))
+    except TimeoutException:
+        body = driver.find_element(By.TAG_NAME, "body").text[:2000]
+        raise AssertionError(f"no {css!r} on {driver.current_url} after {timeout:.0f} s; the page says:\n{body}")
