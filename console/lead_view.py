@@ -132,8 +132,8 @@ class LeadConsole:
                 if kind == "val" and any(metric in e.get("aggregated", {}) for e in history):
                     series.append(svg.Series("aggregated", [(e["round"], e.get("aggregated", {}).get(metric))
                                                             for e in history], dashed=True, color="#000"))
-                charts.append(svg.line_chart(f"{metric} per round", "round", metric, series,
-                                             chart_id=f"metric-{kind}-{metric}"))
+                charts.append(svg.line_chart(f"{kind} {metric} per round", "round", metric, series,
+                                             chart_id=f"metric-{kind}-{metric}", width=540, height=230))
         version = "|".join(str(p.stat().st_mtime_ns) if p.exists() else "-"
                            for p in (root / "history.json", root / "status.json", root / "ledger.jsonl"))
         return {"run": summary, "latest_round": latest.get("round", 0), "rows": rows, "eps_chart": eps_chart,

@@ -101,8 +101,8 @@ class ConsoleProcess:
 
 def save_screenshot(driver, name: str, tmp: Path) -> Path:
     """Screenshot of the whole page; into docs/ when ATOLL_CONSOLE_SCREENSHOTS=1 (README pictures), else tmp."""
-    height = driver.execute_script("return Math.min(document.body.scrollHeight + 40, 2600)")
-    driver.set_window_size(1280, max(800, int(height)))
+    height = driver.execute_script("return Math.min(document.body.scrollHeight + 40, 1500)")
+    driver.set_window_size(1200, max(800, int(height)))  # capped: the README pictures stay < 200 kB
     target = (REPO / "docs" if os.environ.get("ATOLL_CONSOLE_SCREENSHOTS") == "1" else tmp) / f"console-{name}.png"
     target.parent.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(target))

@@ -32,9 +32,28 @@ def site(demo_consortium, tmp_path_factory) -> dict:
     assert atoll(["run", "manifest", "--out", str(inbox / "run-greedy.json"), "--rounds", "40",
                   "--noise-multiplier", "0.7", "--local-steps", "300", "--sample-rate", "0.2"]) == 0
     assert atoll(["run", "manifest", "--out", str(inbox / "run-other.json"), "--rounds", "2"]) == 0
+    spent = _earlier_run(root / "site.toml")
     console = ConsoleProcess("--site", str(root / "site.toml"))
-    yield {"root": root, "inbox": inbox, "console": console, "state": root / "state", "pages": []}
+    yield {"root": root, "inbox": inbox, "console": console, "state": root / "state", "pages": [], "spent": spent}
     console.stop()
+
+
+def _earlier_run(config: Path) -> float:
+    """An earlier run on this dataset, charged as the ClientApp charges it (the site's own guard and signed
+    ledger, delta from its training patients): two completed rounds and one refused. Returns epsilon spent."""
+    from client.ingest import build_site_dataset
+    from client.runtime import open_site_ledger
+    from client.site_config import load_site_config
+    from privacy.guard import BudgetGuard, BudgetRefused, RoundRequest
+
+    cfg = load_site_config(config)
+    guard = BudgetGuard(open_site_ledger(cfg), cfg.privacy, build_site_dataset(cfg).train.num_patients)
+    for rnd in (1, 2):
+        res = guard.reserve(RoundRequest("run-earlier", rnd, 2.0, 4.0, 0.1, 100), weights_in_sha256=f"{rnd:064x}")
+        guard.complete(res, update_sha256=f"{rnd + 50:064x}")
+    with pytest.raises(BudgetRefused):
+        guard.reserve(RoundRequest("run-earlier", 3, 0.1, 4.0, 0.1, 100), weights_in_sha256="3" * 64)
+    return guard.spent()
 
 
 def _digest(path: Path) -> str:
@@ -59,6 +78,11 @@ def test_login_shows_card_budget_and_pending_runs(site, browser, tmp_path) -> No
     assert browser.find_element(By.ID, "images-used").text == "932"
     assert browser.find_element(By.ID, "budget-chart").tag_name == "svg"
     assert browser.find_element(By.ID, "eps-budget").text == "8"
+    assert browser.find_element(By.ID, "eps-spent").text == f"ε {site['spent']:.3f}"
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#budget-chart circle")) == 2  # one point per charged round
+    rounds = browser.find_element(By.ID, "rounds").text
+    assert rounds.count("completed") == 2 and "refused [NOISE_OUT_OF_POLICY]" in rounds
+    assert "model update (DP-SGD), num-examples, train_loss" in rounds  # what left the site, per round
     digests = {e.get_attribute("data-digest") for e in browser.find_elements(By.CSS_SELECTOR, "article.manifest")}
     assert digests == {_digest(site["inbox"] / f) for f in ("run-ok.json", "run-greedy.json", "run-other.json")}
     ok = browser.find_element(By.ID, f"manifest-{_digest(site['inbox'] / 'run-ok.json')[:12]}")
@@ -78,7 +102,7 @@ def test_over_budget_run_is_refused_with_the_numbers(site, browser) -> None:
     # The server refuses it too, not just the disabled button.
     browser.execute_script("window.confirm = () => true; arguments[0].disabled = false; arguments[0].click();", button)
     refused = wait_for(browser, "#refused").text
-    assert "over budget" in refused and "spent ε=0.000 of its lifetime budget 8" in refused
+    assert "over budget" in refused and f"spent ε={site['spent']:.3f} of its lifetime budget 8" in refused
     assert "40 round(s) × 300 steps at σ=0.7, q=0.2 would reach ε=" in refused
     assert not ApprovalStore(site["state"]).is_approved(digest)
     _keep(site, browser)
