@@ -198,3 +198,15 @@ def test_manifest_fields_render_generically() -> None:
     old = {**manifest, "num_rounds": 3, "task": {"kind": "classification", "labels": ["normal", "pneumonia"]}}
     changed = {f for f, _, _ in mf.changes(old, manifest)}
     assert changed == {"num_rounds", "task.labels", "task.spatial_dims"}
+
+
+def test_console_is_not_in_the_app_bundle_sites_approve() -> None:
+    """The console composes both sides and sits on top: Flower's FAB (what sites hash) must not carry it."""
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(REPO))).namelist()
+    assert any(n.startswith("client/") for n in names)
+    assert not [n for n in names if n.startswith(("console/", "tests/", "docs/", "bench/"))]
