@@ -24,10 +24,14 @@ def lead(tmp_path_factory):
     console.stop()
 
 
-def _round_text(driver) -> str:
-    from selenium.webdriver.common.by import By
+def _text(driver, css: str) -> str:
+    """Text of the live panel's element, read in one script call: the panel may be swapped at any moment, so a
+    found element can go stale before its text is read."""
+    return driver.execute_script("const e = document.querySelector(arguments[0]); return e ? e.innerText : '';", css)
 
-    return driver.find_element(By.ID, "round-progress").text
+
+def _round_text(driver) -> str:
+    return _text(driver, "#round-progress")
 
 
 def test_run_list_shows_each_run_with_status(lead, browser) -> None:
@@ -56,7 +60,7 @@ def test_run_page_updates_while_the_run_progresses(lead, browser, tmp_path) -> N
             assert time.monotonic() < deadline, f"the page did not show round {k} within 30 s"
             time.sleep(0.2)
         seen.append(k)
-        sites = browser.find_element(By.ID, "sites").text
+        sites = _text(browser, "#sites")
         if k == 4:
             assert "refused" in sites and "BUDGET_EXCEEDED" in sites and "site budget exhausted" in sites
         else:
@@ -64,10 +68,11 @@ def test_run_page_updates_while_the_run_progresses(lead, browser, tmp_path) -> N
     assert seen == list(range(1, ROUNDS + 1))
     assert browser.execute_script("return window.__no_reload_marker;") == 42  # updated in place, never reloaded
     w.finish("completed")
-    status = wait_for(browser, "#run-status.status-completed")
-    assert status.text == "completed"
+    wait_for(browser, "#run-status.status-completed")
+    assert _text(browser, "#run-status") == "completed"
     # epsilon per site against its budget, and one curve per metric with a line per site
-    eps = {e.get_attribute("textContent") for e in browser.find_elements(By.CSS_SELECTOR, "#sites td")}
+    eps = set(browser.execute_script(
+        "return Array.from(document.querySelectorAll('#sites td')).map(e => e.textContent);"))
     budgets = {f"{g.policy.max_epsilon:g}" for g in w.guards.values()}
     assert budgets <= eps
     for g in w.guards.values():
