@@ -5,6 +5,7 @@
   atoll run ...     consortium lead: start, watch and stop training runs
   atoll audit ...   auditor: verify the signed privacy ledgers, render a report
   atoll consortium  consortium lead: TLS material, site registration
+  atoll console     any role: a web page per role (site approvals and budget, runs live, audit verdict)
 
 Each room registers its own sub-commands (``add_parser``); this module only composes them. Parsers are built
 from light modules (argparse, stdlib, ``cryptography``): the ML stack (torch, MONAI, Opacus, Flower's runtime)
@@ -130,6 +131,12 @@ def _add_consortium(sub: argparse._SubParsersAction) -> None:
     add_consortium(sub)
 
 
+def _add_console(sub: argparse._SubParsersAction) -> None:
+    from console.cli import add_parser as add_console
+
+    add_console(sub)
+
+
 # name -> (one help line, builder). The help line is what `atoll --help` shows without building the group.
 _GROUPS: dict[str, tuple[str, Callable[[argparse._SubParsersAction], None]]] = {
     "demo": ("anyone: run a local three-hospital consortium on embedded chest X-rays", _add_demo),
@@ -137,6 +144,7 @@ _GROUPS: dict[str, tuple[str, Callable[[argparse._SubParsersAction], None]]] = {
     "run": ("consortium lead: start, watch and stop training runs", _add_run),
     "audit": ("auditor: verify signed privacy ledgers, render reports", _add_audit),
     "consortium": ("consortium lead: TLS material, site registration", _add_consortium),
+    "console": ("any role: a web page per role (site approvals and budget, runs live, audit verdict)", _add_console),
 }
 
 
