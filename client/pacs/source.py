@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Literal, Union
 from urllib.parse import urlsplit
 
-from client.site_config import ANY_MODALITY, ConfigError, _Ctx, _fail, _int, _modalities, _path, _str, _type_name
+from client.site_config import (ANY_MODALITY, ConfigError, _choice, _Ctx, _fail, _int, _modalities, _path, _str,
+                                _type_name)
 
 KINDS: tuple[str, ...] = ("dicomweb", "dimse")
 RETRIEVE: tuple[str, ...] = ("move", "get")
@@ -120,16 +121,6 @@ def _host(v: Any, where: str, ctx: _Ctx) -> str:
     if any(c.isspace() for c in s) or "/" in s:
         raise _fail(ctx, where, f"expected a host name or IP address, got {s!r}")
     return s
-
-
-def _choice(options: tuple[str, ...]) -> Any:
-    def parse(v: Any, where: str, ctx: _Ctx) -> str:
-        s = _str(v, where, ctx)
-        if s not in options:
-            raise _fail(ctx, where, f"must be one of {', '.join(options)}, got {s!r}")
-        return s
-
-    return parse
 
 
 def _secret_file(v: Any, where: str, ctx: _Ctx) -> Path:
