@@ -52,6 +52,8 @@ class RoundConfig:
     clip_norm: float = 4.0
     seed: int = 0
     secagg: bool = False          # the update leaves masked under SecAgg+ (part of what a site approves)
+    prev_digest: str = ""         # hash of the consortium's signed digest of the previous round (privacy.anchor);
+                                  # the site signs it into its round record (countersignature). "" = none sent
 
     def to_record(self) -> ConfigRecord:
         rec = {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}

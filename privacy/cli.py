@@ -60,6 +60,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keys", default=None, metavar="DIR",
                    help="enrolled site public keys <site>.pub (default: RUN_DIR/../../consortium/keys if it "
                         "exists, else RUN_DIR/keys)")
+    p.add_argument("--consortium-key", default=None, metavar="FILE",
+                   help="the consortium's pinned digest public key (default: consortium_ed25519.pub in the keys "
+                        "folder); it verifies the signed round digests that anchor the ledgers")
 
 
 # ------------------------------------------------------------------------------------------------ site init
@@ -161,7 +164,7 @@ def site_init(args: argparse.Namespace) -> int:
 def audit_verify(args: argparse.Namespace) -> int:
     from privacy.audit import result_json, verify_run
 
-    result = verify_run(args.run_dir, args.site_ledger, args.keys)
+    result = verify_run(args.run_dir, args.site_ledger, args.keys, args.consortium_key)
     print(result_json(result) if args.json else result.text())
     return 0 if result.ok else 1
 
@@ -170,7 +173,7 @@ def audit_report(args: argparse.Namespace) -> int:
     from privacy.audit import verify_run
     from privacy.report import print_pdf, render_report
 
-    result = verify_run(args.run_dir, args.site_ledger, args.keys)
+    result = verify_run(args.run_dir, args.site_ledger, args.keys, args.consortium_key)
     out = Path(args.out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

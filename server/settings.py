@@ -30,6 +30,7 @@ class RunSettings:
     run_name: str = ""
     run_dir: str = ""
     keys_dir: str = ""
+    allow_unverified_demo: bool = False  # only the local demo may run without enrolled site keys (loud warning)
     model: str = "atollnet"
     image_size: int = 28
     local_steps: int = 100
