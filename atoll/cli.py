@@ -78,6 +78,8 @@ def _add_rooms(sub: argparse._SubParsersAction) -> None:
     add_site_init_parser(site_sub)
     add_site_check(sub)          # finds the "site" group above and adds "check" to it
     add_site_enroll(site_sub)
+    from client.ledger_repair import add_parser as add_site_repair_ledger
+    add_site_repair_ledger(site_sub)
     try:
         from client.approval import add_parser as add_site_approve
     except ImportError:
