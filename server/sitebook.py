@@ -40,6 +40,8 @@ class SiteRound:
             d.update(code=self.code, message=self.message)
         if self.claimed:
             d["claimed_site"] = self.claimed
+        if not self.verified:
+            d["verified"] = False  # not from the site's enrolled node: shown, never averaged
         if self.epsilon is not None:
             d.update(epsilon=self.epsilon, delta=self.delta)
         return d
@@ -60,6 +62,7 @@ class SiteTrust:
         self.registry = registry
         self.verified = verified
         self._bound: dict[int, str] = {}
+        self.claims: dict[int, str] = {}  # the site name each unbound node first claimed (to file its errors)
         if registry is not None:
             for e in registry.entries.values():
                 if e.node_id is not None:
@@ -102,19 +105,29 @@ class RoundBook:
         self.sites: dict[str, SiteRound] = {}
         self.node_names: dict[int, str] = {}
         self.accepted_records: list[dict] = []
+        self._entry_node: dict[str, int] = {}  # which node each entry's replies came from
         self._ledger = ledger
         self._validator = validator
         self._bind = bind_updates
         self.trust = trust if trust is not None else SiteTrust(verified=getattr(ledger, "keys_dir", None) is not None)
         self._global_sha: tuple[ArrayRecord, str] | None = None  # the round's global weights and their hash
 
-    def _entry(self, name: str, *, verified: bool) -> SiteRound:
+    def _entry(self, name: str, node: int, *, verified: bool) -> SiteRound:
         site = self.sites.setdefault(name, SiteRound())
         site.verified = verified
+        self._entry_node.setdefault(name, node)
         return site
 
     def _site(self, msg: Message) -> tuple[str, SiteRound]:
-        """The history entry this reply may change: its bound site's, else the node's own (``node-<id>``)."""
+        """The history entry this reply may change.
+
+        A node bound to a site changes that site's entry. A node bound to none (not registered, or a site whose
+        node is bound by its first signed update and has not sent one yet) gets an *unverified* entry: under the
+        name it claims while that name is bound to no node and no other node answered under it this round, else
+        under ``node-<id>``. Unverified entries never count in the averaged metrics, and when a node proves it is
+        the site (a record signed by the site's key), another node's unverified entry under that name moves to
+        that node's ``node-<id>``: a rogue node's refusal never merges into an honest site's entry.
+        """
         node = msg.metadata.src_node_id
         claimed = None if msg.has_error() else wire.site_name_of(msg.content)
         bound = self.trust.site_of(node)
@@ -123,14 +136,36 @@ class RoundBook:
         elif not self.trust.verified:  # the unverified local demo: names as claimed
             name, verified = claimed or self.node_names.get(node) or f"node-{node}", True
         else:
-            name, verified = f"node-{node}", False
+            verified = False
+            if claimed is None:
+                claimed = self.trust.claims.get(node)
+            free = (claimed is not None and self.trust.may_bind(node, claimed) is None
+                    and self._entry_node.get(claimed, node) == node)
+            name = claimed if free else f"node-{node}"
+            if claimed is not None:
+                self.trust.claims.setdefault(node, claimed)
         self.node_names.setdefault(node, name)
-        site = self._entry(name, verified=verified)
-        if claimed and bound is not None and claimed != bound:
-            site.claimed = claimed
-        elif claimed and not verified:
+        site = self._entry(name, node, verified=verified)
+        if claimed and (not verified or claimed != name):
             site.claimed = claimed
         return name, site
+
+    def _bind_node(self, node: int, name: str, speaker: str) -> tuple[str, SiteRound]:
+        """``node`` proved it is ``speaker``: bind them and make its entry the site's (verified) entry."""
+        self.trust.bind(node, speaker)
+        site = self.sites.pop(name)
+        self._entry_node.pop(name, None)
+        other = self.sites.pop(speaker, None)
+        if other is not None:  # another node's unverified entry under this name: back to that node's own
+            other_node = self._entry_node.pop(speaker)
+            self.sites[f"node-{other_node}"] = other
+            self._entry_node[f"node-{other_node}"] = other_node
+            self.node_names[other_node] = f"node-{other_node}"
+        site.verified, site.claimed = True, ""
+        self.sites[speaker] = site
+        self._entry_node[speaker] = node
+        self.node_names[node] = speaker
+        return speaker, site
 
     def admit_train_reply(self, msg: Message, global_arrays: ArrayRecord) -> bool:
         name, site = self._site(msg)
@@ -165,10 +200,7 @@ class RoundBook:
             except Exception as exc:  # LedgerError: signature, chain or key mismatch
                 return self._reject(name, site, "LEDGER_REJECTED", str(exc))
             if not site.verified:  # the record verified against the site's enrolled key: bind node and site
-                self.trust.bind(node, speaker)
-                del self.sites[name]
-                name, site = speaker, self._entry(speaker, verified=True)
-                self.node_names[node] = speaker
+                name, site = self._bind_node(node, name, speaker)
             self.accepted_records.append(record)
         elif self._ledger is not None and record is not None:
             try:
@@ -258,7 +290,7 @@ class RoundBook:
         name, site = self._site(msg)
         if msg.has_error() or wire.refusal_of(msg.content) or wire.METRICS not in msg.content.metric_records:
             return
-        if not site.verified or site.claimed:
+        if not site.verified or (site.claimed and site.claimed != name):
             if site.status == "pending":
                 site.status, site.code = "ignored", "NODE_NOT_ENROLLED"
                 site.message = (f"evaluation metrics from node {msg.metadata.src_node_id}, not the enrolled node of "

@@ -239,3 +239,20 @@ def test_rogue_evaluation_metrics_are_not_averaged(world: World) -> None:
     assert sites["hospital-a"]["val"]["val_auc"] == 0.8
     assert sites[f"node-{ROGUE}"]["code"] == "NODE_NOT_ENROLLED" and sites[f"node-{ROGUE}"]["val"] == {}
     assert sites["hospital-b"]["val"] == {} and sites["hospital-b"]["claimed_site"] == "hospital-c"
+
+
+def test_without_a_registry_a_rogue_refusal_first_is_moved_out_when_the_site_proves_itself(tmp_path: Path) -> None:
+    """Bound-by-first-signed-update mode, the rogue answers first: its refusal is filed (unverified) under the name
+    it claims, then moved to its own node entry once the real hospital-c proves itself with a signed record."""
+    w = World(tmp_path, registry=False)
+    w.trust = SiteTrust()
+    book = w.book()
+    book.admit_train_reply(_train(ROGUE, site="hospital-c", refusal=("BUDGET_EXCEEDED", "site budget exhausted")),
+                           GLOBAL)
+    assert book.as_dict()["sites"]["hospital-c"]["verified"] is False
+    c = _upd(0.5)
+    assert book.admit_train_reply(_train(7, c, site="hospital-c", record=w.signed("hospital-c", c), num_examples=CARD),
+                                  GLOBAL)
+    sites = book.as_dict()["sites"]
+    assert sites["hospital-c"]["status"] == "contributed" and "verified" not in sites["hospital-c"]
+    assert sites[f"node-{ROGUE}"]["status"] == "refused" and sites[f"node-{ROGUE}"]["claimed_site"] == "hospital-c"
