@@ -23,8 +23,7 @@ from models import build_model
 from server import robust
 from server.outputs import RunOutputs
 from server.secagg import SecAggRounds
-from server.settings import RunSettings
-from server.settings import SettingsError
+from server.settings import RunSettings, SettingsError
 from server.sitebook import RoundBook, SiteTrust
 from server.validation import make_validator
 
@@ -68,11 +67,29 @@ def check_trust(settings: RunSettings) -> SiteTrust:
         registry = SiteRegistry.load(settings.keys_dir)
     except RegistryError as exc:
         raise SettingsError(f"run config 'keys-dir': {exc}") from None
+    if registry is not None:
+        _check_ledger_keys(registry, Path(settings.keys_dir))
     if registry is None:
         log.warning("keys-dir %s has no registry.json: each site's node is bound by its first signed update of the "
                     "run (register nodes with `atoll consortium register` to bind them in advance)",
                     settings.keys_dir)
     return SiteTrust(registry)
+
+
+def _check_ledger_keys(registry, keys_dir: Path) -> None:
+    """The registry's ledger key id of each site must be the enrolled <site>.pub (one site, one key)."""
+    from privacy.keys import KeyFileError, key_id, load_public_key
+
+    for entry in registry.entries.values():
+        if entry.ledger_key_id is None:
+            continue
+        try:
+            got = key_id(load_public_key(keys_dir / f"{entry.name}.pub"))
+        except KeyFileError as exc:
+            raise SettingsError(f"run config 'keys-dir': site {entry.name!r}: {exc}") from None
+        if got != entry.ledger_key_id:
+            raise SettingsError(f"run config 'keys-dir': {keys_dir / (entry.name + '.pub')} has key id {got}, but "
+                                f"registry.json binds site {entry.name!r} to ledger key {entry.ledger_key_id}")
 
 
 def build_strategy(settings: RunSettings) -> Strategy:

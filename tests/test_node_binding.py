@@ -256,3 +256,30 @@ def test_without_a_registry_a_rogue_refusal_first_is_moved_out_when_the_site_pro
     sites = book.as_dict()["sites"]
     assert sites["hospital-c"]["status"] == "contributed" and "verified" not in sites["hospital-c"]
     assert sites[f"node-{ROGUE}"]["status"] == "refused" and sites[f"node-{ROGUE}"]["claimed_site"] == "hospital-c"
+
+
+def test_register_site_binds_node_ledger_key_and_card(tmp_path: Path) -> None:
+    """server.pki.register_site (what `atoll consortium register --keys-dir` calls with Flower's node id)."""
+    from server.app import check_trust
+    from server.pki import PKIError, register_site
+    from server.settings import RunSettings, SettingsError
+
+    keys = tmp_path / "keys"
+    pub = tmp_path / "a" / "site_ed25519.pub"
+    ensure_site_key(pub.with_suffix(".pem"))
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps({"split": {"train": {"images": 812, "patients": 400}, "val": {"images": "<10"}}}))
+    entry = register_site(keys, "hospital-a", node_id=4711, ledger_key=pub, card=card)
+    assert (entry.node_id, entry.train_examples, entry.train_patients) == (4711, 812, 400)
+    assert (keys / "hospital-a.pub").read_bytes() == pub.read_bytes()
+    other = tmp_path / "b" / "site_ed25519.pub"
+    ensure_site_key(other.with_suffix(".pem"))
+    with pytest.raises(PKIError, match="node id 4711 is registered for both"):
+        register_site(keys, "hospital-b", node_id=4711, ledger_key=other)
+    with pytest.raises(PKIError, match="a different public key is already there"):
+        register_site(keys, "hospital-a", node_id=4711, ledger_key=other)
+    trust = check_trust(RunSettings(run_dir=str(tmp_path), keys_dir=str(keys)))
+    assert trust.site_of(4711) == "hospital-a"
+    (keys / "hospital-a.pub").write_bytes(other.read_bytes())  # the enrolled key swapped behind the registry
+    with pytest.raises(SettingsError, match="registry.json binds site 'hospital-a' to ledger key"):
+        check_trust(RunSettings(run_dir=str(tmp_path), keys_dir=str(keys)))
