@@ -71,47 +71,83 @@ def _rechain_site(run: AnchoredRun, site: str, records: list[dict], start: int) 
     return records
 
 
-def _collude(run: AnchoredRun, site: str, rnd: int, change) -> dict:
-    """The site rewrites its reservation and round record of ``rnd`` (the run's last round) self-consistently:
-    ``change`` edits both, history and epsilon are recomputed from the forged mechanism and delta, the site
-    re-signs its ledger, the server copy gets the new record, and the server re-signs its digest of the round."""
+def _collude(run: AnchoredRun, site: str, rounds: int | tuple[int, ...], change) -> dict:
+    """The site rewrites its reservations and round records of ``rounds`` of this run self-consistently:
+    ``change`` edits them, every history and epsilon from there on is recomputed from the forged mechanism and
+    delta, the site re-signs its ledger, the server copy gets the new records, and the server re-signs its digests.
+    Returns the forged round record of the last round changed."""
+    rounds = (rounds,) if isinstance(rounds, int) else tuple(rounds)
     path = run.sites[site].ledger_path
     recs = _read(path)
-    i_rsv = next(i for i, r in enumerate(recs) if r["type"] == "reservation" and r["run_id"] == run.settings.run_name
-                 and r["server_round"] == rnd)
-    i_rnd = next(i for i, r in enumerate(recs) if r["type"] == "round" and r.get("reservation_seq") == i_rsv)
-    before = [tuple(r["charge"]) for r in recs[:i_rsv] if r["type"] == "reservation"]
-    for i in (i_rsv, i_rnd):
-        r = recs[i]
-        change(r)
-        r["charge"] = [r["noise_multiplier"], r["sample_rate"], r["steps"]]
-        hist = list(canonical_history([*before, tuple(r["charge"])]))
-        r["history"] = history_json(hist)
-        r["epsilon_before"] = compute_epsilon(before, r["delta"], r["accountant"])
-        r["epsilon_after"] = compute_epsilon(hist, r["delta"], r["accountant"])
-    recs = _rechain_site(run, site, recs, i_rsv)
+    first = None
+    charges: list[tuple] = []
+    for i, r in enumerate(recs):
+        target = r["run_id"] == run.settings.run_name and r["server_round"] in rounds
+        if target:
+            change(r)
+            r["charge"] = [r["noise_multiplier"], r["sample_rate"], r["steps"]]
+            first = i if first is None else first
+        if r["type"] == "reservation":
+            charges.append(tuple(r["charge"]))
+        if first is not None:
+            before = list(charges)
+            before.remove(tuple(r["charge"]))  # a reservation's own charge, or the one its round completes
+            hist = list(canonical_history(charges))
+            r["history"] = history_json(hist)
+            r["epsilon_before"] = compute_epsilon(before, r["delta"], r["accountant"])
+            r["epsilon_after"] = compute_epsilon(hist, r["delta"], r["accountant"])
+    assert first is not None
+    recs = _rechain_site(run, site, recs, first)
     _write(path, recs)
-    forged = recs[i_rnd]
+    forged = {r["seq"]: r for r in recs[first:] if r["type"] == "round"}
     server = run.run_dir / "ledger.jsonl"
-    _write(server, [forged if (r["site"], r["seq"]) == (site, forged["seq"]) else r for r in _read(server)])
-    _resign_digests(run, lambda d: [dict(a, record_sha256=record_hash(forged))
-                                    if (a["site"], a["seq"]) == (site, forged["seq"]) else a
-                                    for a in d["accepted"]])
-    return forged
+    _write(server, [forged.get(r["seq"], r) if r["site"] == site else r for r in _read(server)])
+    _resign_digests(run, lambda d: [dict(a, record_sha256=record_hash(forged[a["seq"]]))
+                                    if a["site"] == site and a["seq"] in forged else a for a in d["accepted"]],
+                    countersign=site)
+    return max(forged.values(), key=lambda r: r["seq"])
 
 
-def _resign_digests(run: AnchoredRun, accepted=None, *, keep: int | None = None) -> None:
-    """The server rewrites its digest chain (optionally cut to ``keep`` digests) and re-signs it: collusion."""
+def _resign_digests(run: AnchoredRun, accepted=None, *, keep: int | None = None,
+                    countersign: str | None = None) -> None:
+    """The server rewrites its digest chain (optionally cut to ``keep`` digests) and re-signs it: collusion.
+
+    ``countersign``: the colluding site, which also re-signs its later records' countersignatures of the new
+    digests (an honest site's countersignature of a rewritten digest stays broken, as it would be)."""
     path = run.run_dir / "digests.jsonl"
     ds = _read(path)[:keep]
     key = run.consortium_key
+    if accepted is not None:
+        for d in ds:
+            d["accepted"] = accepted(d)
     for j, d in enumerate(ds):
         d = {k: v for k, v in d.items() if k != "sig"}
-        if accepted is not None:
-            d["accepted"] = accepted(d)
         d["prev"] = record_hash(ds[j - 1]) if j else "0" * 64
         ds[j] = sign_record(d, key)
+        if countersign is not None and j + 1 < len(ds):
+            _countersign(run, countersign, j + 1, record_hash(ds[j]), ds)
     _write(path, ds)
+
+
+def _countersign(run: AnchoredRun, site: str, rnd: int, digest: str, ds: list[dict]) -> None:
+    """The colluding site re-signs its round-``rnd`` record over the rewritten digest (and everything after)."""
+    path = run.sites[site].ledger_path
+    recs = _read(path)
+    i = next((j for j, r in enumerate(recs) if r["type"] == "round" and r["run_id"] == run.settings.run_name
+              and r["server_round"] == rnd), None)
+    if i is None or recs[i].get("server_prev_digest") == digest:
+        return
+    old = recs[i]
+    recs[i]["server_prev_digest"] = digest
+    recs = _rechain_site(run, site, recs, i)
+    _write(path, recs)
+    new = {r["seq"]: r for r in recs[i:] if r["type"] == "round"}
+    server = run.run_dir / "ledger.jsonl"
+    _write(server, [new.get(r["seq"], r) if r["site"] == site else r for r in _read(server)])
+    for j in range(rnd, len(ds)):
+        ds[j]["accepted"] = [dict(a, record_sha256=record_hash(new[a["seq"]])) if a["site"] == site
+                             and a["seq"] in new else a for a in ds[j]["accepted"]]
+    del old
 
 
 def _cut_last_round(run: AnchoredRun, site: str) -> None:
@@ -139,11 +175,12 @@ def test_a_clean_anchored_run_passes(run: AnchoredRun) -> None:
 
 def test_consistent_lie_delta_half_fails(run: AnchoredRun) -> None:
     """δ = 0.5 re-signed in both copies (and the digest): ε recomputes to ~0 and used to PASS."""
-    forged = _collude(run, "hospital-b", 3, lambda r: r.update(delta=0.5))
+    forged = _collude(run, "hospital-b", (1, 2, 3), lambda r: r.update(delta=0.5))
     assert forged["epsilon_after"] < 0.01  # the lie: "ε=0.0000 of 8, δ=5.00e-01"
     result = _verify(run)
     errors = _errors(result)
     assert not result.ok
+    assert "hospital-b: FAIL — 3 round record(s), ε=0.0000 of 8, δ=5.00e-01" in result.text()
     assert any("server copy line 6 (site hospital-b, run run-1, round 3) field 'delta': δ=0.5 but the site's policy "
                "says auto: 1/(10 x 1500 patients) = 6.66667e-05" in e for e in errors), result.text()
     assert any("field 'delta': δ=0.5 is at least 1/patients" in e for e in errors), result.text()
