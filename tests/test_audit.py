@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from privacy.audit import verify_run
-from privacy.guard import BudgetGuard, BudgetRefused, RoundRequest
 from anchored_run import make_sites, run_anchored
+from privacy.audit import verify_run
+from privacy.guard import BudgetRefused, RoundRequest
 from privacy.keys import generate_private_key, load_private_key, public_key_pem
 from privacy.ledger import canonical_json, sign_record
 

@@ -18,10 +18,9 @@ import pytest
 from anchored_run import make_sites, run_anchored
 from privacy.audit import verify_run
 from privacy.cli import add_audit_parser
-from privacy.guard import BudgetGuard, BudgetRefused, RoundRequest
+from privacy.guard import BudgetRefused, RoundRequest
 from privacy.keys import generate_private_key, write_public_key
-from privacy.ledger import ConsortiumLedger, SiteLedger, canonical_json, sign_record
-from privacy.policy import SitePolicy
+from privacy.ledger import canonical_json, sign_record
 
 RUN = "run-1"
 SITES = ("hospital-a", "hospital-b")
