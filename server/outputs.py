@@ -11,7 +11,7 @@ Layout of RUN_DIR/<run-name>/:
   status.json          completed | stopped (+ reason)
 
 The digest-signing key is ``consortium_ed25519.pem`` in the keys folder (or in RUN_DIR when the demo runs
-without one); auditors and sites pin its ``consortium_ed25519.pub``.
+without one); the auditor pins its ``consortium_ed25519.pub`` (sites countersign digest hashes, they do not verify them).
 """
 
 from __future__ import annotations
