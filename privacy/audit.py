@@ -783,8 +783,9 @@ class _Auditor:
             got = rec.get("server_prev_digest")
             if got != want:
                 self.add("error", ("carries no countersignature of" if got is None else "does not countersign")
-                         + f" the consortium's digest of round {rnd - 1} ({want[:12]}…): the site did not vouch "
-                           "for the run's history before this round", rec, source="server copy", line=line,
+                         + f" the consortium's digest of round {rnd - 1} ({want[:12]}…): that digest was rewritten "
+                           "after the site signed, or the site never vouched for the run's history before this round",
+                         rec, source="server copy", line=line,
                          field="server_prev_digest")
 
     def _other_traces(self, digests: dict[int, tuple[int, dict]]) -> None:
