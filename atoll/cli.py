@@ -106,6 +106,9 @@ def _add_site(sub: argparse._SubParsersAction) -> None:
     from client.pacs.cli import add_parser as add_site_pull
 
     add_site_pull(site_sub)      # `atoll site pull`: mirror the site's PACS ([data.source])
+    from client.ledger_repair import add_parser as add_site_repair_ledger
+
+    add_site_repair_ledger(site_sub)
     from client.approve_cli import add_parser as add_site_approve
 
     add_site_approve(site_sub)

@@ -3,7 +3,8 @@
 Default: 10 sites x 1000 rounds (``--quick``: 3 x 100). Every round goes through the real site path —
 ``BudgetGuard.reserve`` (lifetime epsilon, write-ahead reservation, Ed25519-signed, fsynced) then
 ``BudgetGuard.complete`` (signed round record) — so each round appends two records. Then the server side:
-``ConsortiumLedger.accept`` (signature check + fsynced append) of every round record, an offline verification of
+``ConsortiumLedger.accept`` (signature check + fsynced append) of every round record and the round's signed
+digest (``server.outputs.RunOutputs.digest``), an offline verification of
 every record in every file (signature + hash chain), and the full ``atoll audit verify`` over the run (signatures,
 chains, cross-check, epsilon recomputed with Opacus and dp_accounting).
 
@@ -30,7 +31,7 @@ from privacy.audit import verify_run  # noqa: E402
 from contract import Mechanism  # noqa: E402
 from privacy.guard import BudgetGuard, RoundRequest  # noqa: E402
 from privacy.keys import generate_private_key, write_public_key  # noqa: E402
-from privacy.ledger import ConsortiumLedger, GENESIS, SiteLedger, read_jsonl, record_hash, verify_record  # noqa: E402
+from privacy.ledger import GENESIS, SiteLedger, read_jsonl, record_hash, verify_record  # noqa: E402
 from privacy.policy import SitePolicy  # noqa: E402
 
 RUN_ID = "bench-run"
@@ -57,23 +58,44 @@ def run(sites: int, rounds: int, workdir: Path) -> dict:
         ledger = SiteLedger(workdir / "sites" / name / "ledger.jsonl", site=name, signing_key=key)
         guards[name] = BudgetGuard(ledger, POLICY, num_patients=500)
 
-    # --- site side: reserve + complete, round-robin over sites like a real run
-    round_records: list[tuple[str, dict]] = []
-    t0 = time.perf_counter()
+    # --- site side (reserve + complete, round-robin over sites like a real run) and server side
+    # (ConsortiumLedger.accept, then the round's signed digest, as server.app does), timed separately
+    from flwr.app import ArrayRecord
+    import torch
+
+    from server.outputs import RunOutputs
+    from server.settings import RunSettings
+    from server.sitebook import RoundBook
+
+    settings = RunSettings(num_server_rounds=rounds, run_dir=str(workdir / "runs"), run_name=RUN_ID, keys_dir=str(keys_dir), min_sites=1, mechanism=Mechanism(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.01, steps=10))
+    out = RunOutputs.create(workdir / "runs", RUN_ID, settings)
+    weights = ArrayRecord({"w": torch.zeros(4)})
+    prev = out.digest(0, weights, [])
+    cons = out.ledger
+    t_append = t_accept = 0.0
+    n_accepted = 0
     for r in range(1, rounds + 1):
+        t0 = time.perf_counter()
+        recs = []
         for name, guard in guards.items():
             req = RoundRequest(RUN_ID, r, Mechanism(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.01, steps=10))
             res = guard.reserve(req, weights_in_sha256=_hex(r, "w"))
-            round_records.append((name, guard.complete(res, update_sha256=_hex(r, name))))
-    t_append = time.perf_counter() - t0
+            recs.append((name, guard.complete(res, update_sha256=_hex(r, name), num_examples=100,
+                                              server_prev_digest=prev)))
+        t_append += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        book = RoundBook(r, cons)
+        for name, rec in recs:
+            wired = json.loads(json.dumps(rec))  # as received over the wire
+            cons.accept(wired, site=name)
+            book.accepted_records.append(wired)
+        prev = out.digest(r, weights, book.accepted_records)
+        t_accept += time.perf_counter() - t0
+        n_accepted += len(recs)
+    out.history = [{"round": r, "sites": {n: {"status": "contributed"} for n in guards}} for r in range(1, rounds + 1)]
+    (out.root / "history.json").write_text(json.dumps(out.history))
+    out.finish("completed")
     appended = 2 * sites * rounds
-
-    # --- server side: verify + append each round record
-    cons = ConsortiumLedger(run_dir, keys_dir)
-    t0 = time.perf_counter()
-    for name, rec in round_records:
-        cons.accept(json.loads(json.dumps(rec)), site=name)  # as received over the wire
-    t_accept = time.perf_counter() - t0
 
     # --- offline verification of every record on disk: signature + hash chain (what the auditor does first)
     files = [(f"site-{s:02d}", workdir / "sites" / f"site-{s:02d}" / "ledger.jsonl") for s in range(sites)]
@@ -103,7 +125,7 @@ def run(sites: int, rounds: int, workdir: Path) -> dict:
     return {
         "append_per_s": round(appended / t_append, 1),
         "verify_per_s": round(verified / t_verify, 1),
-        "accept_per_s": round(len(round_records) / t_accept, 1),
+        "accept_per_s": round(n_accepted / t_accept, 1),
         "audit_records_per_s": round(audited / t_audit, 1),
         "guarded_rounds_per_s": round(sites * rounds / t_append, 1),
         "sites": sites,

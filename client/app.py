@@ -198,7 +198,8 @@ def train(msg: Message, context: Context) -> Message:
     raw_metrics = {wire.NUM_EXAMPLES: len(train_split.labels), "train_loss": result.train_loss,
                    "train_seconds": result.seconds}
     update_sha = released.put(update, raw_metrics)  # before the round record: completed => resendable
-    record = site.guard.complete(reservation, update_sha256=update_sha)
+    record = site.guard.complete(reservation, update_sha256=update_sha, num_examples=len(train_split.labels),
+                                 server_prev_digest=cfg.prev_digest or None)
     log.info("round %s of run %s: %d steps in %.1fs, epsilon now %.3f", cfg.server_round, cfg.run_id,
              result.steps, result.seconds, float(record.get("epsilon_after", float("nan"))))
     return _train_reply(msg, site, manifest, update, raw_metrics, record)

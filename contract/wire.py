@@ -64,6 +64,8 @@ class RoundConfig:
     strategy: str = "fedavg"      # how the server combines the updates (sites approve it)
     proximal_mu: float = 0.0      # fedprox: the site adds the proximal term (mu/2)||w - w_global||^2
     num_malicious: int = 0        # krum | multikrum | bulyan: sites the rule tolerates
+    prev_digest: str = ""         # hash of the consortium's signed digest of the previous round (privacy.anchor);
+                                  # the site signs it into its round record (countersignature). "" = none sent
     task: TaskSpec = field(default_factory=TaskSpec)
     mechanism: Mechanism = field(default_factory=Mechanism)
 

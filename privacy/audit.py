@@ -25,6 +25,23 @@ What is checked (every failure is a :class:`Finding` naming the source, line, si
    checked against dp_accounting's tight ``PLDAccountant`` instead, and is an error only if below that too.
 5. **Budgets:** no DP record's ``epsilon_after`` above the site's declared ``max_epsilon``. A non-DP round
    (epsilon infinite, allowed only by ``allow_non_dp``) is a warning, shown in the verdict.
+6. **Mechanism against what the run asked.** Every record of this run (both copies) must carry exactly the run's
+   ``dp``, sigma (``noise_multiplier``), C (``clip_norm``), q (``sample_rate``) and ``steps`` from the run's
+   ``settings.json`` (whose hash the consortium's signed digests carry and round 1's site records countersign),
+   a server round within the run, and (where the settings name one) the accountant; a round record must equal its
+   reservation in every mechanism and delta field. A self-consistent record re-signed by its own site with q/10
+   passes every signature and recomputation, so only this check catches it. Any mismatch is an error.
+7. **Delta against its basis:** ``delta`` equals the site's declared ``policy_delta``, or ``1/(10 x patients)``
+   when the policy says auto (0); a declared delta above that needs the record's ``allow_large_delta`` (then a
+   warning), and ``delta >= 1/patients`` (which allows releasing one patient outright) is always an error;
+   ``patients`` must equal the training patients of the site's dataset card in the consortium registry, where the
+   card gives them.
+8. **Anchors** (:mod:`privacy.anchor`): the consortium's round digests must verify against its pinned key
+   (``consortium_ed25519.pub`` in the keys folder) and chain from round 0; every record they name must be in the
+   server copy (and in the site's ledger, where given) and every server record must be named; every round record
+   must countersign the previous round's digest (``server_prev_digest``); history.json, the saved weights of each
+   round and status.json must tell the same story as the digests. Cutting the newest round from a site's ledger and
+   the server copy together therefore fails.
 
 Keys folder default: ``RUN_DIR/../../consortium/keys`` if it exists (the demo's layout: DIR/runs/<run>), else
 ``RUN_DIR/keys``. Without any keys folder signatures cannot be checked, which is an error.
@@ -40,6 +57,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from privacy.accounting import AccountingError, canonical_history, compute_epsilon
+from privacy.anchor import CONSORTIUM_PUB_FILE, DIGESTS_FILE
 from privacy.ledger import (
     GENESIS, LedgerError, envelope_problems, epsilon_value, read_jsonl, record_hash, verify_record,
 )
@@ -237,6 +255,42 @@ def _hist_minus(hist: tuple, charge: tuple[float, float, int]) -> tuple:
 # ------------------------------------------------------------------------------------------------ the audit
 
 
+MECHANISM_FIELDS = ("dp", "noise_multiplier", "clip_norm", "sample_rate", "steps")
+DELTA_FIELDS = ("accountant", "delta", "patients", "policy_delta", "allow_large_delta")
+_FLOAT_RTOL = 1e-12
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=_FLOAT_RTOL, abs_tol=0.0)
+    return a == b
+
+
+def asked_mechanism(settings: dict[str, Any]) -> dict[str, Any]:
+    """What the run asked of every site, from its settings.json (flat RunSettings, or a nested ``mechanism``).
+
+    Keys: dp, noise_multiplier, clip_norm, sample_rate, steps, and accountant / num_rounds where present.
+    """
+    mech = settings.get("mechanism") if isinstance(settings.get("mechanism"), dict) else {}
+
+    def pick(*names: str) -> Any:
+        for src in (mech, settings):
+            for n in names:
+                if n in src:
+                    return src[n]
+        return None
+
+    out = {"dp": pick("dp"), "noise_multiplier": pick("noise_multiplier", "sigma"),
+           "clip_norm": pick("clip_norm"), "sample_rate": pick("sample_rate", "q"),
+           "steps": pick("steps", "local_steps"), "accountant": pick("accountant"),
+           "num_rounds": pick("num_server_rounds", "num_rounds")}
+    if out.get("accountant") == "":  # contract.Mechanism: "" = each site charges with its policy's accountant
+        del out["accountant"]
+    return {k: v for k, v in out.items() if v is not None}
+
+
 class _Auditor:
     def __init__(self, run_dir: Path, keys_dir: Path | None) -> None:
         self.run_dir = run_dir
@@ -244,6 +298,105 @@ class _Auditor:
         self.result = AuditResult(str(run_dir), str(keys_dir) if keys_dir else None)
         self._keys: dict[str, Any] = {}
         self._missing_key_reported: set[str] = set()
+        self.run_id = run_dir.name
+        self.asked: dict[str, Any] | None = None      # from settings.json
+        self.settings_sha256: str | None = None
+        self.registry = None
+        self.server_rows: list[tuple[int, dict]] = []
+        if keys_dir is not None and keys_dir.is_dir():
+            from privacy.registry import RegistryError, SiteRegistry
+
+            try:
+                self.registry = SiteRegistry.load(keys_dir)
+            except RegistryError as exc:
+                self.add("error", str(exc), source="registry")
+
+    # ---------------------------------------------------------- what the run asked
+
+    def load_settings(self) -> None:
+        import hashlib
+
+        path = self.run_dir / "settings.json"
+        try:
+            raw = path.read_bytes()
+            settings = json.loads(raw)
+        except FileNotFoundError:
+            self.add("error", "missing: without the run's settings the mechanism each site applied cannot be checked "
+                              "against what the run asked", source="settings.json")
+            return
+        except (OSError, ValueError) as exc:
+            self.add("error", f"not readable JSON ({exc})", source="settings.json")
+            return
+        if not isinstance(settings, dict):
+            self.add("error", "not a JSON object", source="settings.json")
+            return
+        self.settings_sha256 = hashlib.sha256(raw).hexdigest()
+        self.asked = asked_mechanism(settings)
+
+    def check_mechanism(self, rec: dict, source: str, line: int) -> None:
+        """A record of this run must carry exactly the mechanism the run asked (settings.json)."""
+        if self.asked is None or rec.get("run_id") != self.run_id or rec.get("type") not in ("reservation", "round"):
+            return
+        asked = self.asked
+        fields_ = ["dp", "sample_rate", "steps"] + (["noise_multiplier", "clip_norm"] if asked.get("dp", True) else [])
+        for k in fields_:
+            if k in asked and not _same(rec.get(k), asked[k]):
+                self.add("error", f"{rec.get(k)!r} but the run asked {asked[k]!r} (settings.json): the site's record "
+                                  "does not describe the mechanism of this run", rec, source=source, line=line, field=k)
+        if "accountant" in asked and rec.get("accountant") != asked["accountant"]:
+            self.add("error", f"{rec.get('accountant')!r} but the run asked {asked['accountant']!r} (settings.json)",
+                     rec, source=source, line=line, field="accountant")
+        if rec.get("accountant") not in ("rdp", "prv"):
+            self.add("error", f"{rec.get('accountant')!r} is not an accountant Atoll knows (rdp, prv)", rec,
+                     source=source, line=line, field="accountant")
+        rnd = rec.get("server_round")
+        n = asked.get("num_rounds")
+        if isinstance(n, int) and not (isinstance(rnd, int) and not isinstance(rnd, bool) and 1 <= rnd <= n):
+            self.add("error", f"{rnd!r} is not a round of this run (1..{n})", rec, source=source, line=line,
+                     field="server_round")
+
+    def check_delta(self, rec: dict, source: str, line: int) -> None:
+        """delta against the site's declared policy delta and the 1/(10 x patients) rule (the record carries both)."""
+        if rec.get("type") not in ("reservation", "round"):
+            return
+        patients, declared, large = rec.get("patients"), rec.get("policy_delta"), rec.get("allow_large_delta")
+        try:
+            delta = float(rec["delta"])
+        except (KeyError, TypeError, ValueError):
+            return  # reported by check_epsilon
+        if isinstance(patients, bool) or not isinstance(patients, int) or patients < 1:
+            self.add("error", f"{patients!r}: the record does not say how many patients its delta was derived from, "
+                              "so delta cannot be checked", rec, source=source, line=line, field="patients")
+            return
+        if isinstance(declared, bool) or not isinstance(declared, (int, float)) or not 0 <= declared < 1:
+            self.add("error", f"{declared!r}: the record does not carry the site's declared policy delta", rec,
+                     source=source, line=line, field="policy_delta")
+            return
+        auto = 1.0 / (10 * patients)
+        if declared == 0:
+            if not math.isclose(delta, auto, rel_tol=1e-9):
+                self.add("error", f"δ={delta:.6g} but the site's policy says auto: 1/(10 x {patients} patients) = "
+                                  f"{auto:.6g}", rec, source=source, line=line, field="delta")
+        elif not math.isclose(delta, float(declared), rel_tol=1e-9):
+            self.add("error", f"δ={delta:.6g} but the site's declared policy delta is {declared:.6g}", rec,
+                     source=source, line=line, field="delta")
+        elif declared > auto * (1 + 1e-9):
+            if large is True:
+                self.add("warning", f"δ={delta:.6g} is above 1/(10 x {patients} patients) = {auto:.6g}, declared by "
+                                    "the site's policy (allow_large_delta)", rec, source=source, line=line,
+                         field="delta")
+            else:
+                self.add("error", f"δ={delta:.6g} is above 1/(10 x {patients} patients) = {auto:.6g} and the site's "
+                                  "policy does not allow a large delta", rec, source=source, line=line, field="delta")
+        if delta >= 1.0 / patients:
+            self.add("error", f"δ={delta:.6g} is at least 1/patients = {1.0 / patients:.6g}: that allows releasing one "
+                              "patient's data outright; no ε means anything at this δ", rec, source=source, line=line,
+                     field="delta")
+        entry = self.registry.get(rec.get("site")) if self.registry is not None else None
+        if entry is not None and entry.train_patients is not None and patients != entry.train_patients:
+            self.add("error", f"{patients} but the site's dataset card in the consortium registry declared "
+                              f"{entry.train_patients} training patients (a lower count inflates the auto delta)",
+                     rec, source=source, line=line, field="patients")
 
     def add(self, level: str, message: str, rec: dict | None = None, **kw: Any) -> None:
         if rec is not None and isinstance(rec, dict):
@@ -413,6 +566,9 @@ class _Auditor:
                 except LedgerError:
                     pass
             last[site] = rec
+            self.server_rows.append((line, rec))
+            self.check_mechanism(rec, src, line)
+            self.check_delta(rec, src, line)
             if rec["type"] == "round":
                 point = self.check_epsilon(rec, src, line, v)
                 if point is not None:
@@ -487,6 +643,8 @@ class _Auditor:
                 self.add("error", str(exc), rec, source=src, line=line, field="history")
             if kind in ("reservation", "round"):
                 self.check_epsilon(rec, src, line)
+                self.check_mechanism(rec, src, line)
+                self.check_delta(rec, src, line)
             if kind == "round":
                 rs = reservations.get(rec.get("reservation_seq"))
                 if rs is None:
@@ -497,14 +655,15 @@ class _Auditor:
                     if record_hash(rs) != rec.get("reservation_sha256"):
                         self.add("error", "is not the hash of the reservation it completes", rec, source=src,
                                  line=line, field="reservation_sha256")
-                    for k in ("run_id", "server_round", "dp", "noise_multiplier", "clip_norm", "sample_rate", "steps",
-                              "charge", "weights_in_sha256"):
-                        if rs.get(k) != rec.get(k):
+                    for k in ("run_id", "server_round", *MECHANISM_FIELDS, *DELTA_FIELDS, "charge", "max_epsilon",
+                              "weights_in_sha256", "policy_sha256"):
+                        if not _same(rs.get(k), rec.get(k)):
                             self.add("error", f"{rs.get(k)!r} in the reservation, {rec.get(k)!r} in the round record",
                                      rec, source=src, line=line, field=k)
                 if rec.get("run_id") in run_ids:
                     site_rounds.append((line, rec))
         self.cross_check(site, src, site_rounds, server.get(site, []))
+        self.site_vs_digests(site, src, site_rounds)
 
     def cross_check(self, site: str, src: str, site_rounds: list[tuple[int, dict]],
                     server_rows: list[tuple[int, dict]]) -> None:
@@ -529,6 +688,217 @@ class _Auditor:
                               "(reordered)", rec, source="server copy", line=line)
 
 
+    # ---------------------------------------------------------- anchors
+
+    def consortium_key(self, explicit: Path | None):
+        """The consortium's pinned digest key: ``--consortium-key``, else ``<keys>/consortium_ed25519.pub``."""
+        from privacy.keys import KeyFileError, load_public_key
+
+        cands = [explicit] if explicit else ([self.keys_dir / CONSORTIUM_PUB_FILE] if self.keys_dir else [])
+        for c in cands:
+            try:
+                return load_public_key(c)
+            except KeyFileError as exc:
+                self.add("error", f"consortium key unusable: {exc}", source="digests")
+                return None
+        self.add("error", f"no consortium public key ({CONSORTIUM_PUB_FILE} in the keys folder, or "
+                          "--consortium-key FILE): the round digests cannot be verified", source="digests")
+        return None
+
+    def anchors(self, consortium_pub) -> None:
+        """The signed digest chain against the server copy, history.json, the weights and status.json."""
+        path = self.run_dir / DIGESTS_FILE
+        src = DIGESTS_FILE
+        if not path.exists():
+            self.add("error", "missing: the consortium's signed round digests are gone (or the run predates them), so "
+                              "nothing anchors the end of the ledgers: a round cut from both copies would not show",
+                     source=src)
+            return
+        digests: dict[int, tuple[int, dict]] = {}
+        prev = GENESIS
+        for line, rec, raw in read_jsonl(path):
+            if rec is None or rec.get("type") != "digest":
+                self.add("error", f"not a digest record: {raw[:80]!r}", source=src, line=line)
+                prev = None  # type: ignore[assignment]
+                continue
+            rnd = rec.get("server_round")
+            if consortium_pub is not None:
+                try:
+                    verify_record(rec, consortium_pub)
+                except LedgerError as exc:
+                    self.add("error", f"{exc} (the consortium's key)", source=src, line=line, server_round=rnd,
+                             field="sig")
+            if prev is not None and rec.get("prev") != prev:
+                self.add("error", f"does not match the hash of line {line - 1} (a digest was altered, dropped or "
+                                  "inserted)", source=src, line=line, server_round=rnd, field="prev")
+            prev = record_hash(rec)
+            if rnd != len(digests):
+                self.add("error", f"round {rnd!r} where round {len(digests)} was due", source=src, line=line,
+                         server_round=rnd, field="server_round")
+            if rec.get("run_id") != self.run_id:
+                self.add("error", f"names run {rec.get('run_id')!r}, this is run {self.run_id!r}", source=src,
+                         line=line, server_round=rnd, field="run_id")
+            if self.settings_sha256 is not None and rec.get("settings_sha256") != self.settings_sha256:
+                self.add("error", "is not the hash of settings.json (the run's settings were changed after the run)",
+                         source=src, line=line, server_round=rnd, field="settings_sha256")
+            if isinstance(rnd, int):
+                digests[rnd] = (line, rec)
+        self.digests = digests
+        self._digest_vs_server(digests)
+        self._countersignatures(digests)
+        self._other_traces(digests)
+
+    def _accepted(self, digests: dict[int, tuple[int, dict]]) -> dict[tuple[str, int], tuple[int, int, str]]:
+        out = {}
+        for rnd, (line, d) in digests.items():
+            for a in d.get("accepted") or []:
+                if isinstance(a, dict):
+                    out[(str(a.get("site")), a.get("seq"))] = (rnd, line, str(a.get("record_sha256")))
+        return out
+
+    def _digest_vs_server(self, digests: dict[int, tuple[int, dict]]) -> None:
+        accepted = self._accepted(digests)
+        held = {(r["site"], r["seq"]): (line, r) for line, r in self.server_rows}
+        for (site, seq), (rnd, dline, sha) in sorted(accepted.items(), key=lambda x: (x[1][0], x[0])):
+            got = held.get((site, seq))
+            if got is None:
+                self.add("error", f"round {rnd}'s signed digest names site {site!r} record seq {seq}, which the server "
+                                  "copy lacks (dropped after the round)", site=site, source=DIGESTS_FILE, line=dline,
+                         run_id=self.run_id, server_round=rnd, field="accepted")
+            elif record_hash(got[1]) != sha:
+                self.add("error", f"is not the record (seq {seq}) round {rnd}'s signed digest accepted: it was "
+                                  "replaced after the round", got[1], source="server copy", line=got[0])
+            elif got[1].get("server_round") != rnd:
+                self.add("error", f"round {got[1].get('server_round')!r}, but the digest accepted it in round {rnd}",
+                         got[1], source="server copy", line=got[0], field="server_round")
+        for (site, seq), (line, rec) in held.items():
+            if (site, seq) not in accepted:
+                self.add("error", "this record is named in none of the consortium's signed round digests (added "
+                                  "after the round)", rec, source="server copy", line=line)
+
+    def _countersignatures(self, digests: dict[int, tuple[int, dict]]) -> None:
+        for line, rec in self.server_rows:
+            rnd = rec.get("server_round")
+            if rec.get("run_id") != self.run_id or not isinstance(rnd, int) or (rnd - 1) not in digests:
+                continue
+            want = record_hash(digests[rnd - 1][1])
+            got = rec.get("server_prev_digest")
+            if got != want:
+                self.add("error", ("carries no countersignature of" if got is None else "does not countersign")
+                         + f" the consortium's digest of round {rnd - 1} ({want[:12]}…): that digest was rewritten "
+                           "after the site signed, or the site never vouched for the run's history before this round",
+                         rec, source="server copy", line=line,
+                         field="server_prev_digest")
+
+    def _other_traces(self, digests: dict[int, tuple[int, dict]]) -> None:
+        """history.json, weights/round-NNN.pt and status.json must show exactly the digested rounds."""
+        last = max(digests) if digests else -1
+        hist_path = self.run_dir / "history.json"
+        history: list = []
+        try:
+            history = json.loads(hist_path.read_text())
+            if not isinstance(history, list):
+                raise ValueError("not a list")
+        except FileNotFoundError:
+            if last > 0:
+                self.add("error", f"missing, but the digests record {last} round(s)", source="history.json")
+        except (OSError, ValueError) as exc:
+            self.add("error", f"not readable ({exc})", source="history.json")
+            history = []
+        seen_rounds = set()
+        for i, entry in enumerate(history, start=1):
+            if not isinstance(entry, dict):
+                continue
+            rnd = entry.get("round")
+            seen_rounds.add(rnd)
+            sites = entry.get("sites") if isinstance(entry.get("sites"), dict) else {}
+            if rnd not in digests:
+                self.add("error", f"shows round {rnd!r} (sites {', '.join(sorted(sites)) or 'none'}), but the "
+                                  f"consortium's signed digest chain ends at round {last}: that round's records were "
+                                  "cut", source="history.json", line=i, run_id=self.run_id, server_round=rnd)
+                continue
+            named = {str(a.get("site")) for a in digests[rnd][1].get("accepted") or [] if isinstance(a, dict)}
+            contributed = {n for n, s in sites.items() if isinstance(s, dict) and s.get("status") == "contributed"}
+            for n in sorted(contributed - named):
+                self.add("error", f"site {n!r} contributed to round {rnd}, but the round's signed digest names no "
+                                  "record of it", site=n, source="history.json", line=i, run_id=self.run_id,
+                         server_round=rnd)
+            for n in sorted(named - set(sites)):
+                self.add("error", f"round {rnd}'s signed digest accepted a record of site {n!r}, which history.json "
+                                  "does not list", site=n, source="history.json", line=i, run_id=self.run_id,
+                         server_round=rnd)
+        for rnd in sorted(r for r in digests if r >= 1 and r not in seen_rounds):
+            self.add("error", f"round {rnd} is in the signed digests but not in history.json (cut from the history)",
+                     source="history.json", run_id=self.run_id, server_round=rnd)
+        self._weights(digests, last)
+        status_path = self.run_dir / "status.json"
+        try:
+            status = json.loads(status_path.read_text())
+        except FileNotFoundError:
+            self.add("warning", "missing: the run is still going or its ServerApp was killed", source="status.json")
+            return
+        except (OSError, ValueError) as exc:
+            self.add("error", f"not readable ({exc})", source="status.json")
+            return
+        if isinstance(status, dict):
+            if status.get("rounds") != len(history):
+                self.add("error", f"says {status.get('rounds')!r} round(s), history.json shows {len(history)}",
+                         source="status.json", field="rounds")
+            n = (self.asked or {}).get("num_rounds")
+            if status.get("status") == "completed" and isinstance(n, int) and last != n:
+                self.add("error", f"says completed, but the signed digests end at round {last} of {n}",
+                         source="status.json", field="status")
+
+    def _weights(self, digests: dict[int, tuple[int, dict]], last: int) -> None:
+        folder = self.run_dir / "weights"
+        files = {}
+        for p in sorted(folder.glob("round-*.pt")) if folder.is_dir() else []:
+            try:
+                files[int(p.stem.split("-", 1)[1])] = p
+            except ValueError:
+                continue
+        for rnd, p in sorted(files.items()):
+            want = digests.get(rnd, (0, {}))[1].get("weights_sha256")
+            if rnd not in digests or want is None:
+                self.add("error", f"global weights of round {rnd} were saved, but the signed digests "
+                                  + ("end at round %d" % last if rnd not in digests else "say it was not aggregated")
+                                  + ": that round's records were cut", source=str(p), run_id=self.run_id,
+                         server_round=rnd)
+                continue
+            got = _weights_sha256(p)
+            if got != want:
+                self.add("error", f"hash {str(got)[:12]}… is not the weights_sha256 {want[:12]}… of round {rnd}'s "
+                                  "signed digest (the saved model was replaced)", source=str(p), run_id=self.run_id,
+                         server_round=rnd)
+        for rnd, (line, d) in sorted(digests.items()):
+            if d.get("weights_sha256") is not None and rnd not in files:
+                self.add("warning", f"weights of round {rnd} (named in its digest) are not in {folder}",
+                         source=DIGESTS_FILE, line=line, server_round=rnd)
+
+    def site_vs_digests(self, site: str, src: str, site_rounds: list[tuple[int, dict]]) -> None:
+        """Every record of ``site`` the consortium's digests accepted must be in the site's own ledger."""
+        digests = getattr(self, "digests", None)
+        if not digests:
+            return
+        own = {(r["site"], r["seq"]): record_hash(r) for _, r in site_rounds}
+        for (s, seq), (rnd, line, sha) in self._accepted(digests).items():
+            if s == site and own.get((s, seq)) != sha:
+                self.add("error", f"round {rnd}'s signed digest accepted record seq {seq} of this site, which its own "
+                                  "ledger does not hold (cut or rewritten at the site)", site=site, source=src,
+                         run_id=self.run_id, server_round=rnd)
+
+
+def _weights_sha256(path: Path) -> str | None:
+    import torch
+
+    from models import state_dict_sha256
+
+    try:
+        return state_dict_sha256(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception:  # noqa: BLE001 - an unreadable weights file is a mismatch, not a crash
+        return None
+
+
 def default_keys_dir(run_dir: Path) -> Path | None:
     """``RUN_DIR/../../consortium/keys`` if it exists (demo layout), else ``RUN_DIR/keys`` if it exists."""
     for cand in (run_dir.parent.parent / "consortium" / "keys", run_dir / "keys"):
@@ -537,12 +907,15 @@ def default_keys_dir(run_dir: Path) -> Path | None:
     return None
 
 
-def verify_run(run_dir: str | Path, site_ledgers: Iterable[str | Path] = (), keys_dir: str | Path | None = None
-               ) -> AuditResult:
-    """Audit one run folder (see module doc); never raises for bad ledgers, returns findings."""
+def verify_run(run_dir: str | Path, site_ledgers: Iterable[str | Path] = (), keys_dir: str | Path | None = None,
+               consortium_key: str | Path | None = None) -> AuditResult:
+    """Audit one run folder (see module doc); never raises for bad ledgers, returns findings.
+
+    ``consortium_key``: the consortium's digest public key (default ``<keys>/consortium_ed25519.pub``).
+    """
     run_dir = Path(run_dir)
     keys = Path(keys_dir) if keys_dir else default_keys_dir(run_dir)
-    aud = _Auditor(run_dir, keys)
+    aud = _Auditor(run_dir, keys if keys is not None and keys.is_dir() else None)
     if keys is None:
         aud.add("error", f"no enrolled site keys found (looked in {run_dir.parent.parent / 'consortium' / 'keys'} and "
                          f"{run_dir / 'keys'}); pass --keys DIR: signatures cannot be verified", source="keys")
@@ -552,7 +925,9 @@ def verify_run(run_dir: str | Path, site_ledgers: Iterable[str | Path] = (), key
     if not run_dir.is_dir():
         aud.add("error", f"run folder {run_dir} does not exist", source="run")
         return aud.result
+    aud.load_settings()
     server = aud.server_copy()
+    aud.anchors(aud.consortium_key(Path(consortium_key) if consortium_key else None))
     run_ids = {str(r.get("run_id")) for rows in server.values() for _, r in rows} | {run_dir.name}
     for p in site_ledgers:
         aud.site_ledger(Path(p), server, run_ids)

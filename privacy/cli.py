@@ -71,6 +71,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "site_ed25519.pub from `atoll site init`, renamed to its site name). Default: the "
                         "--keys-dir the run was started with (RUN_DIR/settings.json) if that folder exists here, "
                         "else RUN_DIR/../../consortium/keys (the demo's layout), else RUN_DIR/keys")
+    p.add_argument("--consortium-key", default=None, metavar="FILE",
+                   help="the consortium's pinned digest public key (default: consortium_ed25519.pub in the keys "
+                        "folder); it verifies the signed round digests that anchor the ledgers")
 
 
 # ------------------------------------------------------------------------------------------------ site init
@@ -237,7 +240,7 @@ def audit_verify(args: argparse.Namespace) -> int:
         return EXIT_NOT_FOUND
     from privacy.audit import result_json, verify_run
 
-    result = verify_run(args.run_dir, args.site_ledger, _keys_dir(args))
+    result = verify_run(args.run_dir, args.site_ledger, _keys_dir(args), args.consortium_key)
     status = run_status_line(args.run_dir)
     if args.json:
         import json
@@ -259,7 +262,7 @@ def audit_report(args: argparse.Namespace) -> int:
     from privacy.audit import verify_run
     from privacy.report import print_pdf, render_report
 
-    result = verify_run(args.run_dir, args.site_ledger, _keys_dir(args))
+    result = verify_run(args.run_dir, args.site_ledger, _keys_dir(args), args.consortium_key)
     out = Path(args.out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,9 +31,12 @@ Record bodies (envelope fields are documented in :mod:`privacy.ledger`):
 
 ``reservation``: run_id, server_round, dp, noise_multiplier, clip_norm, sample_rate, steps,
     charge ``[sigma or 0, q, steps]``, accountant, delta, history (canonical lifetime history including this
-    charge), epsilon_before, epsilon_after, max_epsilon, weights_in_sha256, policy_sha256.
+    charge), epsilon_before, epsilon_after, max_epsilon, weights_in_sha256, policy_sha256, and the basis of delta:
+    patients (training patients), policy_delta (the policy's declared delta, 0 = auto), allow_large_delta.
 ``round``: the same mechanism fields plus reservation_seq, reservation_sha256, update_sha256,
-    released_metrics; history/epsilon_after are recomputed at completion over every charge in the ledger.
+    released_metrics, patients, policy_delta, allow_large_delta, and (when the caller gives them) num_examples
+    (what the update is weighted by) and server_prev_digest (the consortium's previous round digest, countersigned);
+    history/epsilon_after are recomputed at completion over every charge in the ledger.
 ``refusal``: run_id, server_round, code, message, the requested parameters, accountant, delta, history,
     epsilon_spent, epsilon_requested (``null`` when the budget was not the reason), max_epsilon, policy_sha256.
 """
@@ -214,7 +217,7 @@ class BudgetGuard:
                         "history": history_json(after_hist),
                         "epsilon_before": epsilon_json(spent), "epsilon_after": epsilon_json(after),
                         "max_epsilon": self.policy.max_epsilon, "weights_in_sha256": weights_in_sha256,
-                        "policy_sha256": self.policy_sha256,
+                        "policy_sha256": self.policy_sha256, **self._delta_basis(),
                     })
                     return self._reservation(rec, replayed=False)
         assert refusal is not None
@@ -297,9 +300,26 @@ class BudgetGuard:
 
     # ----------------------------------------------------------------- complete
 
-    def complete(self, res: Reservation, *, update_sha256: str) -> dict:
-        """Append the signed ``round`` record for a reserved round and return it (the dict sent to the server)."""
+    def _delta_basis(self) -> dict[str, Any]:
+        """What the auditor needs to check ``delta`` without the policy file: the patient count it was derived
+        from, the policy's declared delta (0 = auto, ``1/(10 x patients)``) and whether a larger one is allowed."""
+        return {"patients": self.num_patients, "policy_delta": float(self.policy.delta),
+                "allow_large_delta": bool(self.policy.allow_large_delta)}
+
+    def complete(self, res: Reservation, *, update_sha256: str, num_examples: int | None = None,
+                 server_prev_digest: str | None = None) -> dict:
+        """Append the signed ``round`` record for a reserved round and return it (the dict sent to the server).
+
+        ``num_examples``: the training examples the update is weighted by (signed, so the server can bound it by
+        the site's dataset card). ``server_prev_digest``: the consortium's signed digest of the previous round,
+        as the round config sent it; signing it countersigns the server's history up to there.
+        """
         _check_hash("update_sha256", update_sha256)
+        if server_prev_digest is not None and server_prev_digest != "":
+            _check_hash("server_prev_digest", server_prev_digest)
+        if num_examples is not None and (isinstance(num_examples, bool) or not isinstance(num_examples, int)
+                                         or num_examples < 0):
+            raise ValueError(f"num_examples must be a non-negative integer, got {num_examples!r}")
         with self.ledger.transaction() as txn:
             records = txn.records
             if not (0 <= res.seq < len(records)) or record_hash(records[res.seq]) != res.record_sha256:
@@ -325,7 +345,12 @@ class BudgetGuard:
                     "epsilon_after": epsilon_json(after), "max_epsilon": self.policy.max_epsilon,
                     "weights_in_sha256": rsv["weights_in_sha256"], "update_sha256": update_sha256,
                     "reservation_seq": rsv["seq"], "reservation_sha256": res.record_sha256,
-                    "released_metrics": list(self.policy.released_metrics), "policy_sha256": self.policy_sha256}
+                    "released_metrics": list(self.policy.released_metrics), "policy_sha256": self.policy_sha256,
+                    **self._delta_basis()}
+            if num_examples is not None:
+                body["num_examples"] = int(num_examples)
+            if server_prev_digest:
+                body["server_prev_digest"] = server_prev_digest
             return txn.append(body)
 
 

@@ -27,9 +27,17 @@ against the site's full ledger, where every link is checked.
 
 Durability: appends are single ``write`` calls of a whole line followed by ``fsync``; the directory is
 fsynced when the ledger file is created; every read-modify-append runs under ``fcntl.flock`` on the ledger
-file, so two processes at one site serialise. A torn last line (crash in the middle of a write, no trailing
-newline) was never acknowledged to anyone (``append`` had not returned), so it is cut off on the next locked
-open, with a warning.
+file, so two processes at one site serialise.
+
+Torn last line (no trailing newline): a crash in the middle of a write leaves one, but so does a truncation that
+cut acknowledged records (a careless restore, ``truncate``, a full disk). The file alone cannot tell the two apart,
+and cutting the line silently would lower the spent budget in the second case. So a torn tail is never cut: every
+read stops with :class:`LedgerTornError` naming the line, and ``atoll site repair-ledger`` (:mod:`privacy.repair`)
+keeps it as charged — it moves the torn bytes aside and appends a signed reservation charging what the torn line
+charged (or the policy's worst case when that is not readable). The repair can only raise epsilon.
+
+An unreadable line in an earlier run's consortium copy stops the next run the same way: it may hold a site's
+newest record, and without it a site whose ledger was rolled back to before it would be accepted again.
 """
 
 from __future__ import annotations
@@ -63,6 +71,21 @@ _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 class LedgerError(ValueError):
     """A ledger record or file failed a check; the message says which record, which field and why."""
+
+
+REPAIR_COMMAND = "atoll site repair-ledger --config SITE.toml"
+
+
+class LedgerTornError(LedgerError):
+    """The site ledger ends in a torn line; it is kept (never cut) until the documented repair runs."""
+
+    def __init__(self, path: Path, line_no: int, torn: bytes) -> None:
+        self.path, self.line_no, self.torn = path, line_no, torn
+        super().__init__(
+            f"{path} line {line_no}: torn last line ({len(torn)} bytes, no newline): a crash mid-write or a "
+            "truncation that may have cut acknowledged records. Atoll stops rather than lower the spent budget. "
+            f"Restore the ledger from backup, or run `{REPAIR_COMMAND}`: it keeps the torn line as charged "
+            "(it can only raise epsilon) and moves its bytes aside")
 
 
 # ------------------------------------------------------------------------------------------------ primitives
@@ -266,13 +289,8 @@ class SiteLedger:
             return
         data = os.pread(fd, st.st_size - self._offset, self._offset)
         end = data.rfind(b"\n") + 1
-        if end < len(data):
-            torn = len(data) - end
-            if writable:
-                log.warning("%s: cutting off a torn last line (%d bytes, never acknowledged: crash mid-write)",
-                            self.path, torn)
-                os.ftruncate(fd, self._offset + end)
-            data = data[:end]
+        torn = data[end:]
+        data = data[:end]
         line_no = len(self._records)
         for raw in data.splitlines():
             line_no += 1
@@ -298,6 +316,8 @@ class SiteLedger:
             self._last_hash = record_hash(rec)
             self._records.append(rec)
         self._offset += end
+        if torn:
+            raise LedgerTornError(self.path, len(self._records) + 1, torn)
 
     def _check_own_signature(self, rec: dict, line_no: int) -> None:
         """A signed ledger accepts only records its own key signed.
@@ -364,15 +384,22 @@ def _newest_records_of_earlier_runs(ledgers: Iterable[Path]) -> dict[str, tuple[
 
     A site's ledger only grows, so a later run that receives a lower ``seq`` (or a lower epsilon) has
     met a site whose ledger was deleted or rolled back — the one way a site could make its lifetime
-    budget restart. Unreadable lines in old runs are skipped here (``atoll audit verify`` reports them).
+    budget restart. An unreadable line is never skipped: it may be the newest record of a site, and a site
+    rolled back to before it would then be accepted again, so it raises :class:`LedgerError` naming the line.
     """
     out: dict[str, tuple[str, dict]] = {}
     for other in ledgers:
         if not Path(other).is_file():
             continue
-        for _line, rec, _raw in read_jsonl(other):
-            if not isinstance(rec, dict) or not isinstance(rec.get("seq"), int) or isinstance(rec.get("seq"), bool):
-                continue
+        for line, rec, _raw in read_jsonl(other):
+            if (not isinstance(rec, dict) or envelope_problems(rec) or not isinstance(rec.get("seq"), int)
+                    or isinstance(rec.get("seq"), bool)):
+                raise LedgerError(
+                    f"{other} line {line}: not a JSON record (a torn write or an edit) in an earlier run's consortium "
+                    "ledger. It may hold a site's newest record, and a site whose ledger was rolled back to before it "
+                    "would be accepted again (a rollback of its spent budget), so no new run starts. Restore that "
+                    "file from backup, or replace the line with the record from the site's own ledger (same site and "
+                    "seq; `atoll audit verify` on that run with --site-ledger shows which)")
             site = str(rec.get("site", ""))
             if site not in out or rec["seq"] > out[site][1]["seq"]:
                 out[site] = (Path(other).parent.name, rec)

@@ -8,22 +8,22 @@ it. Sampling and aggregation stay Flower's (FedAvg or a robust strategy), wrappe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from contract import wire
 from models import build_task_model
 from server import robust
 from server.outputs import RunOutputs
 from server.secagg import SecAggRounds
-from server.settings import RunSettings
-from server.sitebook import RoundBook
+from server.settings import RunSettings, SettingsError
+from server.sitebook import RoundBook, SiteTrust
 from server.validation import make_validator
 
 log = logging.getLogger("atoll.server")
@@ -45,6 +45,52 @@ def main(grid: Grid, context: Context) -> None:
         raise RunStopped(f"run {out.name} {out.status}: {out.reason} (details: {out.root / 'history.json'})")
 
 
+def check_trust(settings: RunSettings) -> SiteTrust:
+    """The run's node/site bindings; refuses a run without enrolled site keys unless it is the local demo.
+
+    Without ``keys-dir`` nothing ties a reply to a hospital: any node admitted to the SuperLink (the open-source
+    Control API lets a stranger holding only ca.crt register a node key) could replace the global model.
+    """
+    from privacy.registry import RegistryError, SiteRegistry
+
+    if not settings.keys_dir:
+        if not settings.allow_unverified_demo:
+            raise SettingsError("run config 'keys-dir' is empty: a run needs the enrolled site keys (<site>.pub and "
+                                "registry.json, see `atoll consortium register`) so that only enrolled hospitals' "
+                                "nodes and signed records count. For the local demo only, set "
+                                "allow-unverified-demo = true")
+        log.warning("UNVERIFIED DEMO RUN: no enrolled site keys; any node's update and ledger record is taken as "
+                    "it claims to be. Never run a consortium like this")
+        return SiteTrust(verified=False)
+    try:
+        registry = SiteRegistry.load(settings.keys_dir)
+    except RegistryError as exc:
+        raise SettingsError(f"run config 'keys-dir': {exc}") from None
+    if registry is not None:
+        _check_ledger_keys(registry, Path(settings.keys_dir))
+    if registry is None:
+        log.warning("keys-dir %s has no registry.json: each site's node is bound by its first signed update of the "
+                    "run (register nodes with `atoll consortium register` to bind them in advance)",
+                    settings.keys_dir)
+    return SiteTrust(registry)
+
+
+def _check_ledger_keys(registry, keys_dir: Path) -> None:
+    """The registry's ledger key id of each site must be the enrolled <site>.pub (one site, one key)."""
+    from privacy.keys import KeyFileError, key_id, load_public_key
+
+    for entry in registry.entries.values():
+        if entry.ledger_key_id is None:
+            continue
+        try:
+            got = key_id(load_public_key(keys_dir / f"{entry.name}.pub"))
+        except KeyFileError as exc:
+            raise SettingsError(f"run config 'keys-dir': site {entry.name!r}: {exc}") from None
+        if got != entry.ledger_key_id:
+            raise SettingsError(f"run config 'keys-dir': {keys_dir / (entry.name + '.pub')} has key id {got}, but "
+                                f"registry.json binds site {entry.name!r} to ledger key {entry.ledger_key_id}")
+
+
 def build_strategy(settings: RunSettings) -> Strategy:
     """Flower's strategy for the run (FedAvg or a robust one), every connected site each round."""
     n = settings.num_sites or settings.min_sites
@@ -60,11 +106,13 @@ def build_strategy(settings: RunSettings) -> Strategy:
 def run_consortium(grid: Grid, settings: RunSettings, flower_run_id: int) -> RunOutputs:
     """Run all rounds; returns the outputs (also on disk under settings.run_dir)."""
     run_name = settings.name_for(flower_run_id)
+    trust = check_trust(settings)
     out = RunOutputs.create(Path(settings.run_dir), run_name, settings, flower_run_id)
     strategy = build_strategy(settings)
     torch.manual_seed(settings.seed)
     model = build_task_model(settings.model, settings.task)
     arrays = ArrayRecord(model.state_dict())
+    prev = out.digest(0, arrays, [])  # round 0: the settings and initial weights, countersigned in round 1
     out.save_weights(0, arrays)
     log.info("run %s: %d rounds, task %s, model %s, %s", run_name, settings.num_server_rounds,
              settings.task.describe(), settings.model, settings.mechanism.describe())
@@ -75,7 +123,7 @@ def run_consortium(grid: Grid, settings: RunSettings, flower_run_id: int) -> Run
                 out.finish_stopped_by_lead(request, settings.num_server_rounds)
                 log.warning("run %s: %s", run_name, out.reason)
                 break
-            arrays = _one_round(grid, strategy, settings, run_name, rnd, arrays, out, secagg)
+            arrays, prev = _one_round(grid, strategy, settings, run_name, rnd, arrays, out, secagg, trust, prev)
         else:
             out.finish("completed")
     except RunStopped as stop:
@@ -88,11 +136,13 @@ def run_consortium(grid: Grid, settings: RunSettings, flower_run_id: int) -> Run
 
 
 def _one_round(grid: Grid, strategy: Strategy, settings: RunSettings, run_name: str, rnd: int,
-               arrays: ArrayRecord, out: RunOutputs, secagg: SecAggRounds | None = None) -> ArrayRecord:
+               arrays: ArrayRecord, out: RunOutputs, secagg: SecAggRounds | None = None,
+               trust: SiteTrust | None = None, prev: str = "") -> tuple[ArrayRecord, str]:
+    """One round; returns the new global weights and the hash of this round's signed digest."""
     # Under SecAgg+ the server never holds one site's update: nothing to validate one by one.
     book = RoundBook(rnd, out.ledger, None if secagg else make_validator(settings.max_update_norm or None),
-                     bind_updates=not secagg)
-    cfg = settings.round_config(run_name, rnd).to_record()
+                     bind_updates=not secagg, trust=trust)
+    cfg = dataclasses.replace(settings.round_config(run_name, rnd), prev_digest=prev).to_record()
     t0 = time.perf_counter()
     if secagg is not None:
         new_arrays = secagg.train(rnd, arrays, cfg, book)
@@ -102,18 +152,21 @@ def _one_round(grid: Grid, strategy: Strategy, settings: RunSettings, run_name: 
                                              timeout=settings.round_timeout))
         accepted = [m for m in replies if book.admit_train_reply(m, arrays)]
     if len(accepted) < settings.min_sites:
+        out.digest(rnd, None, book.accepted_records)  # records were accepted: the chain still names them
         out.record_round(book, time.perf_counter() - t0)
         raise RunStopped(f"round {rnd}: only {len(accepted)} site(s) contributed an update, "
                          f"min-sites is {settings.min_sites} ({book.refusal_summary()})")
     if secagg is None:
         new_arrays, _ = strategy.aggregate_train(rnd, accepted)
     if new_arrays is None:
+        out.digest(rnd, None, book.accepted_records)
         if secagg is not None:  # who contributed, refused or dropped before the protocol failed
             out.record_round(book, time.perf_counter() - t0)
         raise RunStopped(f"round {rnd}: the strategy could not aggregate the accepted updates"
                          + (f" ({secagg.problem})" if secagg is not None else ""))
     train_wall = time.perf_counter() - t0
-    ev_cfg = settings.round_config(run_name, rnd).to_record()
+    digest = out.digest(rnd, new_arrays, book.accepted_records)  # signed before the weights are saved
+    ev_cfg = dataclasses.replace(settings.round_config(run_name, rnd), prev_digest=prev).to_record()
     ev_replies = grid.send_and_receive(strategy.configure_evaluate(rnd, new_arrays, ev_cfg, grid),
                                        timeout=settings.round_timeout)
     for m in ev_replies:
@@ -121,4 +174,4 @@ def _one_round(grid: Grid, strategy: Strategy, settings: RunSettings, run_name: 
     out.save_weights(rnd, new_arrays)
     out.record_round(book, train_wall)
     log.info("round %d/%d: %s", rnd, settings.num_server_rounds, book.one_line())
-    return new_arrays
+    return new_arrays, digest

@@ -116,6 +116,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="SuperLink connection: a [superlink.NAME] block in $FLWR_HOME/config.toml, as for "
                         "`atoll run start --superlink NAME` (default: that file's [superlink] default)")
     r.add_argument("--dry-run", action="store_true", help="print the flwr command instead of running it")
+    r.add_argument("--keys-dir", default=None, metavar="DIR",
+                   help="also bind the site in the consortium registry DIR/registry.json (the run's keys-dir): "
+                        "the node id Flower assigns, the site's ledger key and its dataset card, so that only this "
+                        "node can speak for this site")
+    r.add_argument("--ledger-key", default=None, metavar="PUB", help="the site's site_ed25519.pub (with --keys-dir)")
+    r.add_argument("--card", default=None, metavar="CARD", help="the site's dataset card JSON (with --keys-dir)")
     r.set_defaults(func=_register)
 
 
@@ -185,17 +191,47 @@ def _register(args: argparse.Namespace) -> int:
     except RegisterError as exc:
         print(f"atoll consortium register: {exc}")
         return exc.code
+    if args.keys_dir and not args.ledger_key:
+        print("atoll consortium register: --keys-dir needs --ledger-key (the site's site_ed25519.pub)")
+        return EXIT_USAGE
+    if args.keys_dir:
+        cmd += ["--format", "json"]  # to read the node id Flower assigns
     if args.dry_run:
         print("Would run: " + " ".join(cmd))
         return EXIT_OK
     print("Running: " + " ".join(cmd))
     try:
-        done = subprocess.run(cmd, check=False)
+        done = subprocess.run(cmd, check=False, **({"capture_output": True, "text": True} if args.keys_dir else {}))
     except OSError as exc:
         print(f"atoll consortium register: cannot run flwr ({exc.strerror or exc})")
         return EXIT_USAGE
+    if args.keys_dir and done.returncode == 0:
+        return _bind_in_registry(args, done.stdout)
     if done.returncode != 0:
         print(f"atoll consortium register: `flwr supernode register` failed (exit code {done.returncode}); check "
               f"the connection {name!r} in $FLWR_HOME/config.toml and that the SuperLink is running")
         return EXIT_FAILED
+    return EXIT_OK
+
+
+def _bind_in_registry(args: argparse.Namespace, flwr_json: str) -> int:
+    """Bind the node id `flwr supernode register --format json` printed to the site in the registry."""
+    import json
+
+    from server.pki import register_site
+
+    try:
+        node_id = int(json.loads(flwr_json)["node-id"])
+    except (ValueError, KeyError, TypeError):
+        print(f"atoll consortium register: could not read the node id from flwr's output: {flwr_json[:200]!r}")
+        return EXIT_FAILED
+    try:
+        entry = register_site(args.keys_dir, args.name, node_id=node_id, ledger_key=args.ledger_key, card=args.card)
+    except PKIError as exc:
+        print(f"atoll consortium register: the node is registered with the SuperLink (node id {node_id}) but not "
+              f"bound in the registry: {exc}")
+        return EXIT_FAILED
+    print(f"Site {entry.name!r}: node {entry.node_id}, ledger key {entry.ledger_key_id}, card: "
+          f"{entry.train_examples if entry.train_examples is not None else 'no'} training examples; "
+          f"bound in {Path(args.keys_dir) / 'registry.json'}")
     return EXIT_OK

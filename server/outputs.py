@@ -6,16 +6,21 @@ Layout of RUN_DIR/<run-name>/:
   history.json         per round: each site's status, released train/val metrics, epsilon; aggregates
   checkpoint.json      last completed round and its weights file (written atomically)
   ledger.jsonl         the consortium's copy of the sites' signed ledger records (privacy.ledger)
+  digests.jsonl        the consortium's signed, chained round digests (privacy.anchor): what each round accepted,
+                       the settings hash, the saved weights' hash; the next round's config carries the last one
   status.json          completed | stopped (+ reason; a stop the lead asked for says so and at which round)
   server.json          the ServerApp's pid, host and Flower run id: `atoll run status` tells a killed run
   stop-request.json    written by `atoll run stop`: the ServerApp stops cleanly before the next round
 
 torch and Flower are imported where weights are written, so that the lead's CLI reads a run folder without them.
+The digest-signing key is ``consortium_ed25519.pem`` in the keys folder (or in RUN_DIR when the demo runs
+without one); the auditor pins its ``consortium_ed25519.pub`` (sites countersign digest hashes, they do not verify them).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import socket
@@ -48,21 +53,37 @@ class RunOutputs:
     ledger: Any = None
     status: str = "running"
     reason: str = ""
+    settings_sha256: str = ""
+    digests: Any = None
 
     @classmethod
     def create(cls, run_dir: Path, name: str, settings: Any, flower_run_id: int | None = None) -> "RunOutputs":
+        from privacy.anchor import RunDigests, load_or_create_consortium_key
+
         root = run_dir / name
         (root / "weights").mkdir(parents=True, exist_ok=True)
         # a reused run name never inherits an old stop request (removed before settings.json marks the folder a
         # run, so that a stop written as soon as the folder is a run is never lost)
         (root / STOP_FILE).unlink(missing_ok=True)
-        _atomic_write(root / "settings.json", json.dumps(dataclasses.asdict(settings), indent=2))
+        text = json.dumps(dataclasses.asdict(settings), indent=2)
+        _atomic_write(root / "settings.json", text)
         # who writes this folder: a run without status.json whose process is gone was killed, not running
         _atomic_write(root / SERVER_FILE, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                                       "flower_run_id": flower_run_id, "started": time.time()}))
-        out = cls(root, name)
+        out = cls(root, name, settings_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest())
         out.ledger = _consortium_ledger(root, settings)
+        key_folder = Path(settings.keys_dir) if getattr(settings, "keys_dir", "") else run_dir
+        out.digests = RunDigests(root, load_or_create_consortium_key(key_folder), name)
         return out
+
+    def digest(self, server_round: int, arrays: ArrayRecord | None, accepted: list[dict]) -> str:
+        """Sign and append this round's digest (before its weights are saved); return its hash."""
+        from models import state_dict_sha256
+        from privacy.anchor import accepted_entry
+
+        weights = state_dict_sha256(arrays.to_torch_state_dict()) if arrays is not None else None
+        return self.digests.append(server_round, settings_sha256=self.settings_sha256, weights_sha256=weights,
+                                   accepted=[accepted_entry(r) for r in accepted])
 
     def weights_path(self, server_round: int) -> Path:
         return self.root / "weights" / f"round-{server_round:03d}.pt"

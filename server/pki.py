@@ -45,7 +45,7 @@ from privacy.keys import write_new_file
 __all__ = [
     "CA_CERT", "CA_DAYS", "CA_KEY", "SERVER_CERT", "SERVER_DAYS", "SERVER_KEY", "LOOPBACK_HOSTS",
     "LOOPBACK_IPS", "CertificateInfo", "ConsortiumPKI", "PKIError", "certificate_fingerprint",
-    "check_superlink_pki", "describe_certificate", "init_consortium", "superlink_tls_args",
+    "check_superlink_pki", "describe_certificate", "init_consortium", "register_site", "superlink_tls_args",
 ]
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
@@ -314,3 +314,41 @@ def superlink_tls_args(pki_dir: str | Path, *, node_auth: bool = True) -> list[s
     if node_auth:
         args.append("--enable-supernode-auth")
     return args
+
+
+def register_site(keys_dir: str | Path, name: str, *, node_id: int | None, ledger_key: str | Path,
+                  card: str | Path | None = None):
+    """Bind site ``name`` in the consortium registry (``keys_dir/registry.json``, :mod:`privacy.registry`).
+
+    ``node_id``: the Flower node id its node key was registered under (``flwr supernode register --format json``);
+    ``ledger_key``: the site's Ed25519 ledger public key (``site_ed25519.pub``), enrolled as ``keys_dir/<name>.pub``;
+    ``card``: its dataset card (``atoll site check --card``), whose training counts bound its FedAvg weight and its
+    delta. Refuses a different ledger key already enrolled under ``name`` and a node id already bound to another
+    site. Returns the registry entry.
+    """
+    import json
+
+    from privacy.keys import KeyFileError, key_id, load_public_key, write_public_key
+    from privacy.registry import RegistryError, SiteEntry, SiteRegistry, card_counts
+
+    keys = Path(keys_dir)
+    keys.mkdir(parents=True, exist_ok=True)
+    try:
+        pub = load_public_key(ledger_key)
+        write_public_key(pub, keys / f"{name}.pub")
+    except KeyFileError as exc:
+        raise PKIError(f"--ledger-key: {exc}") from None
+    examples = patients = None
+    if card is not None:
+        try:
+            examples, patients = card_counts(json.loads(Path(card).read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            raise PKIError(f"--card {card}: {exc}") from None
+    registry = SiteRegistry.load(keys) or SiteRegistry(keys / "registry.json")
+    entry = SiteEntry(name, node_id=node_id, ledger_key_id=key_id(pub), train_examples=examples,
+                      train_patients=patients)
+    try:
+        registry.bind(entry)
+    except RegistryError as exc:
+        raise PKIError(str(exc)) from None
+    return entry

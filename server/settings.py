@@ -35,6 +35,7 @@ class RunSettings:
     run_name: str = ""
     run_dir: str = ""
     keys_dir: str = ""
+    allow_unverified_demo: bool = False  # only the local demo may run without enrolled site keys (loud warning)
     model: str = "atollnet"
     lr: float = 0.05
     batch_size: int = 64

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from anchored_run import make_sites, run_anchored
 from privacy.audit import verify_run
 from contract import Mechanism
-from privacy.guard import BudgetGuard, BudgetRefused, RoundRequest
-from privacy.keys import ensure_site_key, generate_private_key, load_private_key, public_key_pem
-from privacy.ledger import ConsortiumLedger, SiteLedger, canonical_json, sign_record
-from privacy.policy import SitePolicy
+from privacy.guard import BudgetRefused, RoundRequest
+from privacy.keys import generate_private_key, load_private_key, public_key_pem
+from privacy.ledger import canonical_json, sign_record
 
 RUN = "run-1"
 SITES = {"hospital-a": 10.0, "hospital-b": 8.0}
@@ -23,31 +23,19 @@ SITES = {"hospital-a": 10.0, "hospital-b": 8.0}
 def make_consortium(root: Path, *, rounds: int = 3, accountant: str = "rdp", prior_run: bool = True) -> Path:
     """The demo's layout: DIR/runs/<run>/ledger.jsonl, DIR/<site>/state/ledger.jsonl, DIR/consortium/keys.
 
-    hospital-a also has an earlier run on the same dataset (so epsilon spans runs) and one refusal.
-    Returns the run folder.
+    Written by the real server outputs (settings, consortium ledger, signed round digests, weights, history,
+    status: tests/anchored_run.py). hospital-a also has an earlier run on the same dataset (so epsilon spans
+    runs) and one refusal. Returns the run folder.
     """
     keys = root / "consortium" / "keys"
-    keys.mkdir(parents=True)
-    run_dir = root / "runs" / RUN
-    server = ConsortiumLedger(run_dir, keys_dir=keys)
-    for site, budget in SITES.items():
-        pem = root / site / "keys" / "site_ed25519.pem"
-        (keys / f"{site}.pub").write_bytes(ensure_site_key(pem))
-        ledger = SiteLedger(root / site / "state" / "ledger.jsonl", site=site, signing_key=load_private_key(pem))
-        guard = BudgetGuard(ledger, SitePolicy.from_table({"max_epsilon": budget, "accountant": accountant}, "t"),
-                            num_patients=1500)
-        runs = ["run-0", RUN] if prior_run and site == "hospital-a" else [RUN]
-        for run in runs:
-            for rnd in range(1, rounds + 1):
-                req = RoundRequest(run, rnd, Mechanism(noise_multiplier=1.0 + 0.1 * rnd, clip_norm=1.0, sample_rate=0.04, steps=30))
-                res = guard.reserve(req, weights_in_sha256=f"{rnd:064x}")
-                rec = guard.complete(res, update_sha256=f"{rnd + 100:064x}")
-                if run == RUN:
-                    server.accept(json.loads(json.dumps(rec)), site=site)
-        if site == "hospital-a":
-            with pytest.raises(BudgetRefused):
-                guard.reserve(RoundRequest(RUN, 9, Mechanism(noise_multiplier=0.1, clip_norm=1.0, sample_rate=0.04, steps=30)), weights_in_sha256="0" * 64)
-    return run_dir
+    sites = make_sites(root, keys, SITES, accountant=accountant)
+    if prior_run:
+        run_anchored(root, {"hospital-a": sites["hospital-a"]}, keys, run_name="run-0", rounds=rounds, min_sites=1)
+    run = run_anchored(root, sites, keys, run_name=RUN, rounds=rounds)
+    if prior_run:
+        with pytest.raises(BudgetRefused):
+            sites["hospital-a"].guard.reserve(RoundRequest(RUN, 9, Mechanism(noise_multiplier=0.1, clip_norm=1.0, sample_rate=0.04, steps=30)), weights_in_sha256="0" * 64)
+    return run.run_dir
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +114,7 @@ def _drop_site(run_dir: Path) -> None:
 def _swap_server(run_dir: Path) -> None:
     p = run_dir / "ledger.jsonl"
     lines = _lines(p)
-    lines[0], lines[1] = lines[1], lines[0]
+    lines[0], lines[2] = lines[2], lines[0]  # hospital-a round 1 <-> round 2 (the server copy interleaves sites)
     _write(p, lines)
 
 
@@ -153,21 +141,25 @@ def _replace_public_key(run_dir: Path) -> None:
 
 TAMPER = [
     ("edit one field (server copy)", _edit_server_field,
-     ["ERROR server copy line 2 (site hospital-a, run run-1, round 2) field 'sig': signature does not verify",
-      "ERROR server copy line 2 (site hospital-a, run run-1, round 2): this record is not in the site's own ledger",
-      "ERROR server copy line 2 (site hospital-a, run run-1, round 2) field 'epsilon_after': recorded ε="]),
+     ["ERROR server copy line 2 (site hospital-b, run run-1, round 1) field 'sig': signature does not verify",
+      "ERROR server copy line 2 (site hospital-b, run run-1, round 1): this record is not in the site's own ledger",
+      "ERROR server copy line 2 (site hospital-b, run run-1, round 1) field 'epsilon_after': recorded ε=",
+      "ERROR server copy line 2 (site hospital-b, run run-1, round 1): is not the record (seq 1) round 1's signed "
+      "digest accepted"]),
     ("edit one field (site ledger)", _edit_site_field,
      ["hospital-b/state/ledger.jsonl line 3 (site hospital-b, run run-1, round 2) field 'sig': signature does not",
       "hospital-b/state/ledger.jsonl line 4 (site hospital-b, run run-1, round 2) field 'prev': does not match",
       "hospital-b/state/ledger.jsonl line 4 (site hospital-b, run run-1, round 2) field 'steps': 3 in the res"]),
     ("drop a record (server copy)", _drop_server,
-     ["hospital-a/state/ledger.jsonl line 10 (site hospital-a, run run-1, round 2): this round record of the run is "
-      "missing from the server copy (dropped)"]),
+     ["hospital-b/state/ledger.jsonl line 2 (site hospital-b, run run-1, round 1): this round record of the run is "
+      "missing from the server copy (dropped)",
+      "ERROR digests.jsonl line 2 (site hospital-b, run run-1, round 1) field 'accepted': round 1's signed digest "
+      "names site 'hospital-b' record seq 1, which the server copy lacks"]),
     ("drop a record (site ledger)", _drop_site,
      ["hospital-b/state/ledger.jsonl line 3 (site hospital-b, run run-1, round 2) field 'seq': seq is 3, expected 2",
       "hospital-b/state/ledger.jsonl line 3 (site hospital-b, run run-1, round 2) field 'history'"]),
     ("swap two records (server copy)", _swap_server,
-     ["ERROR server copy line 2 (site hospital-a, run run-1, round 1) field 'seq': seq 7 does not follow seq 9",
+     ["ERROR server copy line 3 (site hospital-a, run run-1, round 1) field 'seq': seq 7 does not follow seq 9",
       "ERROR server copy line 1 (site hospital-a, run run-1, round 2): records of this site are in a different order"]),
     ("swap two records (site ledger)", _swap_site,
      ["hospital-b/state/ledger.jsonl line 3 (site hospital-b, run run-1, round 2) field 'seq': seq is 3, expected 2",
@@ -176,7 +168,7 @@ TAMPER = [
      ["ERROR server copy line 7 (site hospital-b, run run-1, round 4) field 'key_id': record names key",
       "ERROR server copy line 7 (site hospital-b, run run-1, round 4): this record is not in the site's own ledger"]),
     ("replace a public key", _replace_public_key,
-     ["ERROR server copy line 4 (site hospital-b, run run-1, round 1) field 'key_id': record names key",
+     ["ERROR server copy line 2 (site hospital-b, run run-1, round 1) field 'key_id': record names key",
       "hospital-b/state/ledger.jsonl line 1 (site hospital-b, run run-1, round 1) field 'key_id'"]),
 ]
 
@@ -253,10 +245,11 @@ def test_cli_exit_codes_and_output(run_dir: Path, capsys) -> None:
     args = _cli(["verify", str(run_dir), *ledgers, "--keys", str(run_dir.parent.parent / "consortium" / "keys")])
     assert args.func(args) == 1
     out = capsys.readouterr().out
-    assert "hospital-a: FAIL" in out and "verdict: FAIL" in out and "(dropped)" in out
+    assert "hospital-b: FAIL" in out and "verdict: FAIL" in out and "(dropped)" in out
     args = _cli(["verify", str(run_dir), "--json"])
-    assert args.func(args) == 0  # the server copy alone is consistent: the drop needs the site ledger to show
-    assert json.loads(capsys.readouterr().out)["ok"] is True
+    assert args.func(args) == 1  # without the site ledgers the consortium's signed round digests show the drop
+    result = json.loads(capsys.readouterr().out)
+    assert result["ok"] is False and any("which the server copy lacks" in f["message"] for f in result["findings"])
 
 
 def test_prv_records_are_checked_against_google_pld(tmp_path: Path) -> None:

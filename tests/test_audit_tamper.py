@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from anchored_run import make_sites, run_anchored
 from privacy.audit import verify_run
 from privacy.cli import add_audit_parser
 from contract import Mechanism
-from privacy.guard import BudgetGuard, BudgetRefused, RoundRequest
+from privacy.guard import BudgetRefused, RoundRequest
 from privacy.keys import generate_private_key, write_public_key
-from privacy.ledger import ConsortiumLedger, SiteLedger, canonical_json, sign_record
-from privacy.policy import SitePolicy
+from privacy.ledger import canonical_json, sign_record
 
 RUN = "run-1"
 SITES = ("hospital-a", "hospital-b")
@@ -44,31 +44,23 @@ class World:
 
 
 def _build(root: Path) -> World:
-    """Two sites; hospital-a also trained in an earlier run (lifetime history) and refused one round."""
+    """Two sites; hospital-a also trained in an earlier run (lifetime history) and refused one round.
+
+    The server side is written by the real server outputs (tests/anchored_run.py): settings.json, the consortium
+    ledger, the signed round digests, weights per round, history.json and status.json.
+    """
     run_dir = root / "runs" / RUN
     keys_dir = run_dir / "keys"
-    keys_dir.mkdir(parents=True)
-    policy = SitePolicy.from_table({"max_epsilon": 8.0, "accountant": "rdp"}, where="test [privacy]")
-    guards, keys, ledgers = {}, {}, {}
-    for name in SITES:
-        key = generate_private_key()
-        write_public_key(key, keys_dir / f"{name}.pub")
-        ledgers[name] = root / name / "ledger.jsonl"
-        keys[name] = key
-        guards[name] = BudgetGuard(SiteLedger(ledgers[name], site=name, signing_key=key), policy, num_patients=400)
+    sites = make_sites(root, keys_dir, {n: 8.0 for n in SITES}, patients=400)
+    shape = dict(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.05, local_steps=20)
     # an earlier run at hospital-a: not in this run's server copy, but part of its lifetime budget
-    g = guards["hospital-a"]
-    g.complete(g.reserve(RoundRequest("run-0", 1, Mechanism(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.05, steps=20)), weights_in_sha256=W), update_sha256=_h("old"))
-    server = ConsortiumLedger(run_dir, keys_dir)
-    for rnd in (1, 2, 3):
-        for name in SITES:
-            g = guards[name]
-            res = g.reserve(RoundRequest(RUN, rnd, Mechanism(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.05, steps=20)), weights_in_sha256=_h(f"w{rnd}"))
-            rec = g.complete(res, update_sha256=_h(f"{name}{rnd}"))
-            server.accept(json.loads(json.dumps(rec)), site=name)  # as it arrives over the wire
+    run_anchored(root, {"hospital-a": sites["hospital-a"]}, keys_dir, run_name="run-0", rounds=1, min_sites=1,
+                 **shape)
+    run_anchored(root, sites, keys_dir, run_name=RUN, rounds=3, **shape)
     with pytest.raises(BudgetRefused):  # out of policy: recorded on site, never sent
-        guards["hospital-b"].reserve(RoundRequest(RUN, 4, Mechanism(noise_multiplier=0.1, clip_norm=1.0, sample_rate=0.05, steps=20)), weights_in_sha256=_h("w4"))
-    return World(root, run_dir, keys_dir, ledgers, keys)
+        sites["hospital-b"].guard.reserve(RoundRequest(RUN, 4, Mechanism(noise_multiplier=0.1, clip_norm=1.0, sample_rate=0.05, steps=20)), weights_in_sha256=_h("w4"))
+    return World(root, run_dir, keys_dir, {n: s.ledger_path for n, s in sites.items()},
+                 {n: s.key for n, s in sites.items()})
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +74,7 @@ def world(pristine: World, tmp_path: Path) -> World:
     root = tmp_path / "w"
     shutil.copytree(pristine.root, root)
     return World(root, root / "runs" / RUN, root / "runs" / RUN / "keys",
-                 {n: root / n / "ledger.jsonl" for n in SITES}, pristine.keys)
+                 {n: root / n / "state" / "ledger.jsonl" for n in SITES}, pristine.keys)
 
 
 def _lines(path: Path) -> list[dict]:
@@ -303,18 +295,15 @@ def test_honest_large_sample_rate_record_passes(tmp_path: Path) -> None:
     fractional orders; the audit must not call that an under-count (it confirms with dp_accounting's PLD)."""
     from privacy.audit import google_epsilon
 
-    run_dir = tmp_path / "runs" / "r1"
-    (run_dir / "keys").mkdir(parents=True)
-    key = generate_private_key()
-    write_public_key(key, run_dir / "keys" / "small.pub")
-    policy = SitePolicy.from_table({"max_epsilon": 12.0, "noise_multiplier": [1.0, 10.0]}, where="test [privacy]")
-    guard = BudgetGuard(SiteLedger(tmp_path / "small.jsonl", site="small", signing_key=key), policy, num_patients=100)
-    rec = guard.complete(guard.reserve(RoundRequest("r1", 1, Mechanism(noise_multiplier=1.5, clip_norm=1.0, sample_rate=0.3, steps=100)), weights_in_sha256=W),
-                         update_sha256=_h("u"))
-    ConsortiumLedger(run_dir, run_dir / "keys").accept(json.loads(json.dumps(rec)), site="small")
+    keys = tmp_path / "keys"
+    sites = make_sites(tmp_path, keys, {"small": 12.0}, patients=100, policy_extra={"noise_multiplier": [1.0, 10.0]})
+    run = run_anchored(tmp_path, sites, keys, run_name="r1", rounds=1, min_sites=1, noise_multiplier=1.5,
+                       clip_norm=1.0, sample_rate=0.3, local_steps=100)
+    run_dir = run.run_dir
+    rec = [r for r in _lines(run.site_ledgers[0]) if r["type"] == "round"][0]
     hist = ((1.5, 0.3, 100),)
     assert rec["epsilon_after"] < google_epsilon(hist, 1e-3, "rdp") * 0.99 - 0.01  # the situation is real
     assert rec["epsilon_after"] >= google_epsilon(hist, 1e-3, "pld")
-    result = verify_run(run_dir, [tmp_path / "small.jsonl"], run_dir / "keys")
+    result = verify_run(run_dir, run.site_ledgers, keys)
     assert result.ok, result.text()
     assert result.sites["small"].points[0].independent_method == "dp_accounting PLD"
