@@ -160,12 +160,12 @@ dicom_dir = "dicom"
 val_fraction = 0.2
 
 [privacy]
-epsilon_budget = 30.0
-delta = 1e-3
-max_noise_multiplier = 10.0
-min_noise_multiplier = 0.3
-max_clip_norm = 10.0
-max_sample_rate = 1.0
+max_epsilon = 20.0
+accountant = "rdp"
+noise_multiplier = [0.3, 10.0]
+clip_norm = [0.1, 10.0]
+local_steps = [1, 2000]
+allow_non_dp = true
 released_metrics = {json.dumps(released)}
 """
 
@@ -185,7 +185,7 @@ def generate(out: Path, *, n_heldout: int = 40, limit: int | None = None, releas
     ``limit`` keeps only the first ``limit`` subjects of each hospital (tests use tiny consortia).
     """
     out = Path(out)
-    released = released or ["train_loss", "val_loss", "val_dice", *(f"val_dice_{lab}" for lab in LABELS)]
+    released = released or ["num-examples", "train_loss", "train_seconds", "val_loss", "val_dice", *(f"val_dice_{lab}" for lab in LABELS)]
     want = {"format": FORMAT_VERSION, "n_heldout": n_heldout, "limit": limit, "released": released}
     mpath = out / "manifest.json"
     if mpath.exists():
