@@ -133,6 +133,15 @@ def write_seg(path: Path, sources: list[Any], mask_frames: np.ndarray, tag: str)
     seg.save_as(path)
 
 
+def enhanced_mask_frames(enhanced: Any, slices: list[Any], mask_frames: np.ndarray) -> np.ndarray:
+    """``mask_frames`` (one per legacy slice) in the frame order of ``enhanced``: the converter sorts frames itself,
+    so frame ``i`` is matched to its slice by position."""
+    where = {tuple(round(float(v), 3) for v in ds.ImagePositionPatient): k for k, ds in enumerate(slices)}
+    order = [where[tuple(round(float(v), 3) for v in f.PlanePositionSequence[0].ImagePositionPatient)]
+             for f in enhanced.PerFrameFunctionalGroupsSequence]
+    return mask_frames[order]
+
+
 def write_nifti_mask(path: Path, label: np.ndarray, affine_ras: np.ndarray) -> None:
     import nibabel as nib
 
@@ -243,7 +252,7 @@ def _write_hospital(root: Path, name: str, ids: list[str], released: list[str]) 
                 sop_instance_uid=_uid(f"{tag}|enh"), instance_number=1)
             folder.mkdir(parents=True, exist_ok=True)
             enhanced.save_as(folder / "MR.dcm")
-            write_seg(folder / "SEG.dcm", [enhanced], mask_frames, tag)
+            write_seg(folder / "SEG.dcm", [enhanced], enhanced_mask_frames(enhanced, slices, mask_frames), tag)
         else:
             folder.mkdir(parents=True, exist_ok=True)
             for ds in slices:
