@@ -2,6 +2,12 @@
 
     atoll site check --data DIR [--labels CSV] [--report PATH] [--card PATH]
     atoll site check --config site.toml [--report PATH]
+    atoll site check --data DIR --volumes [--labels CSV] [--modalities MR CT] [--report PATH]
+
+``--volumes`` (or ``[data] kind = "volumes"`` in the site config) looks at 3D series instead of 2D images: each
+series is assembled by geometry and its mask (DICOM SEG in the folder, or a NIfTI named in the labels CSV by
+SeriesInstanceUID, column ``mask``) checked against the image grid; each ``used`` entry of the report is a series
+with its ``files``, ``native_shape`` (slices, rows, columns) and ``native_spacing_mm``.
 
 Prints the dataset card (counts only; the part that may be shown to the consortium). ``--report`` writes the
 on-site JSON report (every file used or quarantined with its reason; stays on site, written 0600). Exit codes:
@@ -19,6 +25,8 @@ from typing import Any
 
 from client.ingest.card import DEFAULT_THRESHOLD, format_card
 from client.ingest.dataset import NoUsableImagesError, SiteDataset, build_site_dataset
+from client.volumes import build_volume_dataset
+from client.volumes.card import format_volume_card
 from client.site_config import LABEL_KEYS, ConfigError, SiteConfig, default_site_config, load_site_config
 
 EXIT_OK, EXIT_NO_DATA, EXIT_CONFIG = 0, 1, 2
@@ -46,6 +54,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--label-column", help="CSV column holding the class label (with --data)")
     p.add_argument("--modalities", nargs="+", metavar="CODE",
                    help='allowed modalities with --data (default CR DX; "*" allows any)')
+    p.add_argument("--volumes", action="store_true",
+                   help="3D series (CT/MR volumes with DICOM SEG or NIfTI masks) instead of 2D images (with --data)")
     p.add_argument("--image-size", type=int, help="preprocessed image side (with --data; default 28)")
     p.add_argument("--report", type=Path, help="write the on-site JSON report here (never share it)")
     p.add_argument("--card", type=Path, help="also write the dataset card as JSON here (shareable)")
@@ -57,12 +67,15 @@ def add_parser(subparsers: Any) -> None:
 def _config(args: argparse.Namespace) -> SiteConfig:
     if args.config is not None:
         flags = [f for f in ("labels", "label_key", "label_column", "modalities", "image_size")
-                 if getattr(args, f, None) is not None]
+                 if getattr(args, f, None) is not None] + (["volumes"] if getattr(args, "volumes", False) else [])
         if flags:
             raise ConfigError(f"--{flags[0].replace('_', '-')} only applies with --data; with --config set it in "
                               f"the [data] section of {args.config}")
         return load_site_config(args.config)
     overrides: dict[str, Any] = {}
+    if getattr(args, "volumes", False):
+        overrides.update(kind="volumes", task="segmentation", modalities=("MR", "CT"),
+                         label_key="SeriesInstanceUID", label_column="mask")
     if args.label_key:
         overrides["label_key"] = args.label_key
     if args.label_column:
@@ -92,14 +105,15 @@ def run_check(args: argparse.Namespace) -> int:
     try:
         cfg = _config(args)
         try:
-            dataset: SiteDataset = build_site_dataset(cfg, threshold=args.threshold)
+            dataset: SiteDataset = (build_volume_dataset(cfg, None, threshold=args.threshold) if cfg.kind == "volumes"
+                                    else build_site_dataset(cfg, threshold=args.threshold))
             failure = None
         except NoUsableImagesError as e:
             dataset, failure = e.dataset, str(e)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    print(format_card(dataset.card))
+    print(format_volume_card(dataset.card) if cfg.kind == "volumes" else format_card(dataset.card))
     try:
         if args.report is not None:
             _write_private(args.report, dataset.report)
@@ -116,7 +130,7 @@ def run_check(args: argparse.Namespace) -> int:
         if args.report is None:
             print("hint: add --report report.json to see the reason for every file", file=sys.stderr)
         return EXIT_NO_DATA
-    if cfg.labels_csv is None:
+    if cfg.labels_csv is None and not dataset.card.get("labels", {}).get("provided"):
         print("\nNo labels given: every decodable image counts as used. Training needs a labels CSV.")
     return EXIT_OK
 

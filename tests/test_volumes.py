@@ -224,3 +224,23 @@ def test_nifti_mask_values_must_be_the_sites_labels(tmp_path: Path) -> None:
     assert [q["reason"] for q in ds.report["quarantined"]] == ["BAD_MASK"]
     assert "outside 0..2" in ds.report["quarantined"][0]["detail"]
     assert nib.load(tmp_path / "m.nii.gz").shape == image.shape
+
+
+def test_site_check_volumes_reports_series(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from client.site_check import main
+
+    sl, image, label, aff = _slices(SUBJECTS[0], "check")
+    (tmp_path / "dicom").mkdir()
+    _write(tmp_path, sl)
+    hippo.write_seg(tmp_path / "dicom" / "seg.dcm", sl, np.stack([label[:, :, k].T for k in range(label.shape[2])]), "k")
+    (tmp_path / "dicom" / "notes.txt").write_text("not DICOM")
+    rc = main(["site", "check", "--data", str(tmp_path / "dicom"), "--volumes", "--modalities", "MR",
+               "--report", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "series used     1" in out and "NOT_DICOM" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    (entry,) = report["used"]
+    assert entry["native_shape"] == [image.shape[2], image.shape[1], image.shape[0]]
+    assert entry["native_spacing_mm"] == [1.0, 1.0, 1.0] and len(entry["files"]) == image.shape[2]
+    assert all(not f.startswith("/") for f in entry["files"])
+    assert CANARY_ID not in out and CANARY_ID not in json.dumps(report["card"])
