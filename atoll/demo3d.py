@@ -29,7 +29,7 @@ TASK_KW = dict(kind="segmentation", spatial_dims=3, classes=(), labels=hippo.LAB
                spacing_mm=(1.0, 1.0, 1.0), orientation="RAS", modalities=("MR",))
 # DP recipe of the demo: per round and site 8 DP-SGD steps, patients Poisson-sampled at q = 0.3, clip 1, sigma 1.2;
 # 3 rounds spend epsilon ~ 5.5 per site at delta = 1/(10 x patients) (RDP; the smallest site spends the most).
-DEFAULTS = {"model": "basicunet-small", "lr": 0.1, "steps": 8, "noise_multiplier": 1.2, "clip_norm": 1.0,
+DEFAULTS = {"model": "basicunet-small", "lr": 0.5, "steps": 8, "noise_multiplier": 1.2, "clip_norm": 1.0,
             "sample_rate": 0.3}
 REFERENCE = ("nnU-Net (pooled, full resolution, 260 subjects) on the Decathlon's hidden test set: Dice about "
              "0.90 anterior / 0.89 posterior (Isensee et al. 2021)")
