@@ -1,6 +1,9 @@
 """DP-SGD step cost vs a plain step, for every Opacus per-sample-gradient mode Atoll considered.
 
-    python bench/dp_overhead.py [--quick] [--threads N] [--rounds R]
+    python bench/dp_overhead.py [--quick] [--threads N] [--rounds R] [--3d]
+
+``--3d`` runs only the 3D segmentation rows (``basicunet-small`` on 32 x 48 x 32 volumes, the hippocampus demo's
+network and grid, and ``basicunet``) with the task's per-patient Dice + CE loss; the full run includes them.
 
 Prints a table, then ONE JSON object on the last stdout line, and writes bench/results/dp_overhead.json.
 Headline keys: ``ratio`` (DP step time / non-DP step time) and ``mem_ratio`` (peak step memory ratio) for
@@ -59,16 +62,38 @@ BATCH = 64
 LR = 0.05  # train_local's default optimizer (SGD, momentum 0.9) at the default run lr
 FULL = [(DEFAULT_MODEL, 28, BATCH), (DEFAULT_MODEL, 64, BATCH), ("densenet121", 64, BATCH)]
 QUICK = [(DEFAULT_MODEL, 28, BATCH)]
+#: 3D segmentation rows: (network, "DxHxW", expected batch of volumes)
+BATCH_3D = 6
+ROWS_3D = [("basicunet-small", "32x48x32", BATCH_3D), ("basicunet", "32x48x32", BATCH_3D)]
+MODES_3D = ("bk", "hooks")  # Atoll's mode for Conv/GroupNorm networks, and Opacus' reference
+
+
+def _seg_task(px: str):
+    from contract import TaskSpec
+
+    size = tuple(int(v) for v in px.split("x"))
+    return TaskSpec(kind="segmentation", spatial_dims=3, classes=(), labels=("anterior", "posterior"), size=size)
 
 
 def _contenders(name: str, px: int, batch: int, modes: list[str]):
     """(label, step function) for the plain step and each DP mode, all on the same batch."""
     torch.manual_seed(0)
-    x = torch.randn(batch, 1, px, px)
-    y = torch.randint(0, 2, (batch,))
-    plain = build_model(name)
+    criterion, task = None, None
+    if isinstance(px, str):  # a 3D segmentation row
+        from models import build_loss, build_task_model
+
+        task = _seg_task(px)
+        x = torch.randn(batch, 1, *task.size)
+        y = torch.randint(0, 3, (batch, *task.size))
+        criterion = build_loss(task)
+        plain = build_task_model(name, task)
+        loss_fn = criterion("mean")
+    else:
+        x = torch.randn(batch, 1, px, px)
+        y = torch.randint(0, 2, (batch,))
+        plain = build_model(name)
+        loss_fn = nn.CrossEntropyLoss()
     opt = make_optimizer(plain.parameters(), lr=LR)
-    loss_fn = nn.CrossEntropyLoss()
 
     def plain_step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -77,10 +102,10 @@ def _contenders(name: str, px: int, batch: int, modes: list[str]):
 
     out = [("non-dp", plain_step)]
     for mode in modes:
-        model = build_model(name)
+        model = build_model(name) if task is None else build_task_model(name, task)
         private = PrivateStep(
             model, make_optimizer(model.parameters(), lr=LR), Mechanism(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.1),
-            expected_batch_size=batch, grad_sample_mode=mode,
+            expected_batch_size=batch, grad_sample_mode=mode, **({} if criterion is None else {"criterion": criterion}),
         )
         out.append((mode, lambda p=private: p.step(x, y)))
     return out
@@ -147,20 +172,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="default network at 28 px only, fewer rounds")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: stable on a shared CPU)")
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--3d", dest="only_3d", action="store_true", help="only the 3D segmentation rows")
     ap.add_argument("--_mem", nargs=4, metavar=("MODEL", "PX", "BATCH", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args._mem:
         name, px, batch, mode = args._mem
-        _mem_child(name, int(px), int(batch), mode)
+        _mem_child(name, px if "x" in px else int(px), int(batch), mode)
         return 0
     atoll_mode = resolve_grad_sample_mode(build_model(DEFAULT_MODEL))  # what train_local uses by default
-    configs = QUICK if args.quick else FULL
+    configs = ROWS_3D if args.only_3d else (QUICK if args.quick else FULL + ROWS_3D)
     rounds = args.rounds or (8 if args.quick else 15)
     results = []
     for name, px, batch in configs:
-        modes = list(GRAD_SAMPLE_MODES)
-        r = rounds if name != "densenet121" else max(3, rounds // 4)
+        modes = list(MODES_3D if isinstance(px, str) else GRAD_SAMPLE_MODES)
+        r = rounds if name == DEFAULT_MODEL else max(3, rounds // 4)
         times = time_config(name, px, batch, modes, r)
         mem = mem_config(name, px, batch, list(times), args.threads)
         rows = {k: {**times[k], **mem[k]} for k in times}
@@ -170,14 +196,19 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in rows.items():
             mark = "  <- Atoll default" if k == atoll_mode else ""
             print(f"  {k:12s} {v['cpu_ms']:9.1f} {v['wall_ms']:9.1f} {v['ratio']:7.2f} {v['mem_mb']:8.1f} {v['mem_ratio']:9.2f}{mark}")
-    head = next(c for c in results if c["model"] == DEFAULT_MODEL and c["image_size"] == DEFAULT_IMAGE_SIZE)
+    rows_3d = [c for c in results if isinstance(c["image_size"], str)]
+    head = next((c for c in results if c["model"] == DEFAULT_MODEL and c["image_size"] == DEFAULT_IMAGE_SIZE),
+                rows_3d[0] if rows_3d else None)
+    if head is not results[0] and head["model"] != DEFAULT_MODEL:
+        atoll_mode = "bk"
     summary = {
         "ratio": head["steps"][atoll_mode]["ratio"],
         "mem_ratio": head["steps"][atoll_mode]["mem_ratio"],
         "mode": atoll_mode,
-        "model": DEFAULT_MODEL,
-        "image_size": DEFAULT_IMAGE_SIZE,
-        "batch": BATCH,
+        "model": head["model"],
+        "image_size": head["image_size"],
+        "batch": head["batch"],
+        "ratio_3d": {f"{c['model']} {c['image_size']}": c["steps"]["bk"]["ratio"] for c in rows_3d},
         "quick": args.quick,
         "threads": args.threads,
         "time_method": "median over rounds of per-round process-CPU-time ratio, contenders interleaved in one process",
@@ -187,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.machine(),
         "configs": results,
     }
-    out = ROOT / "bench" / "results" / "dp_overhead.json"
+    out = ROOT / "bench" / "results" / ("dp_overhead_3d.json" if args.only_3d else "dp_overhead.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))

@@ -15,6 +15,7 @@ differ) and the table reports the mean and every run. Evaluation: argmax of the 
 tuning on the test split. Reference: MedMNIST v2 centralised ResNet-18 at 28 px, ACC 0.854 / AUC 0.944.
 
     python bench/utility.py [--quick] [--repeats N]
+    python bench/utility.py --task hippocampus [--quick]   (3D segmentation: bench/utility_hippocampus.py)
 """
 
 from __future__ import annotations
@@ -43,6 +44,14 @@ def _summary(label: str, runs: list[dict], **extra) -> dict:
 
 
 def main() -> None:
+    if "--task" in sys.argv[1:]:  # the 3D hippocampus arms live in their own module
+        from bench.utility_hippocampus import main as hippocampus_main
+
+        args = sys.argv[1:]
+        i = args.index("--task")
+        if args[i + 1:i + 2] != ["hippocampus"]:
+            raise SystemExit("--task: only 'hippocampus' (the default, without --task, is the chest X-ray bench)")
+        raise SystemExit(hippocampus_main(args))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 rounds of 50 local steps, 1 run per arm")
     ap.add_argument("--repeats", type=int, default=None, help="runs per arm (default 3; 1 with --quick)")

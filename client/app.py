@@ -105,7 +105,7 @@ def _site_for(context: Context, cfg: wire.RoundConfig) -> tuple[SiteRuntime, Run
     The approval comes first (an unapproved run learns nothing of the site's data); then the task is checked
     against the data, before any privacy is charged: a task that does not fit is refused with TASK_MISMATCH.
     """
-    site = site_runtime(context.node_config, cfg.task.image_size)
+    site = site_runtime(context.node_config, cfg.task.image_size, cfg.task)
     manifest = _approved_manifest(site, cfg)
     try:
         check_task_shape(cfg.task, site.config)

@@ -18,6 +18,7 @@ import torch
 
 from client.ingest import SiteDataset, build_site_dataset
 from client.site_config import SiteConfig, load_site_config
+from contract.task import TaskSpec
 from privacy.guard import BudgetGuard
 from privacy.keys import load_private_key
 from privacy.ledger import SiteLedger
@@ -78,13 +79,16 @@ class SiteRuntime:
         return site_dataset_fingerprint(self.config.secret_file, self.data.sop_uids)
 
 
-_CACHE: dict[tuple[str, int], SiteRuntime] = {}
+_CACHE: dict[tuple, SiteRuntime] = {}
 
 
-def site_runtime(node_config: dict, image_size: int) -> SiteRuntime:
-    """Load (once per process) the site behind this node, preprocessed at the run's image size."""
+def site_runtime(node_config: dict, image_size: int, task: "TaskSpec | None" = None) -> SiteRuntime:
+    """Load (once per process) the site behind this node, preprocessed at the run's image size (2D) or, at a
+    volume site (``[data] kind = "volumes"``), to the 3D task's grid (size, spacing, orientation)."""
     path = resolve_site_config(node_config).resolve()
-    key = (str(path), int(image_size))
+    vol_task = task if task is not None and task.spatial_dims == 3 else None
+    key = (str(path), int(image_size), None if vol_task is None else
+           (vol_task.size, vol_task.spacing_mm, vol_task.orientation))
     if key not in _CACHE:
         cfg = load_site_config(path)
         if cfg.image_size != image_size:
@@ -93,7 +97,12 @@ def site_runtime(node_config: dict, image_size: int) -> SiteRuntime:
             from client.pacs.mirror import require_complete_mirror
 
             require_complete_mirror(cfg)
-        data = build_site_dataset(cfg)
+        if cfg.kind == "volumes":  # a 2D task gets the check-only pass; task_fit then refuses it (TASK_MISMATCH)
+            from client.volumes import build_volume_dataset
+
+            data = build_volume_dataset(cfg, vol_task)
+        else:
+            data = build_site_dataset(cfg)
         ledger = open_site_ledger(cfg)
         guard = BudgetGuard(ledger, cfg.privacy, num_patients=data.train.num_patients)
         _CACHE[key] = SiteRuntime(cfg, data, guard, pick_device(cfg.device))

@@ -2,6 +2,12 @@
 
     atoll site check --data DIR [--labels CSV [--classes A B ...]] [--report PATH] [--card PATH] [--quiet]
     atoll site check --config site.toml [--report PATH]
+    atoll site check --data DIR --volumes [--labels CSV] [--modalities MR CT] [--report PATH]
+
+``--volumes`` (or ``[data] kind = "volumes"`` in the site config) looks at 3D series instead of 2D images: each
+series is assembled by geometry and its mask (DICOM SEG in the folder, or a NIfTI named in the labels CSV by
+SeriesInstanceUID, column ``mask``) checked against the image grid; each ``used`` entry of the report is a series
+with its ``files``, ``native_shape`` (slices, rows, columns) and ``native_spacing_mm``.
 
 Prints the dataset card (counts only; the part that may be shown to the consortium). ``--report`` writes the
 on-site JSON report (every file used or quarantined with its reason; stays on site, written 0600). Then applies
@@ -60,6 +66,8 @@ def add_parser(subparsers: Any) -> None:
                    help='allowed modalities with --data (default CR DX; "*" allows any)')
     p.add_argument("--classes", nargs="+", metavar="NAME",
                    help="class names when the labels are text, in index order (with --data; e.g. normal pneumonia)")
+    p.add_argument("--volumes", action="store_true",
+                   help="3D series (CT/MR volumes with DICOM SEG or NIfTI masks) instead of 2D images (with --data)")
     p.add_argument("--image-size", type=int, help="preprocessed image side (with --data; default 28)")
     p.add_argument("--report", type=Path, help="write the on-site JSON report here (never share it)")
     p.add_argument("--card", type=Path, help="also write the dataset card as JSON here (shareable)")
@@ -72,12 +80,15 @@ def add_parser(subparsers: Any) -> None:
 def _config(args: argparse.Namespace) -> SiteConfig:
     if args.config is not None:
         flags = [f for f in ("labels", "label_key", "label_column", "classes", "modalities", "image_size")
-                 if getattr(args, f, None) is not None]
+                 if getattr(args, f, None) is not None] + (["volumes"] if getattr(args, "volumes", False) else [])
         if flags:
             raise ConfigError(f"--{flags[0].replace('_', '-')} only applies with --data; with --config set it in "
                               f"the [data] section of {args.config}")
         return load_site_config(args.config)
     overrides: dict[str, Any] = {}
+    if getattr(args, "volumes", False):
+        overrides.update(kind="volumes", task="segmentation", modalities=("MR", "CT"),
+                         label_key="SeriesInstanceUID", label_column="mask")
     if args.label_key:
         overrides["label_key"] = args.label_key
     if args.label_column:
@@ -124,17 +135,21 @@ def run_check(args: argparse.Namespace) -> int:
         from client.ingest.dataset import NoUsableImagesError, build_site_dataset  # after config errors
         from client.ingest.progress import ingest_progress
         from client.ingest.quarantine import printable_name
+        from client.volumes import build_volume_dataset
+        from client.volumes.card import format_volume_card
 
         try:
             with ingest_progress(False if args.quiet else None) as progress:
-                dataset: SiteDataset = build_site_dataset(cfg, threshold=args.threshold, progress=progress)
+                dataset: SiteDataset = (
+                    build_volume_dataset(cfg, None, threshold=args.threshold) if cfg.kind == "volumes"
+                    else build_site_dataset(cfg, threshold=args.threshold, progress=progress))
             failure = None
         except NoUsableImagesError as e:
             dataset, failure = e.dataset, str(e)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    print(format_card(dataset.card))
+    print(format_volume_card(dataset.card) if cfg.kind == "volumes" else format_card(dataset.card))
     try:
         if args.report is not None:
             _write_private(args.report, dataset.report)
@@ -159,7 +174,7 @@ def run_check(args: argparse.Namespace) -> int:
     code = _check_policy(cfg, dataset)
     if code != EXIT_OK:
         return code
-    if cfg.labels_csv is None:
+    if cfg.labels_csv is None and not dataset.card.get("labels", {}).get("provided"):
         print("\nNo labels given: every decodable image counts as used. Training needs a labels CSV.")
     return EXIT_OK
 

@@ -28,7 +28,9 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from privacy.policy import SitePolicy
 
 LABEL_KEYS: tuple[str, ...] = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "AccessionNumber")
-TASKS: tuple[str, ...] = ("classification",)
+TASKS: tuple[str, ...] = ("classification", "segmentation")
+#: ``[data].kind``: what one example is — a 2D image (one file) or a 3D volume (one DICOM series)
+DATA_KINDS: tuple[str, ...] = ("images", "volumes")
 ANY_MODALITY = "*"
 MIN_SECRET_BYTES = 16
 #: Site name of a first look (``atoll site check --data``), which has no site TOML and so no name.
@@ -93,6 +95,8 @@ class SiteConfig:
     privacy: "SitePolicy"
     classes: tuple[str, ...] | None = None
     source: "PacsSource | None" = None  # [data.source]: dicom_dir is then the PACS mirror in state_dir
+    kind: str = "images"
+    labels: tuple[str, ...] | None = None  # volumes: names of mask values 1..K (segmentation)
 
     def allows_modality(self, modality: str | None) -> bool:
         """True when ``modality`` is in the allowed list (``"*"`` allows any, including a missing one)."""
@@ -193,6 +197,16 @@ def _classes(v: Any, where: str, ctx: _Ctx) -> tuple[str, ...]:
     return names
 
 
+def _labels(v: Any, where: str, ctx: _Ctx) -> tuple[str, ...]:
+    if not isinstance(v, list) or not v or not all(isinstance(c, str) and c.strip() for c in v):
+        raise _fail(ctx, where, f'expected an array of label names (mask value 1, 2, ...), e.g. ["anterior", '
+                                f'"posterior"], got {v!r}')
+    names = tuple(c.strip() for c in v)
+    if len(set(names)) != len(names):
+        raise _fail(ctx, where, "label names must be unique")
+    return names
+
+
 def _path(*, must_exist: bool, kind: str = "any") -> Parser:
     def parse(v: Any, where: str, ctx: _Ctx) -> Path:
         s = _str(v, where, ctx)
@@ -239,6 +253,8 @@ SECTIONS: dict[str, dict[str, _Key]] = {
         "label_column": _Key(_str),
         "classes": _Key(_classes),
         "task": _Key(_choice(TASKS)),
+        "kind": _Key(_choice(DATA_KINDS)),
+        "labels": _Key(_labels),
         "modalities": _Key(_modalities),
         "cache_dir": _Key(_path(must_exist=False)),
         "image_size": _Key(_int(4, 1024)),
@@ -329,6 +345,8 @@ def load_site_config(path: str | Path) -> SiteConfig:
         privacy=_load_policy(raw.get("privacy", {}), where=f"{p} [privacy]"),
         classes=values.get("classes"),
         source=source,
+        kind=_kind(values, ctx),
+        labels=values.get("labels"),
     )
 
 
@@ -347,6 +365,19 @@ def _data_location(values: dict[str, Any], state_dir: Path, ctx: _Ctx) -> tuple[
     from client.pacs.source import with_default_modalities
 
     return with_default_modalities(source, values.get("modalities", DEFAULTS["modalities"])), mirror_dir(state_dir)
+
+
+def _kind(values: dict[str, Any], ctx: _Ctx) -> str:
+    """``[data].kind`` (images or volumes) must agree with ``[data].task``: segmentation is of volumes here."""
+    kind = values.get("kind", "volumes" if values.get("task") == "segmentation" else "images")
+    if values.get("task", DEFAULTS["task"]) == "segmentation" and kind != "volumes":
+        raise _fail(ctx, "[data].kind", 'segmentation sites hold 3D series: set kind = "volumes"')
+    if kind == "volumes" and values.get("task", DEFAULTS["task"]) != "segmentation":
+        raise _fail(ctx, "[data].task", 'a volume site is labelled for segmentation: set task = "segmentation" '
+                                        '(3D classification is not supported yet)')
+    if "labels" in values and kind != "volumes":
+        raise _fail(ctx, "[data].labels", "names mask values of a volume site; use [data].classes for images")
+    return kind
 
 
 def _load_policy(table: Mapping[str, Any], where: str) -> "SitePolicy":

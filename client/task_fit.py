@@ -48,6 +48,10 @@ def check_task_shape(task: TaskSpec, cfg: SiteConfig) -> None:
     if task.kind != cfg.task:
         raise TaskMismatch(f"the run's task is {task.kind} but this site's data is labelled for {cfg.task} "
                            "([data].task of the site config)")
+    if cfg.kind == "volumes":
+        if task.spatial_dims != 3:
+            raise TaskMismatch(f"the run's task is {task.spatial_dims}D but this site holds 3D volumes")
+        return
     if task.spatial_dims != 2:
         raise TaskMismatch(f"the run's task is {task.spatial_dims}D but this site holds 2D images")
     if task.size[0] != task.size[1]:
@@ -77,9 +81,30 @@ def class_map(task: TaskSpec, site_classes: tuple[str, ...] | None, labels_seen:
     return torch.arange(n, dtype=torch.int64)
 
 
+def label_map(task: TaskSpec, site_labels: tuple[str, ...] | None, values_seen: set[int]) -> torch.Tensor:
+    """Lookup table site mask value -> task voxel value (0 background stays 0); :class:`TaskMismatch` naming what
+    differs. Named site labels map by name (two sites may number their structures differently)."""
+    if site_labels:
+        foreign = [site_labels[v - 1] for v in sorted(values_seen) if 0 < v <= len(site_labels)
+                   and site_labels[v - 1] not in task.labels]
+        if foreign:
+            raise TaskMismatch(f"this site's masks include label(s) {', '.join(foreign)} that the run's task does not "
+                               f"have (task labels: {', '.join(task.labels)})")
+        lut = [0] + [task.labels.index(n) + 1 if n in task.labels else 0 for n in site_labels]
+        return torch.tensor(lut, dtype=torch.int64)
+    n = len(task.labels)
+    beyond = sorted(v for v in values_seen if v > n)
+    if beyond:
+        raise TaskMismatch(f"this site's masks hold value {beyond[0]} but the run's task has {n} label(s) "
+                           f"({', '.join(task.labels)}); name the site's labels in [data].labels")
+    return torch.arange(n + 1, dtype=torch.int64)
+
+
 def fit_task(task: TaskSpec, cfg: SiteConfig, data: SiteDataset) -> FittedData:
-    """The site's splits relabelled to the task's classes, or :class:`TaskMismatch`."""
+    """The site's splits relabelled to the task's classes (or labels), or :class:`TaskMismatch`."""
     check_task_shape(task, cfg)
+    if cfg.kind == "volumes":
+        return _fit_volumes(task, cfg, data)
     channels = int(data.train.images.shape[1]) if data.train.images.ndim == 4 else 1
     if channels != task.in_channels:
         raise TaskMismatch(f"the run's task expects {task.in_channels} input channel(s); this site's images have "
@@ -93,6 +118,30 @@ def fit_task(task: TaskSpec, cfg: SiteConfig, data: SiteDataset) -> FittedData:
                 f"{', '.join(task.modalities)}; restrict [data].modalities of the site config")
     seen = {int(v) for split in (data.train, data.val) for v in split.labels.unique().tolist() if int(v) >= 0}
     lut = class_map(task, cfg.classes, seen)
+    return FittedData(train=_relabel(data.train, lut), val=_relabel(data.val, lut))
+
+
+def _check_modalities(task: TaskSpec, data: SiteDataset) -> None:
+    if task.modalities:
+        held = sorted({str(u.get("modality") or "") for u in data.report.get("used", [])} - {""})
+        foreign = [m for m in held if m not in task.modalities]
+        if foreign:
+            raise TaskMismatch(
+                f"this site's images include modality {', '.join(foreign)} but the run's task is for "
+                f"{', '.join(task.modalities)}; restrict [data].modalities of the site config")
+
+
+def _fit_volumes(task: TaskSpec, cfg: SiteConfig, data: SiteDataset) -> FittedData:
+    """3D segmentation on a volume site: one input channel, the task's grid, mask values the task's labels."""
+    if task.in_channels != 1:
+        raise TaskMismatch(f"the run's task expects {task.in_channels} input channels; this site's series have 1")
+    grid = tuple(int(s) for s in data.train.images.shape[2:]) if len(data.train) else tuple(task.size)
+    if grid != tuple(task.size):
+        raise TaskMismatch(f"this site preprocessed its volumes to {'x'.join(map(str, grid))}, not the task's "
+                           f"{'x'.join(map(str, task.size))}")
+    _check_modalities(task, data)
+    seen = {int(v) for u in data.report.get("used", []) for v in u.get("labels_present", [])}
+    lut = label_map(task, cfg.labels, seen)
     return FittedData(train=_relabel(data.train, lut), val=_relabel(data.val, lut))
 
 

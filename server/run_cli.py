@@ -32,7 +32,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND = 0, 1, 2, 3  # as atoll.cli.EX
 
 # Names as models.MODEL_NAMES and server.robust.STRATEGIES hold them, listed here so that `--help` and a typo
 # need neither MONAI nor Flower's strategies (tests/test_cli_startup.py keeps the lists equal).
-MODEL_CHOICES = ("atollnet", "atollnet-wide", "densenet121", "resnet18", "resnet34", "basicunet")
+MODEL_CHOICES = ("atollnet", "atollnet-wide", "densenet121", "resnet18", "resnet34", "basicunet", "basicunet-small")
 STRATEGY_CHOICES = ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 
 
