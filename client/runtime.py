@@ -104,8 +104,10 @@ def site_runtime(node_config: dict, image_size: int, task: "TaskSpec | None" = N
         else:
             data = build_site_dataset(cfg)
         ledger = open_site_ledger(cfg)
-        guard = BudgetGuard(ledger, cfg.privacy, num_patients=data.train.num_patients)
-        _CACHE[key] = SiteRuntime(cfg, data, guard, pick_device(cfg.device))
+        site = SiteRuntime(cfg, data, None, pick_device(cfg.device))  # type: ignore[arg-type]
+        site.guard = BudgetGuard(ledger, cfg.privacy, num_patients=data.train.num_patients,
+                                 dataset_fingerprint=site.dataset_fingerprint)
+        _CACHE[key] = site
     return _CACHE[key]
 
 

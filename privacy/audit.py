@@ -141,6 +141,26 @@ class SiteVerdict:
     points: list[RoundPoint] = field(default_factory=list)
     refusal_codes: dict[str, int] = field(default_factory=dict)
     released_metrics: list[str] = field(default_factory=list)
+    #: run id -> dataset fingerprints its records carry (keyed hashes: equal = same data; they reveal nothing else)
+    datasets: dict[str, list[str]] = field(default_factory=dict)
+
+    def note_dataset(self, rec: dict) -> None:
+        fp, run = rec.get("dataset_fingerprint"), rec.get("run_id")
+        if isinstance(fp, str) and fp and isinstance(run, str):
+            seen = self.datasets.setdefault(run, [])
+            if fp not in seen:
+                seen.append(fp)
+
+    def dataset_changes(self) -> list[str]:
+        """Human lines: the runs whose dataset differs from the run before (in ledger order)."""
+        out, prev_run, prev = [], None, None
+        for run, fps in self.datasets.items():
+            if len(fps) > 1:
+                out.append(f"the dataset changed within run {run} ({len(fps)} fingerprints)")
+            if prev is not None and fps and fps[0] != prev:
+                out.append(f"the dataset changed between runs {prev_run} and {run}")
+            prev_run, prev = run, (fps[-1] if fps else prev)
+        return out
 
     def one_line(self) -> str:
         verdict = "OK" if self.ok else "FAIL"
@@ -538,6 +558,7 @@ class _Auditor:
             site = rec["site"]
             v = self.verdict(site)
             v.server_records += 1
+            v.note_dataset(rec)
             by_site.setdefault(site, []).append((line, rec))
             if rec["type"] != "round":
                 self.add("error", f"the server copy holds a {rec['type']!r} record; only 'round' records are sent",
@@ -595,6 +616,13 @@ class _Auditor:
             return
         v = self.verdict(site)
         v.site_ledger, v.site_ledger_records, v.cross_checked = src, len(rows), True
+        server_seen, v.datasets = v.datasets, {}
+        for _, r, _ in rows:  # the site's own ledger is in time order, across every run of this dataset
+            if r:
+                v.note_dataset(r)
+        for run, fps in server_seen.items():
+            for fp in fps:
+                v.note_dataset({"run_id": run, "dataset_fingerprint": fp})
         prev_hash = GENESIS
         charges: list[tuple[float, float, int]] = []
         reservations: dict[int, dict] = {}

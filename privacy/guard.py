@@ -130,14 +130,19 @@ class BudgetGuard:
     ledger: the site's ledger (the only persistent state; a new guard on the same file sees everything).
     policy: the hospital's privacy policy.
     num_patients: patients in the training split; fixes delta when the policy says auto (``1/(10 P)``).
+    dataset_fingerprint: keyed hash of the dataset trained on, recorded in every record (empty = none).
 
     Raises :class:`~privacy.policy.PolicyError` when the policy's explicit delta is too large for this dataset.
     """
 
-    def __init__(self, ledger: SiteLedger, policy: SitePolicy, num_patients: int) -> None:
+    def __init__(self, ledger: SiteLedger, policy: SitePolicy, num_patients: int,
+                 dataset_fingerprint: str = "") -> None:
         self.ledger = ledger
         self.policy = policy
         self.num_patients = int(num_patients)
+        # keyed hash of what the site trains on (client.pacs.fingerprint): lets the auditor see a dataset change
+        # between runs without learning anything about it; "" where the caller has none
+        self.dataset_fingerprint = str(dataset_fingerprint)
         self.delta = policy.effective_delta(self.num_patients)
         self.policy_sha256 = policy.sha256()
 
@@ -303,8 +308,11 @@ class BudgetGuard:
     def _delta_basis(self) -> dict[str, Any]:
         """What the auditor needs to check ``delta`` without the policy file: the patient count it was derived
         from, the policy's declared delta (0 = auto, ``1/(10 x patients)``) and whether a larger one is allowed."""
-        return {"patients": self.num_patients, "policy_delta": float(self.policy.delta),
-                "allow_large_delta": bool(self.policy.allow_large_delta)}
+        basis = {"patients": self.num_patients, "policy_delta": float(self.policy.delta),
+                 "allow_large_delta": bool(self.policy.allow_large_delta)}
+        if self.dataset_fingerprint:
+            basis["dataset_fingerprint"] = self.dataset_fingerprint
+        return basis
 
     def complete(self, res: Reservation, *, update_sha256: str, num_examples: int | None = None,
                  server_prev_digest: str | None = None) -> dict:

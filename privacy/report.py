@@ -113,6 +113,23 @@ def _history(run_dir: Path) -> list[dict]:
         return []
 
 
+def _dataset_section(result: AuditResult) -> str:
+    """Per site and run, the dataset fingerprint its signed records carry (a keyed hash with the site's secret:
+    equal means the same images, and it reveals nothing else), and where it changed between runs."""
+    rows = []
+    for site, v in sorted(result.sites.items()):
+        if not v.datasets:
+            rows.append(f"<tr><td>{_e(site)}</td><td colspan=2 class=muted>no fingerprint recorded</td></tr>")
+            continue
+        runs = "<br>".join(f"{_e(run)}: {', '.join(_e(fp.split(':')[-1][:12]) for fp in fps)}"
+                           for run, fps in v.datasets.items())
+        changes = "<br>".join(_e(c) for c in v.dataset_changes()) or "unchanged"
+        rows.append(f"<tr><td>{_e(site)}</td><td>{runs}</td><td>{changes}</td></tr>")
+    return ("<table><tr><th>site</th><th>fingerprint per run (first 12 hex)</th><th>changes</th></tr>"
+            + "".join(rows) + "</table><p class=muted>Runs before this one are seen through the site ledgers "
+            "given to the audit (<code>--site-ledger</code>).</p>")
+
+
 def _released_section(result: AuditResult, history: list[dict]) -> str:
     seen: dict[str, dict[str, list[float]]] = {}
     refused: dict[str, list[str]] = {}
@@ -215,6 +232,9 @@ budget (dashed). ε includes earlier runs on the same dataset. ∞ marks a non-D
 
 <h2>What left each site</h2>
 {_released_section(result, _history(run_dir))}
+
+<h2>Datasets trained on</h2>
+{_dataset_section(result)}
 
 <h2>Verification</h2>
 <p class="muted">Checks: Ed25519 signatures against enrolled keys; hash chains; the server copy against each site's

@@ -305,7 +305,9 @@ def build_volume_dataset(cfg: SiteConfig, task: TaskSpec | None = None, *, thres
         "cache": {"hits": tensors.hits, "misses": tensors.misses},
         "card": card,
     }
-    dataset = SiteDataset(train=train, val=val, card=card, report=report)
+    # the dataset fingerprint of a volume site is keyed over the SeriesInstanceUIDs it trains on (one per volume)
+    dataset = SiteDataset(train=train, val=val, card=card, report=report,
+                          sop_uids=tuple(sorted(str(u["series"]) for u in used)))
     counts = Counter(q["reason"] for q in quarantined)
     log.info("site %s: %d series used (%d train / %d val patients), %d quarantined %s, cache %d hit / %d miss, %.1fs",
              cfg.name, len(used), train.num_patients, val.num_patients, len(quarantined), dict(sorted(counts.items())),
