@@ -54,7 +54,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from privacy.accounting import AccountingError, canonical_history, compute_epsilon
 from privacy.anchor import CONSORTIUM_PUB_FILE, DIGESTS_FILE
@@ -319,6 +319,8 @@ class _Auditor:
         self._keys: dict[str, Any] = {}
         self._missing_key_reported: set[str] = set()
         self.run_id = run_dir.name
+        self.progress: tuple[Callable[[int, int], None], int] | None = None  # (callback, total) for a progress bar
+        self._done = 0
         self.asked: dict[str, Any] | None = None      # from settings.json
         self.settings_sha256: str | None = None
         self.registry = None
@@ -462,6 +464,9 @@ class _Auditor:
 
     def check_epsilon(self, rec: dict, source: str, line: int, v: SiteVerdict | None = None) -> RoundPoint | None:
         """Recompute epsilon_before/after of a reservation or round record; returns the point for the report."""
+        if self.progress is not None:
+            self._done += 1
+            self.progress[0](self._done, max(self.progress[1], self._done))
         try:
             hist = _hist_of(rec.get("history"))
             delta = float(rec["delta"])
@@ -936,14 +941,20 @@ def default_keys_dir(run_dir: Path) -> Path | None:
 
 
 def verify_run(run_dir: str | Path, site_ledgers: Iterable[str | Path] = (), keys_dir: str | Path | None = None,
-               consortium_key: str | Path | None = None) -> AuditResult:
+               consortium_key: str | Path | None = None, progress: Callable[[int, int], None] | None = None,
+               ) -> AuditResult:
     """Audit one run folder (see module doc); never raises for bad ledgers, returns findings.
 
     ``consortium_key``: the consortium's digest public key (default ``<keys>/consortium_ed25519.pub``).
+    ``progress(done, total)``: called as records are recomputed (the costly step), for a progress bar; ``total``
+    counts the lines of the server copy and of the site ledgers given.
     """
     run_dir = Path(run_dir)
+    site_ledgers = [Path(p) for p in site_ledgers]
     keys = Path(keys_dir) if keys_dir else default_keys_dir(run_dir)
     aud = _Auditor(run_dir, keys if keys is not None and keys.is_dir() else None)
+    if progress is not None:
+        aud.progress = (progress, sum(_line_count(p) for p in [run_dir / "ledger.jsonl", *site_ledgers]))
     if keys is None:
         aud.add("error", f"no enrolled site keys found (looked in {run_dir.parent.parent / 'consortium' / 'keys'} and "
                          f"{run_dir / 'keys'}); pass --keys DIR: signatures cannot be verified", source="keys")
@@ -960,6 +971,14 @@ def verify_run(run_dir: str | Path, site_ledgers: Iterable[str | Path] = (), key
     for p in site_ledgers:
         aud.site_ledger(Path(p), server, run_ids)
     return aud.result
+
+
+def _line_count(path: Path) -> int:
+    try:
+        with path.open("rb") as fh:
+            return sum(1 for _ in fh)
+    except OSError:
+        return 0
 
 
 def result_json(result: AuditResult) -> str:

@@ -7,6 +7,7 @@ messages (expected errors never show a traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import secrets
@@ -233,6 +234,21 @@ def run_status_line(run_dir: str | Path) -> str | None:
     return f"{status.get('status')}" + (f" — {status['reason']}" if status.get("reason") else "")
 
 
+@contextlib.contextmanager
+def audit_progress():
+    """A progress bar on stderr while records are recomputed (a terminal only; nothing in pipes or logs)."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("recomputing ε of each record"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("audit", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
 def audit_verify(args: argparse.Namespace) -> int:
     problem = _run_folder_problem(args.run_dir)
     if problem:
@@ -240,7 +256,8 @@ def audit_verify(args: argparse.Namespace) -> int:
         return EXIT_NOT_FOUND
     from privacy.audit import result_json, verify_run
 
-    result = verify_run(args.run_dir, args.site_ledger, _keys_dir(args), args.consortium_key)
+    with audit_progress() as progress:
+        result = verify_run(args.run_dir, args.site_ledger, _keys_dir(args), args.consortium_key, progress)
     status = run_status_line(args.run_dir)
     if args.json:
         import json
@@ -262,7 +279,8 @@ def audit_report(args: argparse.Namespace) -> int:
     from privacy.audit import verify_run
     from privacy.report import print_pdf, render_report
 
-    result = verify_run(args.run_dir, args.site_ledger, _keys_dir(args), args.consortium_key)
+    with audit_progress() as progress:
+        result = verify_run(args.run_dir, args.site_ledger, _keys_dir(args), args.consortium_key, progress)
     out = Path(args.out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
