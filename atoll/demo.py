@@ -133,14 +133,15 @@ def ingest_sites(site_configs: list[Path], image_size: int) -> None:
     (as `atoll site check` shows its admin), including the files it quarantined and why.
     """
     from client.ingest import build_site_dataset
+    from client.ingest.progress import ingest_progress
     from client.site_config import load_site_config
 
     for path in site_configs:
         cfg = dataclasses.replace(load_site_config(path), image_size=image_size)
         log.info("%s: indexing its DICOM export, decoding and caching the images (first time only) ...", cfg.name)
         t0 = time.perf_counter()
-        with _quiet("atoll.ingest"):
-            data = build_site_dataset(cfg)
+        with _quiet("atoll.ingest"), ingest_progress() as progress:  # a bar on a terminal, nothing in logs
+            data = build_site_dataset(cfg, progress=progress)
         report = data.report.get("quarantined", [])
         reasons: dict[str, int] = {}
         for q in report:
