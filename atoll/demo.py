@@ -69,7 +69,6 @@ def run_demo(out: Path, rounds: int = 3, *, dp: bool = True, verbose: bool = Fal
     ``pacs``: serve each hospital's export from its own Orthanc and have the sites pull it first (atoll.demo_pacs).
     """
     from client.site_config import load_site_config  # noqa: F401 (validates configs before training)
-    from server.settings import RunSettings
 
     out = Path(out).resolve()
     t_start = time.perf_counter()
