@@ -145,6 +145,16 @@ class RunWriter:
         self.runs_dir = self.root / "runs"
         settings = RunSettings(num_server_rounds=rounds, run_dir=str(self.runs_dir), run_name=name, keys_dir=str(keys), num_sites=len(sites), mechanism=Mechanism(steps=self.STEPS, noise_multiplier=self.SIGMA, clip_norm=self.CLIP, sample_rate=self.Q))
         self.out = RunOutputs.create(self.runs_dir, name, settings)
+        # as the ServerApp does: a signed digest per round (round 0 = the initial weights), weights saved after it
+        self.prev = self.out.digest(0, self._weights(0), [])
+        self.out.save_weights(0, self._weights(0))
+
+    @staticmethod
+    def _weights(tag: int):
+        import torch
+        from flwr.app import ArrayRecord
+
+        return ArrayRecord({"w": torch.full((2, 3), float(tag))})
 
     @property
     def run_dir(self) -> Path:
@@ -168,14 +178,19 @@ class RunWriter:
                 continue
             res = self.guards[site].reserve(RoundRequest(self.name, k, Mechanism(noise_multiplier=self.SIGMA, clip_norm=self.CLIP, sample_rate=self.Q, steps=self.STEPS)),
                                             weights_in_sha256=f"{k:064x}")
-            rec = self.guards[site].complete(res, update_sha256=f"{1000 * (j + 1) + k:064x}")
-            self.out.ledger.accept(json.loads(json.dumps(rec)), site=site)
+            rec = self.guards[site].complete(res, update_sha256=f"{1000 * (j + 1) + k:064x}",
+                                             num_examples=700 + 50 * j, server_prev_digest=self.prev)
+            wired = json.loads(json.dumps(rec))
+            self.out.ledger.accept(wired, site=site)
+            book.accepted_records.append(wired)
             loss = 0.7 * math.exp(-0.08 * k) + 0.05 * j
             book.sites[site] = SiteRound(
                 status="contributed", train={"num-examples": 700.0 + 50 * j, "train_loss": loss},
                 val={"num-examples": 180.0, "val_loss": loss + 0.05, "val_accuracy": 0.6 + 0.3 * (1 - math.exp(-0.15 * k)),
                      "val_auc": 0.7 + 0.25 * (1 - math.exp(-0.2 * k)) - 0.02 * j},
                 epsilon=float(rec["epsilon_after"]), delta=float(rec["delta"]))
+        self.prev = self.out.digest(k, self._weights(k), book.accepted_records)
+        self.out.save_weights(k, self._weights(k))
         self.out.record_round(book, train_wall_seconds=1.0)
 
     def finish(self, status: str = "completed", reason: str = "") -> None:
