@@ -11,7 +11,8 @@ Kinds
 ``classification``: one label per image (or volume) out of two or more named ``classes``; output index ``i``
     is ``classes[i]``. Loss ``cross_entropy``.
 ``segmentation``: one label per pixel/voxel; ``labels`` names the foreground labels, voxel value ``i + 1`` is
-    ``labels[i]`` and 0 is background. Loss ``dice_ce`` (Dice + cross-entropy).
+    ``labels[i]`` and 0 is background. Loss ``dice_ce`` (Dice + cross-entropy) or ``dice_ce_fg``
+    (its Dice over the labels only, background left to the cross-entropy).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def coerce(value: Any, kind: type, key: str, where: str) -> Any:
     return _coerce(value, kind, key, where, TaskError)
 
 KINDS: tuple[str, ...] = ("classification", "segmentation")
-LOSSES: dict[str, tuple[str, ...]] = {"classification": ("cross_entropy",), "segmentation": ("dice_ce",)}
+LOSSES: dict[str, tuple[str, ...]] = {"classification": ("cross_entropy",), "segmentation": ("dice_ce", "dice_ce_fg")}
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 _MODALITY = re.compile(r"^[A-Z0-9]{1,16}$")
 _AXCODES = re.compile(r"^[LRAPSI]{3}$")

@@ -27,12 +27,15 @@ class PerSampleDiceCE(nn.Module):
     logits: [B, K, *spatial]; target: [B, *spatial] int64 label map with values in 0..K-1.
     """
 
-    def __init__(self, reduction: str = "sum") -> None:
+    def __init__(self, reduction: str = "sum", include_background: bool = True) -> None:
         super().__init__()
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.reduction = reduction
-        self.dice = DiceLoss(to_onehot_y=True, softmax=True, reduction="none")
+        # include_background=False: the Dice term scores only the labels (cross-entropy still sees every voxel).
+        # With a tiny foreground the background channel's Dice is ~0 already at "all background", which under
+        # DP-SGD's noise is where training stalls; the foreground-only Dice keeps pulling the labels up.
+        self.dice = DiceLoss(to_onehot_y=True, softmax=True, reduction="none", include_background=include_background)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         spatial = tuple(range(1, target.ndim))
@@ -45,6 +48,7 @@ class PerSampleDiceCE(nn.Module):
 _LOSSES: dict[str, Callable[[str], nn.Module]] = {
     "cross_entropy": lambda reduction: nn.CrossEntropyLoss(reduction=reduction),
     "dice_ce": PerSampleDiceCE,
+    "dice_ce_fg": lambda reduction: PerSampleDiceCE(reduction, include_background=False),
 }
 
 

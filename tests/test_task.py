@@ -123,11 +123,12 @@ def test_the_factory_builds_from_the_task_and_refuses_the_wrong_kind() -> None:
         build_task_model("basicunet", THREE)
 
 
-def test_segmentation_loss_is_a_sum_of_per_patient_losses_and_clips_exactly() -> None:
+@pytest.mark.parametrize("loss", ["dice_ce", "dice_ce_fg"])
+def test_segmentation_loss_is_a_sum_of_per_patient_losses_and_clips_exactly(loss: str) -> None:
     """Per-sample clipping needs sum_i loss_i: the batch loss equals the sum of single-example losses, and Atoll's
     fast clipping gives the clipped sum Opacus' hooks give (no noise), so sensitivity stays one clip bound."""
     torch.manual_seed(0)
-    task = TaskSpec(kind="segmentation", classes=(), labels=("a", "b"), spatial_dims=2, size=(16, 16))
+    task = TaskSpec(kind="segmentation", classes=(), labels=("a", "b"), spatial_dims=2, size=(16, 16), loss=loss)
     criterion = build_loss(task)
     model = build_task_model("basicunet", task)
     x, y = torch.rand(3, 1, 16, 16), torch.randint(0, 3, (3, 16, 16))
