@@ -305,6 +305,17 @@ def summarise(out: Path, manifest: dict, settings, outputs, wall: float) -> dict
     }
 
 
+def print_privacy(s: dict) -> None:
+    """The privacy each site spent (from a demo summary), or that DP was off: both demos print it so."""
+    if s["epsilon"]:
+        print("  privacy spent (patient-level, lifetime of each site's dataset):")
+        for site, eps in s["epsilon"].items():
+            d = s["delta"].get(site)
+            print(f"    {site}: epsilon {eps:.2f}" + (f" at delta {d:.1e}" if d else ""))
+    elif not s["dp"]:
+        print("  DP was off for this run (--no-dp): the updates carry no privacy guarantee")
+
+
 def print_summary(s: dict, out: Path) -> None:
     print()
     print(f"Atoll demo: {s['rounds']} round(s) across {', '.join(s['sites'])} — {s['status']}"
@@ -313,13 +324,7 @@ def print_summary(s: dict, out: Path) -> None:
         print(f"  held-out test (official PneumoniaMNIST test split, 624 images): "
               f"accuracy {s['test_accuracy']:.3f}, AUC {s['test_auc']:.3f}")
         print(f"  reference: {s['reference']}")
-    if s["epsilon"]:
-        print("  privacy spent (patient-level, lifetime of each site's dataset):")
-        for site, eps in s["epsilon"].items():
-            d = s["delta"].get(site)
-            print(f"    {site}: epsilon {eps:.2f}" + (f" at delta {d:.1e}" if d else ""))
-    elif not s["dp"]:
-        print("  DP was off for this run (--no-dp): the updates carry no privacy guarantee")
+    print_privacy(s)
     print(f"  wall time {s['wall_seconds']:.0f} s; summary: {out / 'summary.json'}; run folder: {out / s['run_dir']}")
     print("next:")
     run = out / s["run_dir"]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from atoll import demo_hippocampus as hippo
-from atoll.demo import approve_run, prepare_site_keys, setup_console_logging, simulate
+from atoll.demo import approve_run, prepare_site_keys, print_privacy, setup_console_logging, simulate
 
 log = logging.getLogger("atoll.demo")
 
@@ -185,11 +185,5 @@ def print_summary(s: dict, out: Path) -> None:
     for site, d in s["sites_data"].items():
         q = ", ".join(f"{k}: {v}" for k, v in d["quarantined"].items()) or "none"
         print(f"  {site}: {d['series_used']} series used; quarantined {q}")
-    if s["epsilon"]:
-        print("  privacy spent (patient-level, lifetime of each site's dataset):")
-        for site, eps in s["epsilon"].items():
-            dl = s["delta"].get(site)
-            print(f"    {site}: epsilon {eps:.2f}" + (f" at delta {dl:.1e}" if dl else ""))
-    elif not s["dp"]:
-        print("  DP was off for this run (--no-dp): the updates carry no privacy guarantee")
+    print_privacy(s)
     print(f"  wall time {s['wall_seconds']:.0f} s; summary: {out / 'summary.json'}")
