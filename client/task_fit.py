@@ -109,13 +109,7 @@ def fit_task(task: TaskSpec, cfg: SiteConfig, data: SiteDataset) -> FittedData:
     if channels != task.in_channels:
         raise TaskMismatch(f"the run's task expects {task.in_channels} input channel(s); this site's images have "
                            f"{channels}")
-    if task.modalities:
-        held = sorted({str(u.get("modality") or "") for u in data.report.get("used", [])} - {""})
-        foreign = [m for m in held if m not in task.modalities]
-        if foreign:
-            raise TaskMismatch(
-                f"this site's images include modality {', '.join(foreign)} but the run's task is for "
-                f"{', '.join(task.modalities)}; restrict [data].modalities of the site config")
+    _check_modalities(task, data)
     seen = {int(v) for split in (data.train, data.val) for v in split.labels.unique().tolist() if int(v) >= 0}
     lut = class_map(task, cfg.classes, seen)
     return FittedData(train=_relabel(data.train, lut), val=_relabel(data.val, lut))
