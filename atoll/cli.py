@@ -133,6 +133,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
     add_run(sub)
     _add_run_manifest(sub)
+    from atoll.export_cli import add_parser as add_run_export
+    from server.run_cli import HelpFormatter
+
+    add_run_export(next(a for a in sub.choices["run"]._actions if isinstance(a, argparse._SubParsersAction)),
+                   HelpFormatter)
 
 
 def _add_audit(sub: argparse._SubParsersAction) -> None:
