@@ -153,7 +153,8 @@ def preprocessing(run: RunRecord) -> dict[str, Any]:
         # [0, 1], fit to S x S) -> float32 [1, S, S]
         return {"_target_": "Compose", "transforms": [
             {"_target_": "Lambdad", "keys": "ds", "func": "$pydicom.dcmread"},
-            f"$build_preprocess({task.image_size})"]}
+            f"$build_preprocess({task.image_size})",
+            {"_target_": "DeleteItemsd", "keys": ["ds", "frame"]}]}  # a Dataset does not batch
     # a NIfTI volume or a DICOM series folder -> MONAI LoadImaged (RAS affine) -> the sites' volume transforms
     # (orientation, spacing, z-score, pad/crop to the task's size)
     return {"_target_": "Compose", "transforms": [
@@ -185,9 +186,11 @@ def inference_config(run: RunRecord) -> dict[str, Any]:
         "checkpoint": "$@bundle_root + '/models/model.pt'",
         "preprocessing": preprocessing(run),
         "datalist": "$find_inputs(@input_dir, @input_kind)",
-        "initialize": ["$@network.load_state_dict(torch.load(@checkpoint, map_location=@device, weights_only=True))",
-                       "$@network.eval()"],
-        "run": ["$predict(@network, @preprocessing, @datalist, @output_dir, kind=@task['kind'], "
+        # weights are loaded in `run`, not `initialize`: monai.bundle.load initializes the workflow before it
+        # knows the bundle root, and loads models/model.pt into network_def itself
+        "initialize": [],
+        "run": ["$@network.load_state_dict(torch.load(@checkpoint, map_location=@device, weights_only=True))",
+                "$predict(@network, @preprocessing, @datalist, @output_dir, kind=@task['kind'], "
                 "names=@task.get('classes') or @task.get('labels'), input_key=@input_key, device=@device)"],
         "finalize": [],
     }
