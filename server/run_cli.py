@@ -100,6 +100,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     status.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                         help="follow the run: print each round as it is recorded, until the run ends or SECONDS "
                              "pass (0 = print once); exit 1 if it is still running then")
+    status.add_argument("--watch", action="store_true",
+                        help="show round k of N, each site's state (training, contributed, refused and why, "
+                             "dropped), epsilon against its budget, latest metrics, time per round and an ETA, "
+                             "refreshed until the run ends (a live table on a terminal, reprinted lines otherwise)")
+    status.add_argument("--interval", type=float, default=2.0, metavar="SECONDS", help="--watch: refresh period")
     status.set_defaults(func=_status)
 
     stop = run_sub.add_parser(
@@ -371,6 +376,12 @@ def _status(args: argparse.Namespace) -> int:
     history = _history(root)
     if args.json:
         print(json.dumps(history, indent=2))
+        return EXIT_OK
+    if args.watch:
+        from server.run_watch import watch
+
+        watch(root, server_state, interval=max(0.1, args.interval),
+              timeout=max(1.0, args.wait - (time.monotonic() - start)) if args.wait > 0 else 0.0)
         return EXIT_OK
     if args.wait > 0:
         return _follow(root, max(1.0, args.wait - (time.monotonic() - start)))
