@@ -8,6 +8,7 @@ Layout of RUN_DIR/<run-name>/:
   ledger.jsonl         the consortium's copy of the sites' signed ledger records (privacy.ledger)
   digests.jsonl        the consortium's signed, chained round digests (privacy.anchor): what each round accepted,
                        the settings hash, the saved weights' hash; the next round's config carries the last one
+  tensorboard/         the same per-round metrics as TensorBoard event files (server.tensorboard_events)
   status.json          completed | stopped (+ reason; a stop the lead asked for says so and at which round)
   server.json          the ServerApp's pid, host and Flower run id: `atoll run status` tells a killed run
   stop-request.json    written by `atoll run stop`: the ServerApp stops cleanly before the next round
@@ -103,6 +104,9 @@ class RunOutputs:
         entry["train_wall_seconds"] = train_wall_seconds
         self.history.append(entry)
         _atomic_write(self.root / "history.json", json.dumps(self.history, indent=2))
+        from server.tensorboard_events import write_round  # TensorBoard view of the same entry (never fails a run)
+
+        write_round(self.root, entry)
 
     def finish(self, status: str, reason: str = "", **extra: Any) -> None:
         self.status, self.reason = status, reason

@@ -67,3 +67,36 @@ def test_watch_follows_until_the_run_ends(running):
     text = out.getvalue()
     assert "round 2 of 4" in text and "run watched: completed — round 4 of 4" in text
     assert text.count("run watched:") >= 2  # reprinted as the run moved on, not once per tick
+
+
+def _events(folder):
+    """(tag, step, value) of every scalar in a folder of TensorBoard event files (TFRecord framing, tensorboardX's
+    protobuf): read back independently of the writer."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for f in sorted(folder.glob("events.out.tfevents.*")):
+        data = f.read_bytes()
+        i = 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            ev = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in ev.summary.value:
+                out.append((v.tag, ev.step, v.simple_value))
+    return out
+
+
+def test_rounds_are_written_as_tensorboard_events(running):
+    """RunOutputs.record_round writes each round's released metrics, epsilon and participation as scalars."""
+    history = json.loads((running.run_dir / "history.json").read_text())
+    ev = {(tag, step): value for tag, step, value in _events(running.run_dir / "tensorboard")}
+    a1 = history[0]["sites"]["hospital-a"]
+    assert ev[("site/hospital-a/val_auc", 1)] == pytest.approx(a1["val"]["val_auc"])
+    assert ev[("site/hospital-a/train_loss", 1)] == pytest.approx(a1["train"]["train_loss"])
+    assert ev[("site/hospital-a/epsilon", 2)] == pytest.approx(history[1]["sites"]["hospital-a"]["epsilon"])
+    assert ev[("site/hospital-c/contributed", 1)] == 1.0 and ev[("site/hospital-c/contributed", 2)] == 0.0
+    assert ("site/hospital-b/val_auc", 2) not in ev  # dropped in round 2: nothing invented
+    assert ev[("round/train_wall_seconds", 2)] == 1.0
