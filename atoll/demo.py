@@ -216,11 +216,17 @@ def simulate(settings, site_configs: list[Path], *, verbose: bool = False):
     os.environ[SIM_SITE_CONFIGS_ENV] = os.pathsep.join(str(p) for p in site_configs)
     cpus = max(1, min(len(site_configs), os.cpu_count() or 1))
     gpus = 1.0 / len(site_configs) if torch.cuda.is_available() else 0.0
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(site_configs),
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": gpus},
-                                   "init_args": {"num_cpus": cpus, "logging_level": "ERROR",
-                                                 "log_to_driver": verbose}},
-                   verbose_logging=verbose)
+    from atoll.demo_progress import round_progress  # a bar per round and site on a terminal
+    from client.site_config import load_site_config
+
+    ledgers = {(c := load_site_config(p)).name: Path(c.state_dir) / "ledger.jsonl" for p in site_configs}
+    with round_progress(Path(settings.run_dir), settings.num_server_rounds, ledgers, enabled=None if not verbose
+                        else False):
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(site_configs),
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": gpus},
+                                       "init_args": {"num_cpus": cpus, "logging_level": "ERROR",
+                                                     "log_to_driver": verbose}},
+                       verbose_logging=verbose)
     if "outputs" not in holder:
         raise RuntimeError("the simulation ended before the ServerApp finished; rerun with --verbose")
     return holder["outputs"]

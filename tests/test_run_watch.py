@@ -100,3 +100,32 @@ def test_rounds_are_written_as_tensorboard_events(running):
     assert ev[("site/hospital-c/contributed", 1)] == 1.0 and ev[("site/hospital-c/contributed", 2)] == 0.0
     assert ("site/hospital-b/val_auc", 2) not in ev  # dropped in round 2: nothing invented
     assert ev[("round/train_wall_seconds", 2)] == 1.0
+
+
+def test_demo_progress_reads_sites_ledgers(running):
+    """The demo's bars: rounds aggregated, each site's completed rounds and the round it is training right now."""
+    from contract import Mechanism
+    from privacy.guard import RoundRequest
+    from rich.console import Console
+
+    from atoll.demo_progress import find_run, progress_state, round_progress
+
+    ledgers = {s: running.root / s / "state" / "ledger.jsonl" for s in ("hospital-a", "hospital-b", "hospital-c")}
+    assert find_run(running.runs_dir, 0.0) == running.run_dir
+    w = running
+    w.guards["hospital-a"].reserve(RoundRequest(w.name, 3, Mechanism(noise_multiplier=w.SIGMA, clip_norm=w.CLIP,
+                                                                    sample_rate=w.Q, steps=w.STEPS)),
+                                   weights_in_sha256="3" * 64)  # round 3 started at hospital-a, not finished
+    st = progress_state(running.run_dir, ledgers)
+    assert st["rounds_done"] == 2
+    assert st["sites"]["hospital-a"] == {"done": 2, "training": 3, "refused": []}
+    assert st["sites"]["hospital-c"] == {"done": 1, "training": None, "refused": [2]}
+    assert st["sites"]["hospital-b"]["done"] == 1
+    buf = io.StringIO()
+    with round_progress(running.runs_dir, 4, ledgers, enabled=True, interval=0.05,
+                        console=Console(file=buf, width=100, force_terminal=False)):
+        os.utime(running.run_dir / "settings.json")  # as if created by this demo's ServerApp
+        time.sleep(0.3)
+    text = buf.getvalue()
+    assert "hospital-a: training round 3" in text and "hospital-c: refused round 2" in text
+    assert "rounds aggregated" in text and "2/4" in text
