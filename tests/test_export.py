@@ -186,3 +186,52 @@ def test_bundle_reproduces_heldout_metrics(demo_consortium, tmp_path, capsys):
     assert math.isclose(acc, want["test_accuracy"], abs_tol=1e-9)
     assert math.isclose(auc, want["test_auc"], abs_tol=1e-6)
     assert card["metrics"]["heldout"]["metrics"]["test_auc"] == pytest.approx(auc, abs=1e-6)
+
+
+def test_segmentation_bundle_predicts_as_the_sites_pipeline(tmp_path):
+    """3D segmentation: MONAI's runner on NIfTI volumes gives the label maps of the network on the sites' own
+    volume preprocessing (client.volumes.transforms), on the task's grid."""
+    import nibabel as nib
+    import numpy as np
+    import torch
+    from monai.bundle import run as bundle_run
+
+    from client.volumes.transforms import build_volume_transform, preprocess_volume
+    from contract.task import TaskSpec
+    from models import build_task_model
+    from server.export import export_bundle
+
+    task = TaskSpec(kind="segmentation", spatial_dims=3, classes=(), labels=("anterior", "posterior"),
+                    size=(16, 16, 16), spacing_mm=(1.5, 1.5, 1.5), orientation="RAS", modalities=("MR",)).check()
+    run = tmp_path / "runs" / "seg"
+    (run / "weights").mkdir(parents=True)
+    torch.manual_seed(3)
+    net = build_task_model("basicunet-small", task)
+    torch.save(net.state_dict(), run / "weights" / "round-001.pt")
+    import dataclasses
+
+    (run / "settings.json").write_text(json.dumps({"model": "basicunet-small", "num_server_rounds": 1,
+                                                   "task": dataclasses.asdict(task)}))
+    (run / "history.json").write_text(json.dumps([{"round": 1, "sites": {"hospital-a": {
+        "status": "contributed", "val": {"val_dice": 0.1}}}}]))
+    card = export_bundle(run, tmp_path / "bundle")
+    assert card["task"]["outputs"] == {"0": "background", "1": "anterior", "2": "posterior"}
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    affine = np.diag([1.2, 0.9, 1.1, 1.0])
+    for i in range(2):
+        nib.save(nib.Nifti1Image(rng.normal(100, 20, (18, 14, 20)).astype(np.float32), affine), inputs / f"s{i}.nii.gz")
+    b = tmp_path / "bundle"
+    bundle_run(config_file=str(b / "configs" / "inference.json"), meta_file=str(b / "configs" / "metadata.json"),
+               bundle_root=str(b), input_dir=str(inputs), output_dir=str(tmp_path / "pred"))
+    preds = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert [p["input"] for p in preds] == ["s0.nii.gz", "s1.nii.gz"]
+    transform = build_volume_transform(task)
+    for i in range(2):
+        img = nib.load(inputs / f"s{i}.nii.gz")
+        x, _ = preprocess_volume(np.asarray(img.dataobj, dtype=np.float32), img.affine, None, transform)
+        with torch.no_grad():
+            want = net.eval()(x[None]).argmax(1)[0].numpy()
+        got = np.asarray(nib.load(tmp_path / "pred" / f"s{i}_seg.nii.gz").dataobj)
+        assert got.shape == (16, 16, 16) and (got == want).all()
