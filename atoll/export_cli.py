@@ -104,7 +104,9 @@ def run_export(args: argparse.Namespace) -> int:
         run = read_run(args.run_dir, args.round)
     except ExportError as exc:
         _err(str(exc))
-        return EXIT_NOT_FOUND if not Path(args.run_dir).is_dir() or "--round" in str(exc) else EXIT_USAGE
+        missing = (not Path(args.run_dir).is_dir() or not (Path(args.run_dir) / "settings.json").is_file()
+                   or str(exc).startswith("--round"))
+        return EXIT_NOT_FOUND if missing else EXIT_USAGE  # as `atoll run status`: not a run folder is "not found"
     print(f"exporting run {run.root.name}, round {run.round} ({run.task.describe()}, model {run.settings['model']})"
           " — loads PyTorch and MONAI ...", flush=True)
     sites = sorted({name for e in run.history for name in e["sites"]})
@@ -118,7 +120,14 @@ def run_export(args: argparse.Namespace) -> int:
                 if args.heldout:
                     raise
         cards = load_dataset_cards(args.cards, sites)
-        manifest = _manifest(args.manifest, _settings(run))
+        try:
+            settings = _settings(run)
+        except (KeyError, TypeError, ValueError) as exc:  # a settings.json from an older Atoll
+            if args.manifest is None:
+                print(f"note: the run manifest cannot be recomputed from {run.root / 'settings.json'} "
+                      f"({exc.__class__.__name__}: {exc}); pass --manifest run-manifest.json to name it in the card")
+            settings = None
+        manifest = _manifest(args.manifest, settings) if (args.manifest or settings is not None) else None
     except (CardInputError, ValueError) as exc:
         _err(str(exc))
         return EXIT_USAGE

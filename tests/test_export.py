@@ -80,8 +80,11 @@ def test_cli_export_refuses_bad_round_and_incomplete_folder(tmp_path, capsys):
     assert atoll_main(["run", "export", str(run), "--out", str(tmp_path / "b"), "--round", "9"]) == 3
     err = capsys.readouterr().err
     assert "--round 9: run r1 has no such round" in err and "Traceback" not in err
-    (run / "settings.json").unlink()
+    (run / "weights" / "round-001.pt").write_bytes(b"not a torch file")
     assert atoll_main(["run", "export", str(run), "--out", str(tmp_path / "b")]) == 2
+    assert "round-001.pt is not a readable weights file" in capsys.readouterr().err
+    (run / "settings.json").unlink()
+    assert atoll_main(["run", "export", str(run), "--out", str(tmp_path / "b")]) == 3
     assert "settings.json is missing" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
 
