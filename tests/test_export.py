@@ -36,9 +36,13 @@ class ModelRunWriter(RunWriter):
 
 
 def _settings(writer: RunWriter):
+    """What evaluate_heldout reads of the run's settings: its task and model (RunWriter runs the defaults)."""
     from server.settings import RunSettings
 
-    return RunSettings(**{**{f: getattr(RunSettings(), f) for f in ("task", "mechanism", "model")}})
+    s = RunSettings()
+    saved = json.loads((writer.run_dir / "settings.json").read_text())
+    assert (saved["model"], saved["task"]["size"]) == (s.model, list(s.task.size))
+    return s
 
 
 def _minimal_run(root: Path, rounds: int = 2, weights: tuple[int, ...] = (0, 1, 2)) -> Path:
