@@ -191,8 +191,9 @@ def card_markdown(card: Mapping[str, Any]) -> str:
     m, t, tr, pv = card["model"], card["task"], card["training"], card["provenance"]
     names = t.get("classes") or t.get("labels") or []
     lines = [f"# Model card: {m['name']}", "",
-             f"{t['description']}. Trained by federated learning with Atoll: no image left any hospital; each site "
-             "trained with patient-level DP-SGD and signed what it spent.", "",
+             f"{t['description']}. Trained by federated learning with Atoll: no image left any hospital; "
+             + ("each site trained with patient-level DP-SGD and signed what it spent." if tr["mechanism"]["dp"] else
+                "DP-SGD was OFF for this run: the model carries no privacy guarantee."), "",
              "## Model", "",
              f"- network: `{m['network']}` (MONAI bundle: `configs/inference.json`, `models/model.pt`, TorchScript "
              "`models/model.ts`)",
