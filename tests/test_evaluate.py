@@ -207,3 +207,73 @@ def test_the_evaluation_statement_passes_the_sites_egress_guard(enrolled):
     assert set(statement) == {"kind", "site", "run_id", "server_round", "weights_sha256", "released_sha256",
                               "key_id", "sig"}
     assert not math.isnan(float(msg.content[wire.METRICS]["val_auc"]))
+
+
+# --------------------------------------------------------------------------- `atoll run evaluate` (the CLI side)
+
+
+@pytest.fixture()
+def run_folder(tmp_path, monkeypatch):
+    """A run folder with two completed rounds and a TLS connection whose address answers."""
+    import dataclasses
+    import socket
+
+    root = tmp_path / "runs" / "first-run"
+    (root / "weights").mkdir(parents=True)
+    for r in (0, 1, 2):
+        torch.save(ARRAYS.to_torch_state_dict(), root / "weights" / f"round-{r:03d}.pt")
+    (root / "settings.json").write_text(json.dumps(dataclasses.asdict(RunSettings(run_dir=str(root.parent)))))
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    (tmp_path / "config.toml").write_text(f'[superlink]\ndefault = "c"\n\n[superlink.c]\naddress = '
+                                          f'"127.0.0.1:{srv.getsockname()[1]}"\nroot-certificates = "/pki/ca.crt"\n')
+    yield root
+    srv.close()
+
+
+def test_run_evaluate_checks_the_round_submits_the_evaluation_mode_and_prints_the_matrix(run_folder, monkeypatch,
+                                                                                        capsys):
+    import shlex
+
+    import server.evaluate_cli as cli
+    from atoll.cli import main
+    from server.evaluate_run import write_outputs
+
+    assert main(["run", "evaluate", str(run_folder), "--round", "5"]) == 2
+    assert "completed rounds: 1, 2" in capsys.readouterr().err
+    assert main(["run", "evaluate", str(run_folder), "--show"]) == 3
+    calls = []
+
+    def flwr_run(cmd):  # what the ServerApp in evaluation mode leaves in the run folder (server/evaluate_run.py)
+        calls.append(cmd)
+        cfg = dict(kv.split("=", 1) for kv in shlex.split(cmd[cmd.index("--run-config") + 1]))
+        assert cfg["evaluate-run"] == str(run_folder) and cfg["evaluate-round"] == "2"
+        m = _matrix()
+        m.round = 2
+        write_outputs(run_folder, m, evaluate_id=cfg["evaluate-id"])
+        return 0
+
+    monkeypatch.setattr(cli.subprocess, "call", flwr_run)
+    assert main(["run", "evaluate", str(run_folder), "--round", "2", "--wait", "30"]) == 0
+    out = capsys.readouterr().out
+    assert calls[0][1:4] == ["run", cli.APP_DIR.as_posix(), "c"] and "0.910" in out and "evaluation.json" in out
+    assert (run_folder / "evaluation-heatmap.svg").is_file() or (run_folder / "evaluation-heatmap.png").is_file()
+    assert main(["run", "evaluate", str(run_folder), "--show"]) == 0 and "0.950" in capsys.readouterr().out
+
+
+def test_under_secagg_only_the_global_model_is_evaluated_and_the_notes_say_why(run_folder):
+    import dataclasses
+
+    from server.evaluate_run import models_to_evaluate
+
+    p = released_path(run_folder, 1, "hospital-a")
+    p.parent.mkdir(parents=True)
+    torch.save(ARRAYS.to_torch_state_dict(), p)
+    plain = RunSettings(run_dir=str(run_folder.parent))
+    rows, notes = models_to_evaluate(run_folder, plain, 2)
+    assert [r.name for r, _ in rows] == ["global", "hospital-a local"] and rows[1][0].round == 1
+    assert rows[0][0].weights_sha256 == SHA
+    rows, notes = models_to_evaluate(run_folder, dataclasses.replace(plain, secagg=True), 2)
+    assert [r.name for r, _ in rows] == ["global"] and "SecAgg+" in notes[0] and "never one site's" in notes[0]
