@@ -240,7 +240,8 @@ def run_evaluation(grid, root: Path, requested_round: int = 0, *, evaluate_id: s
             matrix.put(row.name, name, cell)
         log.info("evaluated %s (round %d) at %d site(s)", row.name, row.round,
                  sum(1 for (m, _), c in matrix.cells.items() if m == row.name and c.status == "evaluated"))
-    write_outputs(root, matrix, evaluate_id=evaluate_id, flower_run_id=flower_run_id)
+    path = write_outputs(root, matrix, evaluate_id=evaluate_id, flower_run_id=flower_run_id)
+    log.info("evaluation of run %s written to %s:\n%s", run_name, path, "\n".join(matrix.lines()))
     return matrix
 
 
