@@ -48,11 +48,15 @@ def evaluate_demo(out: Path, server_round: int = 0, *, verbose: bool = False) ->
                                           flower_run_id=context.run_id)
 
     os.environ[SIM_SITE_CONFIGS_ENV] = os.pathsep.join(str(p) for p in configs)
-    run_simulation(server_app=app, client_app=client_app, num_supernodes=len(configs),
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": max(1, min(len(configs), os.cpu_count() or 1)),
-                                                 "logging_level": "ERROR", "log_to_driver": verbose}},
-                   verbose_logging=verbose)
+    try:
+        run_simulation(server_app=app, client_app=client_app, num_supernodes=len(configs),
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                       "init_args": {"num_cpus": max(1, min(len(configs), os.cpu_count() or 1)),
+                                                     "logging_level": "ERROR", "log_to_driver": verbose}},
+                       verbose_logging=verbose)
+    except RuntimeError as exc:  # Flower's simulation runtime (Ray) failed to start or crashed: say so, no trace
+        print(f"atoll demo: Flower's simulation engine failed ({exc}); rerun, with --verbose for its logs")
+        return 1
     doc = json.loads((root / EVALUATION_FILE).read_text()) if (root / EVALUATION_FILE).is_file() else {}
     if doc.get("evaluate_id") != evaluate_id or doc.get("status") != "completed":
         print(f"atoll demo: the evaluation did not finish ({doc.get('reason') or 'rerun with --verbose'})")
