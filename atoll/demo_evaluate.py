@@ -55,8 +55,11 @@ def evaluate_demo(out: Path, server_round: int = 0, *, verbose: bool = False) ->
                                                      "logging_level": "ERROR", "log_to_driver": verbose}},
                        verbose_logging=verbose)
     except RuntimeError as exc:  # Flower's simulation runtime (Ray) failed to start or crashed: say so, no trace
-        print(f"atoll demo: Flower's simulation engine failed ({exc}); rerun, with --verbose for its logs")
-        return 1
+        print(f"atoll demo: Flower's simulation engine failed ({exc}); rerun, with --verbose for its logs",
+              flush=True)
+        # The ServerApp's thread still waits for simulated nodes that will never come and would keep the
+        # process alive forever; nothing of Atoll's is left unwritten (evaluation.json is written last, atomically).
+        os._exit(1)
     doc = json.loads((root / EVALUATION_FILE).read_text()) if (root / EVALUATION_FILE).is_file() else {}
     if doc.get("evaluate_id") != evaluate_id or doc.get("status") != "completed":
         print(f"atoll demo: the evaluation did not finish ({doc.get('reason') or 'rerun with --verbose'})")
