@@ -41,6 +41,11 @@ def _demo(args: argparse.Namespace) -> int:
           flush=True)
     from atoll.demo import run_demo
 
+    if args.evaluate:  # `atoll run evaluate` on the demo's last run, in the simulation engine
+        from atoll.demo_evaluate import evaluate_demo
+
+        default = "atoll-demo-hippocampus" if args.task == "hippocampus" and args.out == "atoll-demo" else args.out
+        return evaluate_demo(Path(default), verbose=args.verbose)
     if args.task == "hippocampus":
         from atoll.demo3d import run_hippocampus_demo
 
@@ -95,6 +100,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pacs", action="store_true",
                    help="serve each hospital's export from its own local Orthanc (apt-get install orthanc "
                         "orthanc-dicomweb) and have the sites `atoll site pull` from it before training")
+    p.add_argument("--evaluate", action="store_true",
+                   help="train nothing: evaluate the demo's last run as `atoll run evaluate` does (the global model "
+                        "and each hospital's released local model, scored at every hospital; no privacy charge); "
+                        "writes evaluation.json and a heatmap into the run folder")
     p.set_defaults(func=_demo)
 
 

@@ -338,3 +338,4 @@ def print_summary(s: dict, out: Path) -> None:
     print(f"  atoll audit verify {run} {ledgers}")
     print(f"  atoll audit report {run} --out {out / 'privacy-report.html'}")
     print(f"  atoll run status {run}")
+    print(f"  atoll demo --out {out} --evaluate      # every model (global, each site's local) at every site")

@@ -27,6 +27,7 @@ from contract import wire
 from client import secagg as client_secagg
 from client.approval import ApprovalStore, RunManifest, RunNotApproved
 from client.egress import EgressBlocked, EgressPolicy, check_reply, release_metrics
+from client.evaluation import sign_evaluation
 from client.ingest import NoUsableImagesError
 from client.manifest import build_run_manifest
 from client.pacs.errors import NoCompleteMirror
@@ -222,10 +223,19 @@ def _train_reply(msg: Message, site: SiteRuntime, manifest: RunManifest, update:
 def evaluate(msg: Message, context: Context) -> Message:
     cfg = wire.RoundConfig.from_record(msg.content[wire.CONFIG])
     site, manifest, data = _site_for(context, cfg)
-    model = _load_global(cfg, msg.content[wire.ARRAYS])
+    arrays: ArrayRecord = msg.content[wire.ARRAYS]
+    model = _load_global(cfg, arrays)
     val = data.val
     m = task_metrics(cfg.task, model, val.images, val.labels, site.device)
     n = m.pop("n")
     content = RecordDict({**_released(site, {wire.NUM_EXAMPLES: n, **m}, missing_reasons(m, val.labels, n)),
                           wire.SITE: wire.site_record(site.name)})
+    # Evaluation trains nothing and charges nothing (no guard, no ledger record): the approved manifest and the
+    # policy's released metrics are its only gates. The signature lets an evaluation-only run (`atoll run
+    # evaluate`) know this answer is the site's and which weights it scored.
+    statement = sign_evaluation(content, site=site.name, run_id=cfg.run_id, server_round=cfg.server_round,
+                                weights_sha256=state_dict_sha256(arrays.to_torch_state_dict()),
+                                signing_key_path=site.config.signing_key)
+    if statement is not None:
+        content[wire.ATTESTATION] = wire.attestation_record(statement)
     return Message(_checked(site, manifest, content), reply_to=msg)

@@ -7,7 +7,7 @@ reply's RecordDict against what was declared and approved:
 
 * ArrayRecord "arrays" only: exactly the declared tensors (names, shapes, dtypes), all finite;
 * MetricRecord "metrics" only: scalar finite numbers under allowed metric names;
-* ConfigRecords only "ledger", "site", "refusal", each with its own keys and short string values
+* ConfigRecords only "ledger", "site", "refusal", "attestation", each with its own keys and short string values
   (no bytes, no lists: nothing that could smuggle an array);
 * ConfigRecord "missing" (why a released metric has no value): keys are metric names the policy releases,
   values one of the fixed codes of `wire.MISSING_REASONS` (no free text).
@@ -50,6 +50,7 @@ DEFAULT_CONFIG_RECORDS: Mapping[str, Mapping[str, int]] = {
     wire.LEDGER: {"record": 65536},
     wire.SITE: {"name": 128},
     wire.REFUSAL: {"code": 64, "message": 1000},
+    wire.ATTESTATION: {"record": 2048},  # the site's signature over an evaluation reply: hashes and names only
 }
 
 

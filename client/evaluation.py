@@ -48,3 +48,24 @@ def missing_reasons(result: dict[str, float], labels: torch.Tensor) -> dict[str,
     if math.isnan(result.get("auc", 0.0)) and len(np.unique(labels.numpy())) < 2:
         out["auc"] = "SINGLE_CLASS"
     return out
+
+
+def sign_evaluation(content, *, site: str, run_id: str, server_round: int, weights_sha256: str,
+                    signing_key_path) -> dict | None:
+    """The site's signed statement over an evaluation reply (``contract.wire.evaluation_statement``), or None
+    when the site has no signing key.
+
+    It lets the lead tell a site's answer from a stranger's in an evaluation run, where no training reply (and
+    so no signed ledger record) has bound the site's Flower node yet, and ties the released metrics to the exact
+    weights scored. It is not a ledger record: evaluation charges nothing and writes nothing to the ledger.
+    """
+    from pathlib import Path
+
+    from contract import wire
+    from privacy.keys import load_private_key
+    from privacy.ledger import sign_record
+
+    if not signing_key_path or not Path(signing_key_path).exists():
+        return None
+    statement = wire.evaluation_statement(site, run_id, server_round, weights_sha256, wire.released_sha256(content))
+    return sign_record(statement, load_private_key(signing_key_path))

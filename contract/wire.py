@@ -7,6 +7,7 @@ site's reply carries the update, the released metrics, its signed ledger record,
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 
@@ -24,6 +25,7 @@ LEDGER = "ledger"
 REFUSAL = "refusal"
 SITE = "site"
 NUM_EXAMPLES = "num-examples"
+ATTESTATION = "attestation"  # ConfigRecord: the site's signature over an evaluation reply (evaluation_statement)
 MISSING = "missing"  # ConfigRecord: released metric name -> why it has no value this round (MISSING_REASONS)
 
 # Why a metric the site releases has no value in a reply: a fixed vocabulary, so the record can carry no free text.
@@ -139,3 +141,35 @@ def site_name_of(content: RecordDict) -> str | None:
     if SITE not in content.config_records:
         return None
     return str(content.config_records[SITE]["name"])
+
+
+EVALUATION_STATEMENT = "atoll.evaluation/1"
+
+
+def released_sha256(content: RecordDict) -> str:
+    """Hash of the metrics (and missing-metric codes) an evaluation reply releases, as both sides compute it."""
+    metrics = {str(k): float(v) for k, v in content.metric_records[METRICS].items()} \
+        if METRICS in content.metric_records else {}
+    body = {"metrics": metrics, "missing": missing_of(content)}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def evaluation_statement(site: str, run_id: str, server_round: int, weights_sha256: str, released: str) -> dict:
+    """What a site signs when it answers an evaluation: this site scored *these* weights and released *these*
+    metrics. Hashes and names only: it carries nothing the reply does not already carry in the clear."""
+    return {"kind": EVALUATION_STATEMENT, "site": site, "run_id": run_id, "server_round": int(server_round),
+            "weights_sha256": weights_sha256, "released_sha256": released}
+
+
+def attestation_record(statement: dict) -> ConfigRecord:
+    return ConfigRecord({"record": json.dumps(statement, sort_keys=True, separators=(",", ":"))})
+
+
+def attestation_of(content: RecordDict) -> dict | None:
+    if ATTESTATION not in content.config_records:
+        return None
+    try:
+        out = json.loads(str(content.config_records[ATTESTATION]["record"]))
+    except (KeyError, ValueError):
+        return None
+    return out if isinstance(out, dict) else None

@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import Strategy
 from models import build_task_model
 from server import robust
 from server.outputs import RunOutputs
+from server.released_updates import keep_released
 from server.secagg import SecAggRounds
 from server.settings import RunSettings, SettingsError
 from server.sitebook import RoundBook, SiteTrust
@@ -37,6 +38,11 @@ class RunStopped(RuntimeError):
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    from server.evaluate_run import is_evaluation_run, main_evaluate
+
+    if is_evaluation_run(dict(context.run_config)):  # `atoll run evaluate`: score a run's models, train nothing
+        main_evaluate(grid, dict(context.run_config), context.run_id)
+        return
     settings = RunSettings.from_run_config(dict(context.run_config))
     build_strategy(settings)  # a bad strategy setting fails here, before round 1
     out = run_consortium(grid, settings, context.run_id)
@@ -172,6 +178,8 @@ def _one_round(grid: Grid, strategy: Strategy, settings: RunSettings, run_name: 
     for m in ev_replies:
         book.admit_evaluate_reply(m)
     out.save_weights(rnd, new_arrays)
+    if secagg is None:  # each site's released weights, for `atoll run evaluate` (none exist under SecAgg+)
+        keep_released(out.root, rnd, book, accepted)
     out.record_round(book, train_wall)
     log.info("round %d/%d: %s", rnd, settings.num_server_rounds, book.one_line())
     return new_arrays, digest

@@ -46,7 +46,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    run = sub.add_parser("run", help="consortium lead: start, watch and stop training runs",
+    run = sub.add_parser("run", help="consortium lead: start, watch, stop and evaluate training runs",
                          description="Start a training run on the consortium's SuperLink, watch its folder, stop it.")
     run_sub = run.add_subparsers(dest="run_command", metavar="COMMAND")
     run.set_defaults(func=lambda a: (run.print_help(), EXIT_USAGE)[1])
@@ -121,6 +121,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     stop.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                       help="wait up to this long for the run to record the stop (0 = do not wait)")
     stop.set_defaults(func=_stop)
+
+    from server.evaluate_cli import add_parser as add_evaluate_parser  # `atoll run evaluate` (its own module)
+
+    add_evaluate_parser(run_sub)
 
 
 def add_run_shape_arguments(p: argparse.ArgumentParser) -> None:

@@ -55,6 +55,11 @@ def test_recipe_defaults_agree_across_settings_pyproject_and_demo() -> None:
     """The lead's defaults live in RunSettings; pyproject's run config and `atoll demo` must not drift."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     defaults = RunSettings()
+    from server.evaluate_run import EVALUATE_ID_KEY, EVALUATE_ROUND_KEY, EVALUATE_RUN_KEY  # evaluation mode's own
+
+    evaluation_mode = {EVALUATE_RUN_KEY, EVALUATE_ROUND_KEY, EVALUATE_ID_KEY}
+    assert {config[k] for k in evaluation_mode} == {"", 0}, "by default the ServerApp trains"
+    config = {k: v for k, v in config.items() if k not in evaluation_mode}
     assert set(config) == set(defaults.to_run_config()), "pyproject's run config and RunSettings' keys differ"
     for key, value in defaults.to_run_config().items():
         assert config[key] == value, f"pyproject run config '{key}' = {config[key]!r} != RunSettings' {value!r}"
