@@ -10,8 +10,9 @@ Each site is small (``--patients`` patients of 2 images), so at q = 0.1 some sit
 batches in a round — a valid noise-only DP step whose update must still be released (``EMPTY_BATCHES``).
 
 Round 1 also pays each site's first ingest (header index, decode, preprocessing cache); later rounds read the
-cache. Peak memory is the RSS summed over this process and all its children (the Ray workers and Ray's own
-daemons), sampled every 0.5 s: pages shared between workers are counted once per worker, so it over-states.
+cache. Peak memory is the RSS summed over this process and every process it starts (the Ray workers and Ray's own
+daemons, re-parented or not: bench/conditions.TreeMemory), sampled every 0.5 s: pages shared between workers are
+counted once per worker, so it over-states.
 
 Prints one JSON object (headline ``contributed_fraction`` = sites whose update was accepted in every round ÷ sites;
 also ``wall_per_round_s``, ``peak_memory_gib``) and writes ``bench/results/scale.json``.
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         "setup_seconds": round(setup_s, 1), "run_seconds": round(total, 1),
         "definition": "round wall = time between the round entries appearing in history.json (round 1 from the "
                       "simulation start: Ray start-up and every site's first ingest included); peak memory = RSS "
-                      "summed over the process tree",
+                      "summed over every process the bench started",
         "conditions_start": before, "conditions_end": conditions(), "quick": args.quick,
     }
     out = REPO / "bench" / "results" / "scale.json"
