@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import secrets
 from collections.abc import Callable
 
@@ -197,7 +198,9 @@ def train(msg: Message, context: Context) -> Message:
                          proximal_mu=cfg.proximal_mu)
     update = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     raw_metrics = {wire.NUM_EXAMPLES: len(train_split.labels), "train_loss": result.train_loss,
-                   "train_seconds": result.seconds}
+                   "train_seconds": result.seconds,
+                   # site-local (no policy releases it): lets a resend name why train_loss is missing
+                   EMPTY_STEPS: float(result.empty_steps)}
     update_sha = released.put(update, raw_metrics)  # before the round record: completed => resendable
     record = site.guard.complete(reservation, update_sha256=update_sha, num_examples=len(train_split.labels),
                                  server_prev_digest=cfg.prev_digest or None)
@@ -206,12 +209,28 @@ def train(msg: Message, context: Context) -> Message:
     return _train_reply(msg, site, manifest, update, raw_metrics, record)
 
 
+#: kept with a released reply's metrics on the site only (never in a policy's released metrics)
+EMPTY_STEPS = "atoll_empty_steps"
+
+
+def _train_missing_reasons(metrics: dict[str, float]) -> dict[str, str]:
+    """Why train_loss has no value: every DP step drew an empty Poisson batch (noise only) -> EMPTY_BATCHES.
+
+    That round's update is a valid DP release and its privacy is charged, so it goes out; only the loss, which
+    no batch defined, is named missing (client.egress.release_metrics) instead of blocking the reply.
+    """
+    loss = float(metrics.get("train_loss", 0.0))
+    if not math.isfinite(loss) and metrics.get(EMPTY_STEPS, 0) > 0:
+        return {"train_loss": "EMPTY_BATCHES"}
+    return {}
+
+
 def _train_reply(msg: Message, site: SiteRuntime, manifest: RunManifest, update: dict[str, torch.Tensor],
                  metrics: dict[str, float], record: dict) -> Message:
     """The update, the policy's metrics and the signed round record, through the egress guard."""
     content = RecordDict({
         wire.ARRAYS: ArrayRecord(update),
-        **_released(site, metrics),
+        **_released(site, metrics, _train_missing_reasons(metrics)),
         wire.LEDGER: wire.ledger_record(record),
         wire.SITE: wire.site_record(site.name),
     })

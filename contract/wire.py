@@ -29,7 +29,8 @@ ATTESTATION = "attestation"  # ConfigRecord: the site's signature over an evalua
 MISSING = "missing"  # ConfigRecord: released metric name -> why it has no value this round (MISSING_REASONS)
 
 # Why a metric the site releases has no value in a reply: a fixed vocabulary, so the record can carry no free text.
-MISSING_REASONS = ("NOT_FINITE", "SINGLE_CLASS", "NO_DATA")
+# EMPTY_BATCHES: every DP step of the round drew an empty Poisson batch (a valid, noise-only release; no loss).
+MISSING_REASONS = ("NOT_FINITE", "SINGLE_CLASS", "NO_DATA", "EMPTY_BATCHES")
 
 # Refusal codes that are not the privacy guard's (its codes come from privacy.guard).
 SITE_ERROR = "SITE_ERROR"

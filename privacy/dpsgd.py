@@ -113,13 +113,24 @@ def check_mechanism(mechanism: Mechanism) -> Mechanism:
 @dataclass
 class LocalTrainResult:
     """What happened: ``steps`` actually taken (what the accountant must charge), mean training loss over the
-    steps' batches, ``num_examples`` = training images available, wall-clock ``seconds``, the ``mechanism`` run."""
+    steps' non-empty batches, ``num_examples`` = training images available, wall-clock ``seconds``, the
+    ``mechanism`` run, and ``empty_steps``: how many DP steps drew an empty Poisson batch (noise only).
+
+    When every step was empty ``train_loss`` is NaN: there was no batch to take a loss of. The update is still a
+    valid DP release (the steps were taken and must be charged); the caller releases it and names the missing
+    loss (``client.app``: reason ``EMPTY_BATCHES``) instead of dropping the reply."""
 
     steps: int
     train_loss: float
     num_examples: int
     seconds: float
     mechanism: Mechanism
+    empty_steps: int = 0
+
+    @property
+    def all_batches_empty(self) -> bool:
+        """No step saw a patient: the loss is undefined, the noised update is not."""
+        return self.steps > 0 and self.empty_steps == self.steps
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
@@ -393,6 +404,7 @@ def train_local(
 
     loss_fn = criterion("sum")
     losses: list[float] = []
+    empty_steps = 0
     t0 = time.perf_counter()
     if dp is None:
         n = images.shape[0]
@@ -424,7 +436,9 @@ def train_local(
                     idx = sampler.sample().to(dev)
                     loss_value = private.step(images[idx], labels[idx])
                     proximal_step()
-                    if loss_value is not None:
+                    if loss_value is None:
+                        empty_steps += 1
+                    else:
                         losses.append(loss_value)
         finally:
             private.close()
@@ -433,5 +447,6 @@ def train_local(
     seconds = time.perf_counter() - t0
     train_loss = float(sum(losses) / len(losses)) if losses else float("nan")
     return LocalTrainResult(
-        steps=steps, train_loss=train_loss, num_examples=int(images.shape[0]), seconds=seconds, mechanism=mechanism
+        steps=steps, train_loss=train_loss, num_examples=int(images.shape[0]), seconds=seconds, mechanism=mechanism,
+        empty_steps=empty_steps,
     )

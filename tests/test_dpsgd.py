@@ -363,7 +363,13 @@ def test_train_local_zero_steps_and_all_empty_batches() -> None:
         train_local(model, data, _mech(_dp(1, 1, 0.1), 0), lr=1e-3, device="cpu")
     r = train_local(model, data, _mech(_dp(1, 1, 1e-12), 3), lr=1e-3, device="cpu")
     assert r.steps == 3 and math.isnan(r.train_loss)  # no example seen, but noise steps taken
-    assert not torch.equal(w0, torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert r.empty_steps == 3 and r.all_batches_empty  # the caller names the missing loss (EMPTY_BATCHES)
+    w1 = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert not torch.equal(w0, w1) and torch.isfinite(w1).all()  # a finite, noise-only update to release
+    # some steps empty, some not: the loss is the mean over the non-empty batches, and finite
+    tiny = Split(data.images[:3], data.labels[:3], torch.arange(3))
+    r = train_local(model, tiny, _mech(_dp(1, 1, 0.2), 12), lr=1e-3, device="cpu", seed=1, reproducible_dp=True)
+    assert 0 < r.empty_steps < 12 and not r.all_batches_empty and math.isfinite(r.train_loss)
 
 
 def test_train_local_rejects_bad_input() -> None:

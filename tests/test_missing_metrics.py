@@ -119,8 +119,27 @@ def test_a_round_whose_poisson_batches_were_all_empty_still_sends_its_update(tmp
     toml = _site(tmp_path, label_of=lambda p: p % 2)
     cfg = wire.RoundConfig(run_id="empty-batches", server_round=1, mechanism=Mechanism(steps=2, sample_rate=1e-6))
     ctx, arrays = _approved(toml, cfg)
-    reply = train(_message("train", cfg, arrays), ctx)
+    msg = _message("train", cfg, arrays)
+    reply = train(msg, ctx)
     assert wire.refusal_of(reply.content) is None, wire.refusal_of(reply.content)
     assert wire.ARRAYS in reply.content and wire.LEDGER in reply.content
+    update = reply.content[wire.ARRAYS].to_torch_state_dict()
+    assert all(torch.isfinite(v).all() for v in update.values())  # noise only, and released
     assert "train_loss" not in reply.content[wire.METRICS]
-    assert wire.missing_of(reply.content) == {"train_loss": "NOT_FINITE"}
+    assert wire.missing_of(reply.content) == {"train_loss": "EMPTY_BATCHES"}
+    assert not any(k.startswith("atoll_") for k in reply.content[wire.METRICS])  # site-local bookkeeping stays
+
+    def charges() -> list:
+        from client.runtime import open_site_ledger
+        from client.site_config import load_site_config
+        from privacy.guard import charges as ledger_charges
+
+        return ledger_charges(open_site_ledger(load_site_config(toml)).records())
+
+    charge = (cfg.mechanism.noise_multiplier, 1e-6, 2)
+    assert charges() == [charge]  # charged once, for the 2 noise-only steps it took
+    again = train(msg, ctx)  # the same round again (a lost reply): the same bytes, not charged twice
+    assert wire.refusal_of(again.content) is None and charges() == [charge]
+    assert wire.missing_of(again.content) == {"train_loss": "EMPTY_BATCHES"}
+    assert torch.equal(again.content[wire.ARRAYS].to_torch_state_dict()["classifier.weight"],
+                       update["classifier.weight"])
