@@ -15,13 +15,16 @@ pays for the weight-gradient work once:
    freed as in a plain backward. Autograd computes only activation gradients: no parameter gradient, no
    gradient of the input image;
 3. per-sample norms, per layer, by the cheaper of two exact methods (mixed ghost clipping, Bu et al. 2022):
-   *instantiate* the per-sample weight gradients (a convolution's via one grouped-convolution backward with
-   the batch folded into the groups) or the *ghost* norm
-   ``||G_i||^2 = sum_{p,q} <a_ip, a_iq> <g_ip, g_iq>`` over output positions p, q (no per-sample gradient,
-   cost ~ T^2 instead of T * in * out, for layers with few positions T and many channels);
+   *instantiate* the per-sample weight gradients (a pointwise or few-position convolution's by one batched
+   matmul, any other's by one grouped-convolution backward with the batch folded into the groups) or the
+   *ghost* norm ``||G_i||^2 = sum_{p,q} <a_ip, a_iq> <g_ip, g_iq>`` over output positions p, q (no per-sample
+   gradient, cost ~ T^2 instead of T * in * out, for layers with few positions T and many channels);
 4. clip factor ``c_i = min(1, C / (||grad_i|| + 1e-6))`` (Opacus' formula), then the clipped sum
-   ``sum_i c_i grad_i`` per layer: a weighted sum of the instantiated gradients, or one ordinary
-   weight-gradient kernel on ``c_i * g_i`` for ghost layers. It is written to ``p.grad``.
+   ``sum_i c_i grad_i`` per layer: a weighted sum of the kept per-sample gradients, or one ordinary
+   weight-gradient kernel on ``c_i * g_i`` for ghost layers and for the convolutions whose input and output
+   gradient are smaller than their per-sample gradients (``recompute_clipped_sum``: the memory rule that
+   keeps deep networks such as DenseNet121 from holding n copies of most of their weights). It is written to
+   ``p.grad``.
 
 Noise and scaling stay Opacus': ``make_private_bk`` pairs the module with
 ``opacus.optimizers.DPOptimizerFastGradientClipping``, which adds N(0, (sigma C)^2) to ``p.grad`` and divides
