@@ -78,7 +78,10 @@ def test_simulated_sites_run_at_nice_zero_with_their_thread_share() -> None:
 
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
-        nodes = list(grid.get_node_ids())
+        import time
+
+        while len(nodes := list(grid.get_node_ids())) < sites:  # as Flower's strategies wait for nodes
+            time.sleep(0.5)
         msgs = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in nodes]
         for reply in grid.send_and_receive(msgs):
             got.append(dict(reply.content["m"]))
