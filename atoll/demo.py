@@ -200,6 +200,7 @@ def simulate(settings, site_configs: list[Path], *, verbose: bool = False):
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
+    from atoll import simulation
     from client.app import app as client_app
     from client.runtime import SIM_SITE_CONFIGS_ENV
     from server.app import run_consortium
@@ -214,19 +215,17 @@ def simulate(settings, site_configs: list[Path], *, verbose: bool = False):
         holder["outputs"] = run_consortium(grid, settings, context.run_id)
 
     os.environ[SIM_SITE_CONFIGS_ENV] = os.pathsep.join(str(p) for p in site_configs)
-    cpus = max(1, min(len(site_configs), os.cpu_count() or 1))
     gpus = 1.0 / len(site_configs) if torch.cuda.is_available() else 0.0
     from atoll.demo_progress import round_progress  # a bar per round and site on a terminal
     from client.site_config import load_site_config
 
     ledgers = {(c := load_site_config(p)).name: Path(c.state_dir) / "ledger.jsonl" for p in site_configs}
+    # each site's actor gets its fair share of the cores, at nice 0 (atoll/simulation.py)
+    backend = simulation.backend_config(len(site_configs), gpus_per_site=gpus, verbose=verbose)
     with round_progress(Path(settings.run_dir), settings.num_server_rounds, ledgers, enabled=None if not verbose
-                        else False):
+                        else False), simulation.actor_environment(int(backend["client_resources"]["num_cpus"])):
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(site_configs),
-                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": gpus},
-                                       "init_args": {"num_cpus": cpus, "logging_level": "ERROR",
-                                                     "log_to_driver": verbose}},
-                       verbose_logging=verbose)
+                       backend_config=backend, verbose_logging=verbose)
     if "outputs" not in holder:
         raise RuntimeError("the simulation ended before the ServerApp finished; rerun with --verbose")
     return holder["outputs"]

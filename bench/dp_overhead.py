@@ -1,28 +1,42 @@
-"""DP-SGD step cost vs a plain step, for every Opacus per-sample-gradient mode Atoll considered.
+"""DP-SGD vs plain training at the batch shapes sites really train with, per network and per clipping mode.
 
-    python bench/dp_overhead.py [--quick] [--threads N] [--rounds R] [--3d]
+    python bench/dp_overhead.py [--quick] [--models NAME,...] [--modes bk,hooks,...] [--threads N]
+                                [--rounds R] [--3d] [--no-round]
 
-``--3d`` runs only the 3D segmentation rows (``basicunet-small`` on 32 x 48 x 32 volumes, the hippocampus demo's
-network and grid, and ``basicunet``) with the task's per-patient Dice + CE loss; the full run includes them.
+What it compares
+----------------
+DP-SGD does not train on a fixed batch: every step Poisson-samples patients with rate q, so its batch is
+Binomial(N, q) with mean q*N. A DP step is therefore compared with a plain step at the SAME expected batch:
+the plain step takes B examples, the DP step a Poisson batch of N = B / Q patients sampled at rate Q
+(Q = 0.1), the batch sizes drawn once from a seeded generator and shared by every DP mode of a row.
 
-Prints a table, then ONE JSON object on the last stdout line, and writes bench/results/dp_overhead.json.
-Headline keys: ``ratio`` (DP step time / non-DP step time) and ``mem_ratio`` (peak step memory ratio) for
-Atoll's default network, image size, batch and grad-sample mode.
+Rows: AtollNet (28 and 64 px), ResNet18 and DenseNet121 at 64 px, batch 64; the 3D networks: AtollNet as a
+3D classifier (32^3 volumes, batch 16) and the segmentation U-Nets ``basicunet-small`` / ``basicunet`` on
+32 x 48 x 32 volumes (the hippocampus demo's grid, batch 6) with the task's per-patient Dice + CE loss.
+Modes: ``bk`` (Atoll's fast clipping, privacy/fast_clipping.py, the ``auto`` choice for these networks) and
+Opacus ``hooks`` (the reference); ``--modes`` adds the others of ``privacy.dpsgd.GRAD_SAMPLE_MODES``.
+
+Then the site's ROUND as the ClientApp runs it: ``privacy.dpsgd.train_local`` (the call client/app.py makes)
+for a number of local steps, DP (``auto`` mode, Poisson batches of q*P patients) vs plain (``batch_size`` =
+the same expected batch), on AtollNet at the site default 28 px, runs interleaved.
 
 Method
 ------
-* Time: every contender (the plain step and one ``privacy.dpsgd.PrivateStep`` per mode — the exact object
-  ``train_local`` uses) is built in ONE process on the same batch; after warm-up, R rounds run each contender
-  once, in rotated order. Each step is timed in process CPU time (``time.process_time``: robust to the
-  machine being shared; wall time is reported too). ``ratio`` = median over rounds of
-  (DP step / plain step of the same round). The plain step is forward + backward + the optimizer update on
-  the batch mean loss, as ``train_local(dp=None)``; DP steps include clipping, noise and the same update
-  (``train_local``'s default optimizer: SGD with momentum 0.9).
-* Memory: torch's CPU allocations are invisible to tracemalloc, so each contender runs in a fresh subprocess:
-  build, one warm-up step, ``malloc_trim``, baseline = VmRSS, reset the kernel's high-water mark
-  (``/proc/self/clear_refs`` <- 5, Linux), 3 steps, peak = VmHWM (/proc/self/status). ``mem_mb`` = peak -
-  baseline: the step's transient working set (activations, per-sample gradients, norms); ``mem_ratio`` = DP /
-  plain. Persistent state (weights, momentum buffers) is in the baseline for both.
+* Time: all contenders of a row (the plain step and one ``privacy.dpsgd.PrivateStep`` per mode — the object
+  ``train_local`` uses) live in ONE process; after a warm-up, R rounds run each contender once in rotated
+  order, in process CPU time (``time.process_time``: robust to a shared machine; wall time reported too).
+  ``ratio`` = median over rounds of (DP step on that round's Poisson batch / plain step of the same round).
+* Memory: one fresh subprocess per contender: build, one warm-up step, then a CLEAN baseline — gradients and
+  Opacus' per-sample gradients released (``zero_grad(set_to_none=True)``), ``gc``, ``malloc_trim`` — VmRSS,
+  the kernel's high-water mark reset (``/proc/self/clear_refs`` <- 5, Linux), 3 steps at exactly the expected
+  batch, peak = VmHWM. ``mem_mb`` = peak - baseline: everything a step allocates (activations, per-sample
+  gradients and norms, the gradients themselves); ``mem_ratio`` = DP / plain. Weights and momentum buffers
+  are in the baseline of both.
+* Conditions printed and recorded: load average before/after, torch threads, CPU count.
+
+Prints a table, then ONE JSON object on the last stdout line, and writes bench/results/dp_overhead.json
+(``dp_overhead_3d.json`` with ``--3d``). Headline keys: ``ratio`` / ``mem_ratio`` for Atoll's default
+network, size and mode; ``densenet121`` (its ``bk`` time and memory ratios) and ``round_ratio`` when run.
 """
 
 from __future__ import annotations
@@ -31,12 +45,14 @@ import argparse
 import ctypes
 import gc
 import json
+import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,81 +73,124 @@ from privacy.dpsgd import (  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
-DEFAULT_IMAGE_SIZE = 28  # INTERFACES.md site config default
-BATCH = 64
+DEFAULT_IMAGE_SIZE = 28  # the site config default
 LR = 0.05  # train_local's default optimizer (SGD, momentum 0.9) at the default run lr
-FULL = [(DEFAULT_MODEL, 28, BATCH), (DEFAULT_MODEL, 64, BATCH), ("densenet121", 64, BATCH)]
-QUICK = [(DEFAULT_MODEL, 28, BATCH)]
-#: 3D segmentation rows: (network, "DxHxW", expected batch of volumes)
-BATCH_3D = 6
-ROWS_3D = [("basicunet-small", "32x48x32", BATCH_3D), ("basicunet", "32x48x32", BATCH_3D)]
-MODES_3D = ("bk", "hooks")  # Atoll's mode for Conv/GroupNorm networks, and Opacus' reference
+Q = 0.1  # Poisson sampling rate of the DP steps: N = B / Q patients
+MODES = ("bk", "hooks")
 
 
-def _seg_task(px: str):
-    from contract import TaskSpec
+@dataclass(frozen=True)
+class Row:
+    """One network at one input shape; ``size`` is an int (2D, px) or a 'DxHxW' string (3D)."""
 
-    size = tuple(int(v) for v in px.split("x"))
-    return TaskSpec(kind="segmentation", spatial_dims=3, classes=(), labels=("anterior", "posterior"), size=size)
+    model: str
+    size: int | str
+    batch: int
+    seg: bool = False  # 3D segmentation (the task's Dice + CE loss) rather than classification
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} {self.size}{'px' if isinstance(self.size, int) else ''}"
 
 
-def _contenders(name: str, px: int, batch: int, modes: list[str]):
-    """(label, step function) for the plain step and each DP mode, all on the same batch."""
+ROWS_2D = [Row(DEFAULT_MODEL, 28, 64), Row(DEFAULT_MODEL, 64, 64), Row("resnet18", 64, 64),
+           Row("densenet121", 64, 64)]
+ROWS_3D = [Row(DEFAULT_MODEL, "32x32x32", 16), Row("basicunet-small", "32x48x32", 6, seg=True),
+           Row("basicunet", "32x48x32", 6, seg=True)]
+QUICK = [Row(DEFAULT_MODEL, 28, 64)]
+
+
+def _parse(spec: str) -> Row:
+    """``--_mem`` round trip: 'model|size|batch|seg'."""
+    model, size, batch, seg = spec.split("|")
+    return Row(model, size if "x" in size else int(size), int(batch), seg == "1")
+
+
+def _spec(row: Row) -> str:
+    return f"{row.model}|{row.size}|{row.batch}|{int(row.seg)}"
+
+
+def poisson_batches(expected: int, rounds: int, seed: int = 0) -> list[int]:
+    """Batch sizes of ``rounds`` DP steps: Binomial(N = expected / Q, Q), drawn once, shared by all modes."""
+    g = torch.Generator().manual_seed(seed)
+    n = round(expected / Q)
+    return [int((torch.rand(n, generator=g) < Q).sum()) for _ in range(rounds)]
+
+
+def _data(row: Row, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
-    criterion, task = None, None
-    if isinstance(px, str):  # a 3D segmentation row
+    if isinstance(row.size, int):
+        return torch.randn(n, 1, row.size, row.size), torch.randint(0, 2, (n,))
+    size = tuple(int(v) for v in row.size.split("x"))
+    x = torch.randn(n, 1, *size)
+    return x, (torch.randint(0, 3, (n, *size)) if row.seg else torch.randint(0, 2, (n,)))
+
+
+def _network(row: Row) -> tuple[nn.Module, object]:
+    """(model, criterion factory) as train_local gets them."""
+    if row.seg:
+        from contract import TaskSpec
         from models import build_loss, build_task_model
 
-        task = _seg_task(px)
-        x = torch.randn(batch, 1, *task.size)
-        y = torch.randint(0, 3, (batch, *task.size))
-        criterion = build_loss(task)
-        plain = build_task_model(name, task)
-        loss_fn = criterion("mean")
-    else:
-        x = torch.randn(batch, 1, px, px)
-        y = torch.randint(0, 2, (batch,))
-        plain = build_model(name)
-        loss_fn = nn.CrossEntropyLoss()
-    opt = make_optimizer(plain.parameters(), lr=LR)
-
-    def plain_step() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss_fn(plain(x), y).backward()
-        opt.step()
-
-    out = [("non-dp", plain_step)]
-    for mode in modes:
-        model = build_model(name) if task is None else build_task_model(name, task)
-        private = PrivateStep(
-            model, make_optimizer(model.parameters(), lr=LR), Mechanism(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.1),
-            expected_batch_size=batch, grad_sample_mode=mode, **({} if criterion is None else {"criterion": criterion}),
-        )
-        out.append((mode, lambda p=private: p.step(x, y)))
-    return out
+        size = tuple(int(v) for v in row.size.split("x"))
+        task = TaskSpec(kind="segmentation", spatial_dims=3, classes=(), labels=("anterior", "posterior"), size=size)
+        return build_task_model(row.model, task), build_loss(task)
+    dims = 2 if isinstance(row.size, int) else 3
+    return build_model(row.model, spatial_dims=dims), lambda reduction: nn.CrossEntropyLoss(reduction=reduction)
 
 
-def time_config(name: str, px: int, batch: int, modes: list[str], rounds: int) -> dict:
-    contenders = _contenders(name, px, batch, modes)
-    for _, fn in contenders:
-        fn(), fn()
-    cpu: dict[str, list[float]] = {k: [] for k, _ in contenders}
-    wall: dict[str, list[float]] = {k: [] for k, _ in contenders}
+class Contender:
+    """A plain step (``mode == 'non-dp'``) or a ``PrivateStep`` in one mode, with a way to release grads."""
+
+    def __init__(self, row: Row, mode: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        torch.manual_seed(1)
+        self.mode, self.x, self.y = mode, x, y
+        model, criterion = _network(row)
+        opt = make_optimizer(model.parameters(), lr=LR)
+        if mode == "non-dp":
+            loss_fn = criterion("mean")
+            self.optimizer = opt
+
+            def step(n: int) -> None:
+                opt.zero_grad(set_to_none=True)
+                loss_fn(model(x[:n]), y[:n]).backward()
+                opt.step()
+
+            self.step = step
+        else:
+            private = PrivateStep(model, opt, Mechanism(noise_multiplier=1.0, clip_norm=1.0, sample_rate=Q),
+                                  expected_batch_size=row.batch, grad_sample_mode=mode, criterion=criterion)
+            self.optimizer = private.optimizer
+            self.step = lambda n: private.step(x[:n], y[:n])
+
+    def release(self) -> None:
+        """Drop gradients (and Opacus' per-sample gradients): what a clean baseline must not include."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def time_row(row: Row, modes: list[str], rounds: int) -> dict:
+    sizes = poisson_batches(row.batch, rounds)
+    x, y = _data(row, max(sizes + [row.batch]))
+    contenders = [Contender(row, m, x, y) for m in ["non-dp", *modes]]
+    for c in contenders:
+        c.step(row.batch)
+    cpu: dict[str, list[float]] = {c.mode: [] for c in contenders}
+    wall: dict[str, list[float]] = {c.mode: [] for c in contenders}
     for r in range(rounds):
-        order = contenders[r % len(contenders):] + contenders[: r % len(contenders)]
-        for label, fn in order:
+        k = r % len(contenders)
+        for c in contenders[k:] + contenders[:k]:
+            n = row.batch if c.mode == "non-dp" else sizes[r]
             t0, w0 = time.process_time(), time.perf_counter()
-            fn()
-            cpu[label].append(time.process_time() - t0)
-            wall[label].append(time.perf_counter() - w0)
+            c.step(n)
+            cpu[c.mode].append(time.process_time() - t0)
+            wall[c.mode].append(time.perf_counter() - w0)
     res = {}
-    for label, _ in contenders:
-        ratios = [a / b for a, b in zip(cpu[label], cpu["non-dp"], strict=True)]
-        res[label] = {
-            "cpu_ms": round(statistics.median(cpu[label]) * 1e3, 2),
-            "wall_ms": round(statistics.median(wall[label]) * 1e3, 2),
-            "ratio": round(statistics.median(ratios), 3),
-        }
+    for c in contenders:
+        ratios = [a / b for a, b in zip(cpu[c.mode], cpu["non-dp"], strict=True)]
+        res[c.mode] = {"cpu_ms": round(statistics.median(cpu[c.mode]) * 1e3, 1),
+                       "wall_ms": round(statistics.median(wall[c.mode]) * 1e3, 1),
+                       "ratio": round(statistics.median(ratios), 3)}
+    res["poisson_batches"] = sizes
     return res
 
 
@@ -142,23 +201,25 @@ def _status_mb(key: str) -> float:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def _mem_child(name: str, px: int, batch: int, mode: str) -> None:
-    """Subprocess body: print the peak resident-memory growth (MB) of 3 steps of one contender."""
-    fn = dict(_contenders(name, px, batch, [] if mode == "non-dp" else [mode]))[mode]
-    fn()  # warm-up: lazy kernel/optimizer-state allocations are not the step's working set
+def _mem_child(row: Row, mode: str) -> None:
+    """Subprocess body: peak resident-memory growth (MB) of 3 steps of one contender from a clean baseline."""
+    x, y = _data(row, row.batch)
+    c = Contender(row, mode, x, y)
+    c.step(row.batch)  # warm-up: lazy kernel/optimizer-state allocations are not the step's working set
+    c.release()  # ... but the gradients and per-sample gradients it left behind are
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back so reuse cannot hide growth
     base = _status_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark VmHWM to the current RSS
     for _ in range(3):
-        fn()
+        c.step(row.batch)
     print(json.dumps({"base_mb": base, "peak_mb": _status_mb("VmHWM")}))
 
 
-def mem_config(name: str, px: int, batch: int, labels: list[str], threads: int) -> dict:
+def mem_row(row: Row, labels: list[str], threads: int) -> dict:
     res = {}
     for label in labels:
-        cmd = [sys.executable, __file__, "--_mem", name, str(px), str(batch), label, "--threads", str(threads)]
+        cmd = [sys.executable, __file__, "--_mem", _spec(row), label, "--threads", str(threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         m = json.loads(proc.stdout.strip().splitlines()[-1])
         res[label] = {"mem_mb": round(m["peak_mb"] - m["base_mb"], 1), "peak_rss_mb": round(m["peak_mb"], 1)}
@@ -167,56 +228,125 @@ def mem_config(name: str, px: int, batch: int, labels: list[str], threads: int) 
     return res
 
 
+def round_bench(repeats: int, steps: int, batch: int = 64) -> dict:
+    """The site's round: ``train_local`` DP (auto mode) vs plain at the same expected batch, interleaved."""
+    from privacy.dpsgd import train_local
+
+    @dataclass
+    class Data:
+        images: torch.Tensor
+        labels: torch.Tensor
+        patients: torch.Tensor
+
+    patients = round(batch / Q)
+    g = torch.Generator().manual_seed(0)
+    pat = torch.arange(patients).repeat_interleave(2)  # two images per patient, one drawn per sampled patient
+    data = Data(torch.randn(len(pat), 1, DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE, generator=g),
+                torch.randint(0, 2, (len(pat),), generator=g), pat)
+    mechs = {"non-dp": Mechanism(steps=steps, dp=False),
+             "dp": Mechanism(noise_multiplier=1.0, clip_norm=1.0, sample_rate=Q, steps=steps)}
+    cpu: dict[str, list[float]] = {k: [] for k in mechs}
+    wall: dict[str, list[float]] = {k: [] for k in mechs}
+    for r in range(repeats + 1):
+        for k in (list(mechs) if r % 2 == 0 else list(mechs)[::-1]):
+            torch.manual_seed(1)
+            model = build_model(DEFAULT_MODEL)
+            t0, w0 = time.process_time(), time.perf_counter()
+            train_local(model, data, mechs[k], lr=LR, device="cpu", batch_size=batch, seed=r, reproducible_dp=True)
+            if r:  # the first pass is warm-up
+                cpu[k].append(time.process_time() - t0)
+                wall[k].append(time.perf_counter() - w0)
+    ratios = [a / b for a, b in zip(cpu["dp"], cpu["non-dp"], strict=True)]
+    return {"model": DEFAULT_MODEL, "image_size": DEFAULT_IMAGE_SIZE, "steps": steps, "batch": batch,
+            "patients": patients, "sample_rate": Q, "repeats": repeats,
+            "mode": resolve_grad_sample_mode(build_model(DEFAULT_MODEL)),
+            "cpu_s": {k: round(statistics.median(v), 3) for k, v in cpu.items()},
+            "wall_s": {k: round(statistics.median(v), 3) for k, v in wall.items()},
+            "ratio": round(statistics.median(ratios), 3)}
+
+
+def _load() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="default network at 28 px only, fewer rounds")
+    ap.add_argument("--quick", action="store_true", help="AtollNet at 28 px and a short round only, fewer repeats")
+    ap.add_argument("--models", default=None, help="comma-separated networks: only their rows (e.g. densenet121)")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"DP modes (default bk,hooks; any of {GRAD_SAMPLE_MODES})")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: stable on a shared CPU)")
-    ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--3d", dest="only_3d", action="store_true", help="only the 3D segmentation rows")
-    ap.add_argument("--_mem", nargs=4, metavar=("MODEL", "PX", "BATCH", "MODE"), help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved repeats per row")
+    ap.add_argument("--3d", dest="only_3d", action="store_true", help="only the 3D rows")
+    ap.add_argument("--no-round", action="store_true", help="skip the train_local round")
+    ap.add_argument("--_mem", nargs=2, metavar=("ROW", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args._mem:
-        name, px, batch, mode = args._mem
-        _mem_child(name, px if "x" in px else int(px), int(batch), mode)
+        _mem_child(_parse(args._mem[0]), args._mem[1])
         return 0
+    modes = [m for m in args.modes.split(",") if m]
+    bad = [m for m in modes if m not in GRAD_SAMPLE_MODES]
+    if bad:
+        ap.error(f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(GRAD_SAMPLE_MODES)}")
+    rows = ROWS_3D if args.only_3d else (QUICK if args.quick else ROWS_2D + ROWS_3D)
+    if args.models:
+        wanted = set(args.models.split(","))
+        rows = [r for r in ROWS_2D + ROWS_3D if r.model in wanted]
+    load_before = _load()
     atoll_mode = resolve_grad_sample_mode(build_model(DEFAULT_MODEL))  # what train_local uses by default
-    configs = ROWS_3D if args.only_3d else (QUICK if args.quick else FULL + ROWS_3D)
-    rounds = args.rounds or (8 if args.quick else 15)
+    rounds = args.rounds or (8 if args.quick else 12)
+    print(f"conditions: load {load_before} on {os.cpu_count()} CPUs, torch threads {args.threads}, "
+          f"Poisson rate {Q}, medians over interleaved rounds")
     results = []
-    for name, px, batch in configs:
-        modes = list(MODES_3D if isinstance(px, str) else GRAD_SAMPLE_MODES)
-        r = rounds if name == DEFAULT_MODEL else max(3, rounds // 4)
-        times = time_config(name, px, batch, modes, r)
-        mem = mem_config(name, px, batch, list(times), args.threads)
-        rows = {k: {**times[k], **mem[k]} for k in times}
-        results.append({"model": name, "image_size": px, "batch": batch, "rounds": r, "steps": rows})
-        print(f"\n{name} {px}px batch {batch} ({r} rounds, {args.threads} thread(s))")
-        print(f"  {'mode':12s} {'cpu ms':>9s} {'wall ms':>9s} {'ratio':>7s} {'mem MB':>8s} {'mem ratio':>9s}")
-        for k, v in rows.items():
-            mark = "  <- Atoll default" if k == atoll_mode else ""
-            print(f"  {k:12s} {v['cpu_ms']:9.1f} {v['wall_ms']:9.1f} {v['ratio']:7.2f} {v['mem_mb']:8.1f} {v['mem_ratio']:9.2f}{mark}")
-    rows_3d = [c for c in results if isinstance(c["image_size"], str)]
-    head = next((c for c in results if c["model"] == DEFAULT_MODEL and c["image_size"] == DEFAULT_IMAGE_SIZE),
-                rows_3d[0] if rows_3d else None)
-    if head is not results[0] and head["model"] != DEFAULT_MODEL:
-        atoll_mode = "bk"
+    for row in rows:
+        small = row.model == DEFAULT_MODEL and row.size == DEFAULT_IMAGE_SIZE
+        r = rounds if small else max(3, rounds // 3)
+        times = time_row(row, modes, r)
+        sizes = times.pop("poisson_batches")
+        mem = mem_row(row, list(times), args.threads)
+        steps = {k: {**times[k], **mem[k]} for k in times}
+        results.append({"model": row.model, "size": row.size, "batch": row.batch, "rounds": r,
+                        "poisson_batches": sizes, "steps": steps})
+        print(f"\n{row.label}: plain batch {row.batch}, DP Poisson batches {sizes} ({r} rounds)")
+        print(f"  {'mode':8s} {'cpu ms':>9s} {'wall ms':>9s} {'ratio':>7s} {'mem MB':>8s} {'mem ratio':>9s}")
+        for k, v in steps.items():
+            mark = "  <- Atoll (auto)" if k == resolve_grad_sample_mode(_network(row)[0]) else ""
+            print(f"  {k:8s} {v['cpu_ms']:9.1f} {v['wall_ms']:9.1f} {v['ratio']:7.2f} {v['mem_mb']:8.1f} "
+                  f"{v['mem_ratio']:9.2f}{mark}")
+    rnd = None
+    if not args.no_round and not args.only_3d and not args.models:
+        rnd = round_bench(repeats=2 if args.quick else 4, steps=10 if args.quick else 30)
+        print(f"\nround (train_local, {rnd['model']} {rnd['image_size']}px, {rnd['steps']} steps, plain batch "
+              f"{rnd['batch']} vs DP q={Q} of {rnd['patients']} patients, mode {rnd['mode']}): "
+              f"cpu s {rnd['cpu_s']}, ratio {rnd['ratio']:.2f}")
+    head = next((c for c in results if c["model"] == DEFAULT_MODEL and c["size"] == DEFAULT_IMAGE_SIZE), results[0])
+    head_mode = atoll_mode if atoll_mode in head["steps"] else modes[0]
+    dense = next((c for c in results if c["model"] == "densenet121"), None)
     summary = {
-        "ratio": head["steps"][atoll_mode]["ratio"],
-        "mem_ratio": head["steps"][atoll_mode]["mem_ratio"],
-        "mode": atoll_mode,
+        "ratio": head["steps"][head_mode]["ratio"],
+        "mem_ratio": head["steps"][head_mode]["mem_ratio"],
+        "mode": head_mode,
         "model": head["model"],
-        "image_size": head["image_size"],
+        "size": head["size"],
         "batch": head["batch"],
-        "ratio_3d": {f"{c['model']} {c['image_size']}": c["steps"]["bk"]["ratio"] for c in rows_3d},
+        "densenet121": None if dense is None or "bk" not in dense["steps"] else
+        {"ratio": dense["steps"]["bk"]["ratio"], "mem_ratio": dense["steps"]["bk"]["mem_ratio"]},
+        "round_ratio": None if rnd is None else rnd["ratio"],
         "quick": args.quick,
         "threads": args.threads,
-        "time_method": "median over rounds of per-round process-CPU-time ratio, contenders interleaved in one process",
-        "mem_method": "VmHWM - VmRSS over 3 steps after a warm-up step (high-water mark reset via /proc/self/clear_refs), one fresh subprocess per contender",
+        "cpus": os.cpu_count(),
+        "load_before": load_before,
+        "load_after": _load(),
+        "sample_rate": Q,
+        "time_method": "median over rounds of per-round process-CPU-time ratio (DP step on a Poisson batch of "
+                       "expected size B vs plain step on B), contenders interleaved in one process",
+        "mem_method": "VmHWM - VmRSS over 3 steps at batch B from a clean baseline (after a warm-up step, "
+                      "gradients and per-sample gradients released), one fresh subprocess per contender",
         "torch": torch.__version__,
         "opacus": opacus.__version__,
         "machine": platform.machine(),
         "configs": results,
+        "round": rnd,
     }
     out = ROOT / "bench" / "results" / ("dp_overhead_3d.json" if args.only_3d else "dp_overhead.json")
     out.parent.mkdir(parents=True, exist_ok=True)

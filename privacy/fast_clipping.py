@@ -15,13 +15,16 @@ pays for the weight-gradient work once:
    freed as in a plain backward. Autograd computes only activation gradients: no parameter gradient, no
    gradient of the input image;
 3. per-sample norms, per layer, by the cheaper of two exact methods (mixed ghost clipping, Bu et al. 2022):
-   *instantiate* the per-sample weight gradients (a convolution's via one grouped-convolution backward with
-   the batch folded into the groups) or the *ghost* norm
-   ``||G_i||^2 = sum_{p,q} <a_ip, a_iq> <g_ip, g_iq>`` over output positions p, q (no per-sample gradient,
-   cost ~ T^2 instead of T * in * out, for layers with few positions T and many channels);
+   *instantiate* the per-sample weight gradients (a pointwise or few-position convolution's by one batched
+   matmul, any other's by one grouped-convolution backward with the batch folded into the groups) or the
+   *ghost* norm ``||G_i||^2 = sum_{p,q} <a_ip, a_iq> <g_ip, g_iq>`` over output positions p, q (no per-sample
+   gradient, cost ~ T^2 instead of T * in * out, for layers with few positions T and many channels);
 4. clip factor ``c_i = min(1, C / (||grad_i|| + 1e-6))`` (Opacus' formula), then the clipped sum
-   ``sum_i c_i grad_i`` per layer: a weighted sum of the instantiated gradients, or one ordinary
-   weight-gradient kernel on ``c_i * g_i`` for ghost layers. It is written to ``p.grad``.
+   ``sum_i c_i grad_i`` per layer: a weighted sum of the kept per-sample gradients, or one ordinary
+   weight-gradient kernel on ``c_i * g_i`` for ghost layers and for the convolutions whose input and output
+   gradient are smaller than their per-sample gradients (``recompute_clipped_sum``: the memory rule that
+   keeps deep networks such as DenseNet121 from holding n copies of most of their weights). It is written to
+   ``p.grad``.
 
 Noise and scaling stay Opacus': ``make_private_bk`` pairs the module with
 ``opacus.optimizers.DPOptimizerFastGradientClipping``, which adds N(0, (sigma C)^2) to ``p.grad`` and divides
@@ -135,9 +138,38 @@ def _conv_weight_grad(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, *, per
     return gw.view(n, *layer.weight.shape) if per_sample else gw
 
 
+#: Below this many output positions per sample a batch-grouped convolution is slow on CPU (oneDNN): the
+#: per-sample gradients come from im2col + one batched matmul instead (the same rule as privacy.ghost_conv).
+UNFOLD_MAX_POSITIONS = 32
+
+
+def _is_pointwise(layer: nn.Module) -> bool:
+    """A 1x1 (x1) convolution with stride 1, no padding, one group: a per-position Linear layer."""
+    return (layer.groups == 1 and all(k == 1 for k in layer.kernel_size) and all(s == 1 for s in layer.stride)
+            and not any(_conv_padding(layer)))
+
+
+def conv_per_sample_weight_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients [n, *weight.shape] of a conv, ``sum_t g_it a_it^T`` over output positions.
+
+    Three exact routes to the same sum, picked by speed on CPU (bench/dp_overhead.py, DenseNet121 at 64 px:
+    a 512->128 1x1 conv on 8x8 takes 34 ms grouped, 8.5 ms as one bmm; a 3x3 conv on 4x4 15 ms grouped, 7 ms
+    unfolded): a pointwise conv is one batched matmul of the output gradient with the input; a conv with few
+    output positions is im2col + one batched matmul; otherwise one batch-grouped convolution weight-gradient.
+    """
+    n = a.shape[0]
+    o = layer.out_channels
+    if _is_pointwise(layer) or (layer.groups == 1 and math.prod(g.shape[2:]) <= UNFOLD_MAX_POSITIONS):
+        gs = torch.bmm(g.reshape(n, o, -1), conv_patches(layer, a).transpose(1, 2))
+        return gs.view(n, *layer.weight.shape)
+    return _conv_weight_grad(layer, a, g, per_sample=True)
+
+
 def conv_patches(layer: nn.Module, a: torch.Tensor) -> torch.Tensor:
     """Input patches (im2col) of a groups=1 conv of any spatial rank: [n, P, T] with P = Cin * prod(kernel),
     in the weight's (Cin, *kernel) order. Also serves privacy.ghost_conv's Opacus samplers."""
+    if _is_pointwise(layer):  # im2col of a 1x1 conv is the input itself: a view, not a copy
+        return a.reshape(a.shape[0], a.shape[1], -1)
     pad = _conv_padding(layer)
     dims = a.dim() - 2
     if dims == 2:
@@ -167,7 +199,7 @@ def per_sample_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict
     weight, bias = layer.weight, getattr(layer, "bias", None)
     if type(layer) in _CONVS:
         if weight.requires_grad:
-            out[weight] = _conv_weight_grad(layer, a, g, per_sample=True)
+            out[weight] = conv_per_sample_weight_grads(layer, a, g)
         if bias is not None and bias.requires_grad:
             out[bias] = g.flatten(2).sum(-1)
     elif type(layer) is nn.Linear:
@@ -190,20 +222,55 @@ def _sq_norms(grads: dict[nn.Parameter, torch.Tensor]) -> dict[nn.Parameter, tor
     return {p: torch.linalg.vector_norm(gs.reshape(gs.shape[0], -1), dim=1).square() for p, gs in grads.items()}
 
 
+def recompute_clipped_sum(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, policy: GhostPolicy = "auto") -> bool:
+    """Whether a conv's clipped sum is recomputed from its input and output gradient (one ordinary
+    weight-gradient kernel on ``c_i g_i`` once the clip factors are known, as for a ghost layer) instead of
+    kept as instantiated per-sample gradients until the end of the backward.
+
+    The per-sample gradients of every instantiated layer are otherwise all alive at once at the end of the
+    backward: n x (its parameters) floats each, which for DenseNet121 at batch 64 was most of fast clipping's
+    extra memory. ``auto`` recomputes when the layer's input and output gradient hold fewer floats than its
+    per-sample gradients (deep layers: few positions, many weights), at the price of one weight-gradient
+    kernel; ``always`` / ``never`` force one route (tests). Only speed and memory change, never the result.
+    """
+    if type(layer) not in _CONVS or policy == "never":
+        return False
+    if policy == "always":
+        return True
+    per_sample = a.shape[0] * sum(p.numel() for p in layer.parameters(recurse=False) if p.requires_grad)
+    return a.numel() + g.numel() < per_sample
+
+
+def _ghost_norms(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    norms: dict[nn.Parameter, torch.Tensor] = {}
+    if layer.weight.requires_grad:
+        norms[layer.weight] = conv_ghost_sq_norm(layer, a, g)
+    if layer.bias is not None and layer.bias.requires_grad:
+        norms[layer.bias] = g.flatten(2).sum(-1).pow(2).sum(1)
+    return norms
+
+
 def layer_sq_norms(
-    layer: nn.Module, a: torch.Tensor, g: torch.Tensor, policy: GhostPolicy = "auto"
+    layer: nn.Module, a: torch.Tensor, g: torch.Tensor, policy: GhostPolicy = "auto",
+    recompute: GhostPolicy = "auto",
 ) -> tuple[dict[nn.Parameter, torch.Tensor], dict[nn.Parameter, torch.Tensor] | None]:
     """Per-sample squared gradient norms of each trainable parameter of ``layer``, and the instantiated
-    per-sample gradients (``None`` when the weight's norm was a ghost norm)."""
+    per-sample gradients to keep for the clipped sum (``None`` when the weight's norm was a ghost norm, or
+    when the clipped sum is recomputed from ``a`` and ``g``: ``recompute_clipped_sum``).
+
+    When the clipped sum is recomputed anyway, the per-sample gradients serve only their norm, so ``auto``
+    takes the ghost norm as soon as it needs fewer multiply-adds, ``T (P + O) <= P O``, rather than at half
+    of them (``use_ghost``, which also saves the later weighted sum of instantiated gradients).
+    """
     if use_ghost(layer, g, policy):
-        norms: dict[nn.Parameter, torch.Tensor] = {}
-        if layer.weight.requires_grad:
-            norms[layer.weight] = conv_ghost_sq_norm(layer, a, g)
-        if layer.bias is not None and layer.bias.requires_grad:
-            norms[layer.bias] = g.flatten(2).sum(-1).pow(2).sum(1)
-        return norms, None
+        return _ghost_norms(layer, a, g), None
+    recomputed = recompute_clipped_sum(layer, a, g, recompute)
+    if recomputed and policy == "auto" and layer.groups == 1:
+        t, p, o = conv_positions(layer, g)
+        if t * (p + o) <= p * o:
+            return _ghost_norms(layer, a, g), None
     grads = per_sample_grads(layer, a, g)
-    return _sq_norms(grads), grads
+    return _sq_norms(grads), None if recomputed else grads
 
 
 def unsupported_layers(module: nn.Module) -> list[str]:
@@ -259,17 +326,23 @@ class FastClipModule(nn.Module):
     max_grad_norm: C, the per-sample clip norm.
     ghost: per-conv norm method: ``auto`` (cost rule of ``use_ghost``), ``always`` (ghost for every
         ungrouped conv) or ``never`` (always instantiate).
+    recompute: for an instantiated conv, whether its clipped sum is recomputed from its input and output
+        gradient rather than kept as per-sample gradients: ``auto`` (memory rule of
+        ``recompute_clipped_sum``), ``always`` or ``never``.
     """
 
-    def __init__(self, module: nn.Module, *, max_grad_norm: float, ghost: GhostPolicy = "auto") -> None:
+    def __init__(self, module: nn.Module, *, max_grad_norm: float, ghost: GhostPolicy = "auto",
+                 recompute: GhostPolicy = "auto") -> None:
         super().__init__()
         if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be finite and > 0, got {max_grad_norm}")
-        if ghost not in ("auto", "always", "never"):
-            raise ValueError(f"ghost must be 'auto', 'always' or 'never', got {ghost!r}")
+        for what, value in (("ghost", ghost), ("recompute", recompute)):
+            if value not in ("auto", "always", "never"):
+                raise ValueError(f"{what} must be 'auto', 'always' or 'never', got {value!r}")
         self._module = module
         self.max_grad_norm = float(max_grad_norm)
         self.ghost: GhostPolicy = ghost
+        self.recompute: GhostPolicy = recompute
         self._layers: list[nn.Module] = []
         unsupported = []
         for name, m in module.named_modules():
@@ -351,7 +424,7 @@ class FastClipModule(nn.Module):
 
         def on_grad(r: _Record) -> Callable[[torch.Tensor], None]:
             def hook(g: torch.Tensor) -> None:
-                sq, inst = layer_sq_norms(r.layer, r.activation.to(g.dtype), g, self.ghost)
+                sq, inst = layer_sq_norms(r.layer, r.activation.to(g.dtype), g, self.ghost, self.recompute)
                 sq_total.extend(sq.values())
                 done_layers.append((r, g if inst is None else None, inst))
                 # let autograd free what this layer no longer needs, as a plain backward would
@@ -382,7 +455,7 @@ class FastClipModule(nn.Module):
         coef = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
         done: set[int] = set()
         for r, g, inst in kept:
-            if inst is None:  # ghost conv: one weight-gradient kernel on the rescaled output gradient
+            if inst is None:  # ghost or recomputed conv: one weight-gradient kernel on the rescaled output gradient
                 gc = g * coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
                 layer = r.layer
                 if layer.weight.requires_grad:
@@ -425,10 +498,11 @@ def make_private_bk(
     expected_batch_size: int,
     generator: torch.Generator | None = None,
     ghost: GhostPolicy = "auto",
+    recompute: GhostPolicy = "auto",
 ) -> tuple[FastClipModule, DPOptimizerFastGradientClipping]:
     """Fast-clipping module + Opacus' noise-adding optimizer (noise std ``noise_multiplier * max_grad_norm``,
     the noisy sum divided by ``expected_batch_size``): the same mechanism as ``hooks`` + ``DPOptimizer``."""
-    fc = FastClipModule(model, max_grad_norm=max_grad_norm, ghost=ghost)
+    fc = FastClipModule(model, max_grad_norm=max_grad_norm, ghost=ghost, recompute=recompute)
     dp_opt = DPOptimizerFastGradientClipping(
         optimizer,
         noise_multiplier=noise_multiplier,

@@ -1,0 +1,110 @@
+"""The cheaper routes of Atoll's fast clipping (privacy/fast_clipping.py) give the exact per-sample norms and
+clipped sum: pointwise and few-position convolutions instantiated by one batched matmul, and deep convolutions
+whose clipped sum is recomputed from their input and output gradient instead of held as per-sample gradients.
+
+Each route is held to Opacus ``hooks`` (the brute-force per-sample gradients) on a small DenseNet — the
+network these routes were written for (1x1 convs, 3x3 convs on 4x4 and 2x2 maps, GroupNorm, concatenation) —
+with the clip norm at the median so that some samples are clipped and some are not. An under-estimated norm
+would under-clip, and the epsilon the ledger records would be wrong.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from torch import nn
+from torch.nn import functional as F
+
+from models import build_model
+from privacy import fast_clipping as fcl
+
+RTOL = 1e-5
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+
+
+def _small_densenet() -> nn.Module:
+    torch.manual_seed(3)
+    return build_model("densenet121", init_features=8, growth_rate=4, block_config=(2, 2, 2),
+                       norm=("group", {"num_groups": 2}))
+
+
+def _reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+    m = copy.deepcopy(model)
+    gsm = GradSampleModule(m, batch_first=True, loss_reduction="sum", strict=True)
+    nn.CrossEntropyLoss(reduction="sum")(gsm(x), y).backward()
+    params = [p for p in m.parameters() if p.requires_grad]
+    norms = torch.stack([p.grad_sample.reshape(len(x), -1).norm(dim=1) for p in params]).norm(dim=0)
+    clip = float(norms.median())
+    opt = DPOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=clip,
+                      expected_batch_size=len(x), loss_reduction="mean")
+    opt.pre_step()
+    return norms, [p.grad.clone() for p in params], clip
+
+
+@pytest.mark.parametrize("ghost", ["auto", "never"])
+@pytest.mark.parametrize("recompute", ["auto", "always", "never"])
+def test_small_densenet_norms_and_clipped_sum_equal_hooks(ghost: str, recompute: str) -> None:
+    model = _small_densenet()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 1, 32, 32, generator=g), torch.randint(0, 2, (6,), generator=g)
+    ref_norms, ref_grads, clip = _reference(model, x, y)
+    m = copy.deepcopy(model)
+    fc, dp = fcl.make_private_bk(m, torch.optim.SGD(m.parameters(), lr=0.1), noise_multiplier=0.0,
+                                 max_grad_norm=clip, expected_batch_size=len(x), ghost=ghost, recompute=recompute)
+    dp.zero_grad(set_to_none=True)
+    norms = fc.clip_backward(nn.CrossEntropyLoss(reduction="sum")(fc(x), y))
+    torch.testing.assert_close(norms, ref_norms, rtol=RTOL, atol=0)
+    dp.pre_step()
+    for got, ref in zip([p.grad for p in m.parameters()], ref_grads, strict=True):
+        assert float((got - ref).norm()) <= RTOL * float(ref.norm()) + 1e-12
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv1d(3, 5, 1), nn.Conv2d(3, 5, 1, bias=False), nn.Conv3d(3, 5, 1),     # pointwise: one bmm
+    nn.Conv2d(3, 5, 3, padding=1), nn.Conv3d(3, 5, 3, padding=1),               # few positions: unfold + bmm
+    nn.Conv1d(3, 5, 3, stride=2, padding=1, dilation=2),
+    nn.Conv2d(3, 5, 1, stride=2),                                               # strided 1x1: not pointwise
+    nn.Conv2d(4, 6, 3, padding=1, groups=2),                                    # grouped: grouped kernel
+], ids=lambda c: repr(c))
+def test_per_sample_weight_routes_equal_the_grouped_kernel(conv: nn.Module) -> None:
+    """Every route of ``conv_per_sample_weight_grads`` returns what the batch-grouped kernel returns, and
+    their sum over the batch is the ordinary weight gradient."""
+    torch.manual_seed(0)
+    dims = conv.weight.dim() - 2
+    a = torch.randn(4, conv.in_channels, *([4] * dims), requires_grad=True)
+    out = conv(a)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    got = fcl.conv_per_sample_weight_grads(conv, a.detach(), g)
+    ref = fcl._conv_weight_grad(conv, a.detach(), g, per_sample=True)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.sum(0), conv.weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_pointwise_patches_are_a_view_equal_to_unfold() -> None:
+    conv = nn.Conv2d(3, 5, 1)
+    a = torch.randn(2, 3, 4, 4)
+    patches = fcl.conv_patches(conv, a)
+    assert patches.data_ptr() == a.data_ptr()  # no im2col copy
+    torch.testing.assert_close(patches, F.unfold(a, 1))
+
+
+def test_recompute_rule_holds_the_smaller_of_inputs_and_per_sample_grads() -> None:
+    deep = nn.Conv2d(128, 32, 3, padding=1)  # 36,896 weights per sample vs (128 + 32) x 16 floats of a and g
+    shallow = nn.Conv2d(1, 8, 3, padding=1)  # 80 weights per sample vs (1 + 8) x 1024 floats
+    a_deep, g_deep = torch.zeros(2, 128, 4, 4), torch.zeros(2, 32, 4, 4)
+    a_sh, g_sh = torch.zeros(2, 1, 32, 32), torch.zeros(2, 8, 32, 32)
+    assert fcl.recompute_clipped_sum(deep, a_deep, g_deep)
+    assert not fcl.recompute_clipped_sum(shallow, a_sh, g_sh)
+    assert fcl.recompute_clipped_sum(shallow, a_sh, g_sh, "always")
+    assert not fcl.recompute_clipped_sum(deep, a_deep, g_deep, "never")
+    assert not fcl.recompute_clipped_sum(nn.GroupNorm(2, 8), a_sh, g_sh)  # only convs are recomputed
+
+
+def test_recompute_policy_is_validated() -> None:
+    with pytest.raises(ValueError, match="recompute must be"):
+        fcl.FastClipModule(nn.Linear(2, 2), max_grad_norm=1.0, recompute="sometimes")
