@@ -3,8 +3,7 @@
 Order of a round at a site (DESIGN.md): :meth:`BudgetGuard.reserve` runs *before any data is touched*. Under an
 exclusive lock on the site ledger it brings the verified running state of the ledger up to date
 (:mod:`privacy.ledger_state`: the merged lifetime history, open reservations and answered rounds, folded forward
-from the records appended since; recomputed from every record when it is missing, does not bind to the ledger,
-and every ``full_check_every`` records), checks the request against the
+from the records appended since; recomputed from every record when it is missing or does not bind to the ledger, and periodically), checks the request against the
 policy, computes epsilon of (history + this round) with the policy's accountant over the whole lifetime, and
 either appends a ``refusal`` record and raises :class:`BudgetRefused`, or appends a ``reservation`` record
 (fsynced) that charges the round. Training happens only after that. :meth:`BudgetGuard.complete` then appends
@@ -136,7 +135,8 @@ class BudgetGuard:
     policy: the hospital's privacy policy.
     num_patients: patients in the training split; fixes delta when the policy says auto (``1/(10 P)``).
     dataset_fingerprint: keyed hash of the dataset trained on, recorded in every record (empty = none).
-    full_check_every: records between two full recomputations of the running state from the ledger.
+    full_check_every: records between the first full recomputations of the running state from the ledger (later
+        ones come when the ledger has doubled since the last, see :meth:`_full_check_due`).
 
     Raises :class:`~privacy.policy.PolicyError` when the policy's explicit delta is too large for this dataset.
     """
@@ -162,7 +162,7 @@ class BudgetGuard:
         """The ledger under its lock (exclusive when ``write``) and its running state folded up to the end.
 
         The state is this guard's own from the last call, else the state file's; it is used only if its checkpoint
-        binds to the ledger, else (and every ``full_check_every`` records) it is recomputed from every record.
+        binds to the ledger, else (and periodically, see :meth:`_full_check_due`) it is recomputed from every record.
         Records appended inside the block are folded in and the state file rewritten after them.
         """
         if self._state is not None:
@@ -189,7 +189,7 @@ class BudgetGuard:
             if tail:
                 st.fold(tail, txn.checkpoint())
                 changed = True
-            if st.count - st.checked_at >= self.full_check_every:
+            if self._full_check_due(st):
                 st = self._full_check(txn, st)
                 changed = True
             self._state = st
@@ -200,6 +200,13 @@ class BudgetGuard:
                 changed = True
             if changed and txn.count:  # a read of an empty ledger writes nothing
                 self._state_file.save(st)
+
+    def _full_check_due(self, st: RunningState) -> bool:
+        """Every ``full_check_every`` records at first, then whenever the ledger doubled since the last full
+        recomputation: a lifetime's recomputations read at most about twice its records (O(1) per round amortised),
+        while early damage is found early. The count of the last one is in the state file, so the schedule holds
+        across processes (a deployment starts one per message)."""
+        return st.count - st.checked_at >= max(self.full_check_every, st.checked_at)
 
     def _full_check(self, txn: LedgerTransaction, st: RunningState) -> RunningState:
         """Recompute the state from every (re-verified) record; the recomputation wins over a mismatch."""

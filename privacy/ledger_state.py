@@ -28,7 +28,8 @@ signing key (``hmac``/``hashlib`` from the standard library: a symmetric tag is 
 checks it); an unsigned ledger has no key, so its state file is never read back (a full recomputation instead).
 On load the checkpoint must bind to the ledger (record ``count - 1`` still on disk with that hash and signature);
 the records after it are verified and folded in. A missing, altered, foreign, outdated or unbound state file,
-and every ``full_check_every`` records, means a full recomputation from the verified records; a mismatch there is
+and periodically (first every ``FULL_CHECK_EVERY`` records, then each time the ledger has doubled), means a full
+recomputation from the verified records; a mismatch there is
 logged and the recomputation wins. The auditor never uses the state: it recomputes everything from the records.
 Write order: the ledger record is appended and fsynced first, the state file after it (atomic rename, no fsync:
 it is a cache; a lost or torn one is recomputed). A crash between the two leaves a state one record behind,
@@ -56,9 +57,10 @@ from privacy.ledger import GENESIS, Checkpoint, SiteLedger, canonical_json
 log = logging.getLogger("atoll.ledger")
 
 STATE_VERSION = 1
-#: records between two full recomputations of the running state from the verified ledger (also across processes:
-#: the count of the last one is kept in the state file)
-FULL_CHECK_EVERY = 2000
+#: records before the first full recomputation of the running state from the verified ledger; later ones come when
+#: the ledger has doubled since the last (privacy.guard.BudgetGuard._full_check_due); the count of the last one is
+#: kept in the state file, so the schedule holds across processes
+FULL_CHECK_EVERY = 1000
 _MAC_CONTEXT = b"atoll ledger running state v1\x00"
 
 
