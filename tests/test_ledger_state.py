@@ -43,10 +43,17 @@ def _round(guard: BudgetGuard, req: RoundRequest) -> dict:
     return guard.complete(guard.reserve(req, weights_in_sha256=W_IN), update_sha256=W_OUT)
 
 
+_RECOMPUTED: dict[tuple, float] = {}
+
+
 def _full(path: Path, accountant: str = "rdp") -> float:
-    """Epsilon recomputed from every record on disk, as the auditor would, without the running state."""
+    """Epsilon recomputed from every record on disk, as the auditor would, without the running state (memoised
+    by the history read back: Opacus' PRV costs about a second a call on a loaded 2-core machine)."""
     records = SiteLedger(path, site="hospital-a", signing_key=KEY).records()
-    return compute_epsilon(list(canonical_history(charges(records))), DELTA, accountant)
+    key = (accountant, canonical_history(charges(records)))
+    if key not in _RECOMPUTED:
+        _RECOMPUTED[key] = compute_epsilon(list(key[1]), DELTA, accountant)
+    return _RECOMPUTED[key]
 
 
 def _state_path(path: Path) -> Path:
@@ -62,8 +69,7 @@ def _assert_state_exact(guard: BudgetGuard, path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ property
 
 
-@pytest.mark.parametrize("accountant,seed,ops", [("rdp", 1, 60), ("rdp", 2, 60), ("rdp", 3, 60),
-                                                 ("prv", 4, 12), ("prv", 5, 12)])
+@pytest.mark.parametrize("accountant,seed,ops", [("rdp", 1, 30), ("rdp", 2, 30), ("rdp", 3, 30), ("prv", 4, 8)])
 def test_running_state_gives_exactly_the_epsilon_of_a_full_recomputation(tmp_path: Path, accountant: str,
                                                                          seed: int, ops: int) -> None:
     """Random mechanisms, crashes (reservation without completion), replays, refusals, restarts (a cold guard
@@ -71,8 +77,10 @@ def test_running_state_gives_exactly_the_epsilon_of_a_full_recomputation(tmp_pat
     reported epsilon equal a recomputation from every record, bit for bit."""
     rng = random.Random(seed)
     path = tmp_path / "ledger.jsonl"
-    mechs = [(rng.choice([0.6, 0.8, 1.0, 1.3, 2.0, 3.7]), rng.choice([0.01, 0.02, 0.05, 0.1, 0.3]),
-              rng.randint(1, 40 if accountant == "rdp" else 8)) for _ in range(5)]
+    sigmas, rates = ([0.6, 0.8, 1.0, 1.3, 2.0, 3.7], [0.01, 0.02, 0.05, 0.1, 0.3]) if accountant == "rdp" else \
+        ([1.0, 2.0, 3.7], [0.01, 0.02, 0.05])  # PRV: moderate epsilons keep its grid (and the test) small
+    mechs = [(rng.choice(sigmas), rng.choice(rates), rng.randint(1, 40 if accountant == "rdp" else 8))
+             for _ in range(5)]
     guard = _guard(path, accountant=accountant, full_check_every=rng.choice([3, 7, 1000]))
     rnd = 0
     for _ in range(ops):
