@@ -675,7 +675,7 @@ class ConsortiumLedger:
                 fsync_dir(self.root)
             fcntl.flock(fd, fcntl.LOCK_EX)
             write_all(fd, line)
-            os.fsync(fd)
+            durable_sync(fd)
         finally:
             os.close(fd)
         rec = json.loads(line)
