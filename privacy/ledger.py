@@ -567,6 +567,8 @@ class ConsortiumLedger:
     whose ``seq`` or epsilon is below what the site reported there means its ledger was deleted or rolled
     back (the one way a site could restart its lifetime budget): rejected.
 
+    ``group_commit``: one ``fdatasync`` per :meth:`sync` instead of one per accepted record (see :meth:`accept`).
+
     With ``keys_dir`` (enrolled ``<site>.pub`` files) every record must be signed by its site's enrolled key;
     without it records are stored unverified (a warning says so). Accepted records are appended verbatim
     (canonical bytes, fsynced) so the auditor can re-check every signature.
@@ -575,7 +577,7 @@ class ConsortiumLedger:
     FILENAME = "ledger.jsonl"
 
     def __init__(self, run_root: str | Path, keys_dir: str | Path | None = None, *,
-                 earlier_runs: Iterable[str | Path] = ()) -> None:
+                 earlier_runs: Iterable[str | Path] = (), group_commit: bool = False) -> None:
         self.root = Path(run_root)
         self.path = self.root / self.FILENAME
         self.keys_dir = Path(keys_dir) if keys_dir else None
@@ -585,6 +587,8 @@ class ConsortiumLedger:
             log.warning("consortium ledger %s: no enrolled site keys (keys_dir unset); ledger records are "
                         "stored UNVERIFIED", self.path)
         self._keys: dict[str, Ed25519PublicKey] = {}
+        self.group_commit = bool(group_commit)
+        self._unsynced = 0  # records accepted under group commit since the last sync()
         self._records: list[dict] = []
         # Per site, the newest record seen: from an earlier run first (named in _last_run), then this run's.
         self._last: dict[str, dict] = {}
@@ -664,7 +668,13 @@ class ConsortiumLedger:
         self._last_run.pop(site, None)
 
     def accept(self, record: Any, *, site: str) -> dict:
-        """Verify a site's round record (see :meth:`check`) and append it verbatim; raises :class:`LedgerError`."""
+        """Verify a site's round record (see :meth:`check`) and append it verbatim; raises :class:`LedgerError`.
+
+        With ``group_commit`` the record is written but made durable only by the next :meth:`sync`: one
+        ``fdatasync`` for a whole round's records. The server calls :meth:`sync` before it signs the round's digest
+        (``server.outputs.RunOutputs.digest``), so no digest names a record that a crash could lose; a record lost
+        before that belongs to a round that is redone on resume, and the site's own ledger keeps it anyway. (The
+        site's ledger is never grouped: its reservation must be durable before training starts.)"""
         self.check(record, site=site)
         self.root.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
@@ -675,13 +685,27 @@ class ConsortiumLedger:
                 fsync_dir(self.root)
             fcntl.flock(fd, fcntl.LOCK_EX)
             write_all(fd, line)
-            durable_sync(fd)
+            if not self.group_commit:
+                durable_sync(fd)
+            else:
+                self._unsynced += 1
         finally:
             os.close(fd)
         rec = json.loads(line)
         self._records.append(rec)
         self._remember(rec)
         return rec
+
+    def sync(self) -> None:
+        """Make every record accepted since the last call durable (one ``fdatasync`` for the group)."""
+        if not self._unsynced:
+            return
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            durable_sync(fd)  # flushes the file, whichever descriptor wrote it
+        finally:
+            os.close(fd)
+        self._unsynced = 0
 
     def records(self, site: str | None = None) -> list[dict]:
         return [r for r in self._records if site is None or r.get("site") == site]

@@ -300,3 +300,36 @@ def test_replay_of_a_completed_round_still_resends_from_a_cold_state(tmp_path: P
     before = _full(path)
     again = _guard(path).reserve(_req("run-1", 2), weights_in_sha256=W_IN, resend=lambda sha: b"same bytes")
     assert again.completed is not None and again.resent == b"same bytes" and _full(path) == before
+
+
+# ------------------------------------------------------------------------------------------------ durability
+
+
+def test_site_records_are_durable_one_by_one_and_the_consortium_commits_a_round_at_once(tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    """Write-ahead is not weakened: each site record is synced before reserve/complete return (the state file adds
+    no sync). The consortium's copy syncs once per group, when the server is about to sign the round's digest."""
+    import os
+
+    from privacy.ledger import ConsortiumLedger
+
+    syncs: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (syncs.append(fd), real(fd))[1])
+    guard = _guard(tmp_path / "site" / "ledger.jsonl")
+    recs = []
+    for r in (1, 2, 3):
+        n = len(syncs)
+        res = guard.reserve(_req("run-1", r), weights_in_sha256=W_IN)
+        assert len(syncs) == n + 1  # the reservation is on disk before training may start
+        recs.append(json.loads(json.dumps(guard.complete(res, update_sha256=W_OUT))))
+        assert len(syncs) == n + 2  # the round record is on disk before the update may leave
+    cons = ConsortiumLedger(tmp_path / "run", group_commit=True)
+    n = len(syncs)
+    for rec in recs:
+        cons.accept(rec, site="hospital-a")
+    assert len(syncs) == n and len(cons.records()) == 3
+    cons.sync()
+    cons.sync()
+    assert len(syncs) == n + 1
+    assert [json.loads(x)["seq"] for x in (tmp_path / "run" / "ledger.jsonl").read_text().splitlines()] == [1, 3, 5]
