@@ -3,8 +3,8 @@
 Order of a round at a site (DESIGN.md): :meth:`BudgetGuard.reserve` runs *before any data is touched*. Under an
 exclusive lock on the site ledger it brings the verified running state of the ledger up to date
 (:mod:`privacy.ledger_state`: the merged lifetime history, open reservations and answered rounds, folded forward
-from the records appended since; recomputed from every record when it is missing or does not bind to the ledger, and periodically), checks the request against the
-policy, computes epsilon of (history + this round) with the policy's accountant over the whole lifetime, and
+from the records appended since; recomputed from every record when it is missing or does not bind to the ledger,
+and periodically), checks the request against the policy, computes epsilon of (history + this round) with the policy's accountant over the whole lifetime, and
 either appends a ``refusal`` record and raises :class:`BudgetRefused`, or appends a ``reservation`` record
 (fsynced) that charges the round. Training happens only after that. :meth:`BudgetGuard.complete` then appends
 the signed ``round`` record that goes to the server.
