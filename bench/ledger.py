@@ -8,9 +8,10 @@ per-round cost three ways, side by side:
 * ``warm``: one long-lived guard (a simulation, or a SuperNode that keeps its process): median over the 50 rounds
   before the mark (and the lifetime mean, which includes the periodic full recomputations of the running state);
 * ``cold``: a fresh guard per round, from the state file, with Opacus' per-mechanism RDP curve not cached (deployment:
-  Flower starts a ClientApp process per message; interpreter start and imports are not counted); median of 7 rounds
-  (after one more that may run the periodic full recomputation, which ``full_checks`` counts), also without the
-  time inside fdatasync (``cold_excl_fsync_ms``: the part that could grow with the ledger);
+  Flower starts a ClientApp process per message; interpreter start and imports are not counted), on copies of the
+  ledger and state file as they were at each mark, interleaved across the marks so all share the same load;
+  median of 7 (after one that may run the periodic full recomputation, which ``full_checks`` counts), also without
+  the time inside fdatasync (``cold_excl_fsync_ms``: the part that could grow with the ledger);
 * ``cold_no_state``: a fresh guard with the state file removed: it re-reads, re-verifies and re-scans the whole
   ledger (what every round cost before the running state); one round.
 
@@ -199,6 +200,7 @@ def _one_round(guard: BudgetGuard, r: int) -> None:
 
 def lifetime(rounds: int, workdir: Path) -> dict:
     """Per-round cost of one site's ledger at rounds 100, 1,000, 10,000 (those <= ``rounds``): see the module doc."""
+    import shutil
     import statistics
 
     from privacy.accounting import _rdp_curve
@@ -207,10 +209,11 @@ def lifetime(rounds: int, workdir: Path) -> dict:
     key = generate_private_key()
     path = workdir / "lifetime" / "ledger.jsonl"
 
-    def fresh() -> BudgetGuard:
-        return BudgetGuard(SiteLedger(path, site="site-00", signing_key=key), LIFETIME_POLICY, num_patients=500)
+    def guard_on(p: Path) -> BudgetGuard:
+        return BudgetGuard(SiteLedger(p, site="site-00", signing_key=key), LIFETIME_POLICY, num_patients=500)
 
-    warm = fresh()
+    warm = guard_on(path)
+    state_name = StateFile(warm.ledger).path.name
     full_checks = {"n": 0, "seconds": 0.0}
     orig_full = BudgetGuard._full_check
 
@@ -223,7 +226,9 @@ def lifetime(rounds: int, workdir: Path) -> dict:
             full_checks["seconds"] += time.perf_counter() - t0
     BudgetGuard._full_check = counted  # type: ignore[method-assign]
     marks = [m for m in (100, 1000, 10_000) if m <= rounds]
+    todo = list(marks)
     out: dict[str, dict] = {}
+    snapshots: dict[int, Path] = {}
     per_round: list[float] = []
     r = 0
     try:
@@ -231,42 +236,55 @@ def lifetime(rounds: int, workdir: Path) -> dict:
             window_sync = 0.0
             while r < rounds:
                 r += 1
-                if marks and r == marks[0] - 49:
+                if todo and r == todo[0] - 49:
                     window_sync = sync.seconds
                 t0 = time.perf_counter()
                 _one_round(warm, r)
                 per_round.append(time.perf_counter() - t0)
-                if marks and r == marks[0]:
-                    m = marks.pop(0)
+                if todo and r == todo[0]:
+                    m = todo.pop(0)
                     window = per_round[-50:]
-                    fsync_share = (sync.seconds - window_sync) / sum(window)
-                    cold, cold_cpu = [], []
-                    for i in range(COLD_SAMPLES + 1):
-                        r += 1
-                        _rdp_curve.cache_clear()  # a new process has no per-mechanism RDP curve cached either
-                        s0 = sync.seconds
-                        t0 = time.perf_counter()
-                        _one_round(fresh(), r)
-                        if i:  # the first may be due for the periodic full recomputation (counted apart)
-                            cold.append(time.perf_counter() - t0)
-                            cold_cpu.append(cold[-1] - (sync.seconds - s0))
-                    StateFile(warm.ledger).path.unlink()
-                    r += 1
-                    _rdp_curve.cache_clear()
-                    t0 = time.perf_counter()
-                    _one_round(fresh(), r)
-                    no_state = time.perf_counter() - t0
                     out[str(m)] = {"warm_ms": round(1e3 * statistics.median(window), 2),
                                    "warm_mean_ms_so_far": round(1e3 * statistics.fmean(per_round), 2),
-                                   "cold_ms": round(1e3 * statistics.median(cold), 2),
-                                   "cold_excl_fsync_ms": round(1e3 * statistics.median(cold_cpu), 2),
-                                   "cold_no_state_ms": round(1e3 * no_state, 1),
-                                   "fsync_share": round(fsync_share, 3),
+                                   "fsync_share": round((sync.seconds - window_sync) / sum(window), 3),
                                    "records": warm.ledger.count}
+                    snap = workdir / "snapshots" / str(m)
+                    snap.mkdir(parents=True)
+                    for f in (path, path.with_name(state_name)):
+                        shutil.copy(f, snap / f.name)
+                    snapshots[m] = snap
             total_sync, sync_calls = sync.seconds, sync.calls
+
+            # cold rounds on copies of every mark's ledger, interleaved so that all marks share the same load
+            cold: dict[int, list[float]] = {m: [] for m in marks}
+            cold_cpu: dict[int, list[float]] = {m: [] for m in marks}
+
+            def cold_round(m: int, *, keep_state: bool = True) -> tuple[float, float]:
+                scratch = workdir / "scratch"
+                shutil.rmtree(scratch, ignore_errors=True)
+                shutil.copytree(snapshots[m], scratch)
+                if not keep_state:
+                    (scratch / state_name).unlink()
+                _rdp_curve.cache_clear()  # a new process has no per-mechanism RDP curve cached either
+                guard = guard_on(scratch / path.name)
+                s0, t0 = sync.seconds, time.perf_counter()
+                _one_round(guard, m + 1)
+                wall = time.perf_counter() - t0
+                return wall, wall - (sync.seconds - s0)
+            for m in marks:  # the first cold round after a mark may run the periodic full recomputation: once
+                cold_round(m)
+            for _ in range(COLD_SAMPLES):
+                for m in marks:
+                    wall, cpu = cold_round(m)
+                    cold[m].append(wall)
+                    cold_cpu[m].append(cpu)
+            for m in marks:
+                out[str(m)]["cold_ms"] = round(1e3 * statistics.median(cold[m]), 2)
+                out[str(m)]["cold_excl_fsync_ms"] = round(1e3 * statistics.median(cold_cpu[m]), 2)
+                out[str(m)]["cold_no_state_ms"] = round(1e3 * cold_round(m, keep_state=False)[0], 1)
     finally:
         BudgetGuard._full_check = orig_full  # type: ignore[method-assign]
-    first, last = out[min(out, key=int)], out[max(out, key=int)]
+    first, last = out[str(marks[0])], out[str(marks[-1])]
     return {"marks": out, "rounds": r, "records": warm.ledger.count,
             "growth": round(last["cold_ms"] / first["cold_ms"], 2),
             "growth_excl_fsync": round(last["cold_excl_fsync_ms"] / first["cold_excl_fsync_ms"], 2),
