@@ -259,7 +259,7 @@ def lifetime(rounds: int, workdir: Path) -> dict:
             cold: dict[int, list[float]] = {m: [] for m in marks}
             cold_cpu: dict[int, list[float]] = {m: [] for m in marks}
 
-            def cold_round(m: int, *, keep_state: bool = True) -> tuple[float, float]:
+            def cold_round(m: int, *, keep_state: bool = True, rnd: int = 0) -> tuple[float, float]:
                 scratch = workdir / "scratch"
                 shutil.rmtree(scratch, ignore_errors=True)
                 shutil.copytree(snapshots[m], scratch)
@@ -268,11 +268,13 @@ def lifetime(rounds: int, workdir: Path) -> dict:
                 _rdp_curve.cache_clear()  # a new process has no per-mechanism RDP curve cached either
                 guard = guard_on(scratch / path.name)
                 s0, t0 = sync.seconds, time.perf_counter()
-                _one_round(guard, m + 1)
+                _one_round(guard, rnd or m + 2)
                 wall = time.perf_counter() - t0
                 return wall, wall - (sync.seconds - s0)
-            for m in marks:  # the first cold round after a mark may run the periodic full recomputation: once
-                cold_round(m)
+            for m in marks:  # the first cold round after a mark may run the periodic full recomputation: once,
+                cold_round(m, rnd=m + 1)  # then its result (one more round, the state file) is what later ones see
+                shutil.rmtree(snapshots[m])
+                shutil.copytree(workdir / "scratch", snapshots[m])
             for _ in range(COLD_SAMPLES):
                 for m in marks:
                     wall, cpu = cold_round(m)
