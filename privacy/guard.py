@@ -1,8 +1,10 @@
 """The site's budget guard: checks a round against the hospital's policy and lifetime budget, write-ahead.
 
 Order of a round at a site (DESIGN.md): :meth:`BudgetGuard.reserve` runs *before any data is touched*. Under an
-exclusive lock on the site ledger it re-reads the whole persisted history, checks the request against the
-policy, computes epsilon of (history + this round) with the policy's accountant over the whole lifetime, and
+exclusive lock on the site ledger it brings the verified running state of the ledger up to date
+(:mod:`privacy.ledger_state`: the merged lifetime history, open reservations and answered rounds, folded forward
+from the records appended since; recomputed from every record when it is missing or does not bind to the ledger,
+and periodically), checks the request against the policy, computes epsilon of (history + this round) with the policy's accountant over the whole lifetime, and
 either appends a ``refusal`` record and raises :class:`BudgetRefused`, or appends a ``reservation`` record
 (fsynced) that charges the round. Training happens only after that. :meth:`BudgetGuard.complete` then appends
 the signed ``round`` record that goes to the server.
@@ -43,16 +45,18 @@ Record bodies (envelope fields are documented in :mod:`privacy.ledger`):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from contract.mechanism import RECORD_KEYS, Mechanism
 from privacy.accounting import canonical_history, compute_epsilon
-from privacy.ledger import LedgerError, SiteLedger, epsilon_json, record_hash
+from privacy.ledger import LedgerError, LedgerTransaction, SiteLedger, epsilon_json, record_hash
+from privacy.ledger_state import FULL_CHECK_EVERY, RunningState, StateFile
 from privacy.policy import (ACCOUNTANT_OUT_OF_POLICY, BUDGET_EXCEEDED, CLIP_OUT_OF_POLICY, NOISE_OUT_OF_POLICY,
                             NON_DP_NOT_ALLOWED, SAMPLE_RATE_OUT_OF_POLICY, STEPS_OUT_OF_POLICY, SitePolicy,
                             mechanism_problem)
@@ -131,12 +135,14 @@ class BudgetGuard:
     policy: the hospital's privacy policy.
     num_patients: patients in the training split; fixes delta when the policy says auto (``1/(10 P)``).
     dataset_fingerprint: keyed hash of the dataset trained on, recorded in every record (empty = none).
+    full_check_every: records between the first full recomputations of the running state from the ledger (later
+        ones come when the ledger has doubled since the last, see :meth:`_full_check_due`).
 
     Raises :class:`~privacy.policy.PolicyError` when the policy's explicit delta is too large for this dataset.
     """
 
     def __init__(self, ledger: SiteLedger, policy: SitePolicy, num_patients: int,
-                 dataset_fingerprint: str = "") -> None:
+                 dataset_fingerprint: str = "", *, full_check_every: int = FULL_CHECK_EVERY) -> None:
         self.ledger = ledger
         self.policy = policy
         self.num_patients = int(num_patients)
@@ -145,6 +151,73 @@ class BudgetGuard:
         self.dataset_fingerprint = str(dataset_fingerprint)
         self.delta = policy.effective_delta(self.num_patients)
         self.policy_sha256 = policy.sha256()
+        self.full_check_every = max(1, int(full_check_every))
+        self._state: RunningState | None = None
+        self._state_file = StateFile(ledger)
+
+    # ----------------------------------------------------------------- running state
+
+    @contextlib.contextmanager
+    def _synced(self, write: bool) -> Iterator[tuple[LedgerTransaction, RunningState]]:
+        """The ledger under its lock (exclusive when ``write``) and its running state folded up to the end.
+
+        The state is this guard's own from the last call, else the state file's; it is used only if its checkpoint
+        binds to the ledger, else (and periodically, see :meth:`_full_check_due`) it is recomputed from every record.
+        Records appended inside the block are folded in and the state file rewritten after them.
+        """
+        if self._state is not None:
+            cand, why = self._state, ""
+        else:
+            cand, why = self._state_file.load()
+        opener = self.ledger.transaction if write else self.ledger.view
+        with opener(cand.checkpoint if cand is not None else None) as txn:
+            changed = False
+            if cand is not None and txn.bound:
+                st = cand
+            else:
+                st = RunningState.from_records(self.ledger.site, txn.all(), txn.checkpoint())
+                changed = True
+                if cand is not None:
+                    behind = " (the ledger has fewer records than the state summarised: restored from an older " \
+                             "copy?)" if cand.count > st.count else ""
+                    log.warning("ledger %s: its running state does not match the ledger any more%s; recomputed from "
+                                "all %d records", self.ledger.path, behind, st.count)
+                elif why and why not in ("no state file", "unsigned ledger (a state file cannot be authenticated)"):
+                    log.warning("ledger %s: %s; running state recomputed from all %d records",
+                                self.ledger.path, why, st.count)
+            tail = txn.since(st.count)
+            if tail:
+                st.fold(tail, txn.checkpoint())
+                changed = True
+            if self._full_check_due(st):
+                st = self._full_check(txn, st)
+                changed = True
+            self._state = st
+            before = txn.count
+            yield txn, st
+            if txn.count != before:
+                st.fold(txn.since(st.count), txn.checkpoint())
+                changed = True
+            if changed and txn.count:  # a read of an empty ledger writes nothing
+                self._state_file.save(st)
+
+    def _full_check_due(self, st: RunningState) -> bool:
+        """Every ``full_check_every`` records at first, then whenever the ledger doubled since the last full
+        recomputation: a lifetime's recomputations read at most about twice its records (O(1) per round amortised),
+        while early damage is found early. The count of the last one is in the state file, so the schedule holds
+        across processes (a deployment starts one per message)."""
+        return st.count - st.checked_at >= max(self.full_check_every, st.checked_at)
+
+    def _full_check(self, txn: LedgerTransaction, st: RunningState) -> RunningState:
+        """Recompute the state from every (re-verified) record; the recomputation wins over a mismatch."""
+        full = RunningState.from_records(self.ledger.site, txn.all(), txn.checkpoint())
+        if not full.same_summary(st):
+            log.error("ledger %s: the running state differed from a full recomputation at record %d; using the "
+                      "recomputation", self.ledger.path, full.count)
+        return full
+
+    def _eps(self, st: RunningState, history: Iterable[tuple[float, float, int]]) -> float:
+        return st.epsilon(list(canonical_history(history)), self.policy.accountant, self.delta, self.epsilon_of)
 
     # ----------------------------------------------------------------- queries
 
@@ -157,12 +230,15 @@ class BudgetGuard:
 
     def spent(self) -> float:
         """Epsilon over the whole persisted history (``inf`` once a non-DP round was run)."""
-        return self.epsilon_of(self.history())
+        with self._synced(write=False) as (_txn, st):
+            return self._eps(st, st.history())
 
     def answered(self, run_id: str, server_round: int) -> bool:
         """Whether this site already released an update for ``(run_id, server_round)`` (a ``round`` record exists)."""
-        return any(r.get("type") == "round" and r.get("run_id") == run_id and r.get("server_round") == server_round
-                   for r in self.ledger.records())
+        if isinstance(server_round, bool) or not isinstance(server_round, int):
+            return False
+        with self._synced(write=False) as (_txn, st):
+            return st.is_answered(run_id, server_round)
 
     def remaining(self) -> float:
         return max(0.0, self.policy.max_epsilon - self.spent())
@@ -179,19 +255,20 @@ class BudgetGuard:
         """
         _check_hash("weights_in_sha256", weights_in_sha256)
         refusal: BudgetRefused | None = None
-        with self.ledger.transaction() as txn:
-            records = txn.records
-            hist = list(canonical_history(charges(records)))  # merged once: the accountant sees few entries
-            spent = self.epsilon_of(hist)
+        with self._synced(write=True) as (txn, st):
+            hist = st.history()  # the merged lifetime history: the accountant sees few entries
+            spent = self._eps(st, hist)
             problem = self._policy_problem(req)
-            replay = self._find_replay(records, req, weights_in_sha256) if problem is None else None
-            done = (self._find_completed(records, req, weights_in_sha256)
-                    if problem is None and replay is None and resend is not None else None)
+            replay = self._find_replay(st.open.values(), req, weights_in_sha256) if problem is None else None
+            # only a run's answered round can have a completed record to resend: read the records just then
+            done = (self._find_completed(txn.all(), req, weights_in_sha256)
+                    if problem is None and replay is None and resend is not None
+                    and st.is_answered(req.run_id, req.server_round) else None)
             payload = resend(done["update_sha256"]) if done is not None else None
             if payload is not None:
                 log.info("run %s round %s: replay of a completed round (record seq %d); the same released update "
                          "is sent again, not charged", req.run_id, req.server_round, done["seq"])
-                rsv = records[done["reservation_seq"]]
+                rsv = txn.all()[done["reservation_seq"]]
                 return dataclasses.replace(self._reservation(rsv, replayed=True), completed=done, resent=payload)
             if problem is not None:
                 refusal = BudgetRefused(*problem)
@@ -208,7 +285,7 @@ class BudgetGuard:
             else:
                 charge = req.mechanism.charge()
                 after_hist = hist + [charge]
-                after = self.epsilon_of(after_hist)
+                after = self._eps(st, after_hist)
                 if req.mechanism.dp and after > self.policy.max_epsilon:
                     refusal = BudgetRefused(BUDGET_EXCEEDED, self._budget_message(spent, after, req))
                     self._append_refusal(txn, req, refusal, hist, spent, after, weights_in_sha256)
@@ -260,12 +337,11 @@ class BudgetGuard:
     def _mechanism(req: RoundRequest) -> dict[str, Any]:
         return {"run_id": req.run_id, "server_round": int(req.server_round), **req.mechanism.to_record()}
 
-    def _find_replay(self, records: list[dict], req: RoundRequest, weights_in: str) -> dict | None:
+    def _find_replay(self, open_reservations: Iterable[dict], req: RoundRequest, weights_in: str) -> dict | None:
+        """The newest uncompleted reservation of this exact request (same mechanism, same incoming weights)."""
         want = self._mechanism(req)
-        completed = {r.get("reservation_seq") for r in records if r.get("type") == "round"}
-        for r in reversed(records):
-            if (r.get("type") == "reservation" and r["seq"] not in completed
-                    and all(r.get(k) == v for k, v in want.items())
+        for r in sorted(open_reservations, key=lambda r: r["seq"], reverse=True):
+            if (r.get("type") == "reservation" and all(r.get(k) == v for k, v in want.items())
                     and r.get("weights_in_sha256") == weights_in):
                 return r
         return None
@@ -328,25 +404,25 @@ class BudgetGuard:
         if num_examples is not None and (isinstance(num_examples, bool) or not isinstance(num_examples, int)
                                          or num_examples < 0):
             raise ValueError(f"num_examples must be a non-negative integer, got {num_examples!r}")
-        with self.ledger.transaction() as txn:
-            records = txn.records
-            if not (0 <= res.seq < len(records)) or record_hash(records[res.seq]) != res.record_sha256:
-                raise LedgerError(f"reservation seq {res.seq} (run {res.run_id!r} round {res.server_round}) is not in "
-                                  f"the ledger {self.ledger.path}; cannot complete it")
-            rsv = records[res.seq]
-            for r in records:
-                if r.get("type") == "round" and r.get("reservation_seq") == res.seq:
-                    if r.get("update_sha256") == update_sha256:
-                        return r
-                    raise LedgerError(
-                        f"reservation seq {res.seq} (run {res.run_id!r} round {res.server_round}) was already "
-                        "completed with a different update; releasing a second update would not be charged")
-            raw = charges(records)
-            hist = list(canonical_history(raw))
-            raw.remove(_charge(rsv))
-            before_hist = list(canonical_history(raw))
-            after = self.epsilon_of(hist)
-            before = self.epsilon_of(before_hist)
+        with self._synced(write=True) as (txn, st):
+            rsv = st.open.get(res.seq)  # an open reservation has no round record yet: nothing to look up
+            if rsv is None or record_hash(rsv) != res.record_sha256:
+                records = txn.all()  # not open (completed already, or not this ledger's): check every record
+                if not (0 <= res.seq < len(records)) or record_hash(records[res.seq]) != res.record_sha256:
+                    raise LedgerError(f"reservation seq {res.seq} (run {res.run_id!r} round {res.server_round}) is "
+                                      f"not in the ledger {self.ledger.path}; cannot complete it")
+                rsv = records[res.seq]
+                for r in records:
+                    if r.get("type") == "round" and r.get("reservation_seq") == res.seq:
+                        if r.get("update_sha256") == update_sha256:
+                            return r
+                        raise LedgerError(
+                            f"reservation seq {res.seq} (run {res.run_id!r} round {res.server_round}) was already "
+                            "completed with a different update; releasing a second update would not be charged")
+            hist = st.history()
+            before_hist = st.history_without(_charge(rsv))
+            after = self._eps(st, hist)
+            before = self._eps(st, before_hist)
             body = {"type": "round", **{k: rsv[k] for k in ("run_id", "server_round", *_MECHANISM)},
                     "charge": rsv["charge"], "accountant": self.policy.accountant, "delta": self.delta,
                     "history": history_json(hist), "epsilon_before": epsilon_json(before),

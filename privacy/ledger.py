@@ -25,9 +25,17 @@ copy has gaps in ``seq`` (reservations and refusals stay on site); it checks sig
 ``seq`` and, where ``seq`` is consecutive, the ``prev`` link. ``atoll audit verify`` checks the server copy
 against the site's full ledger, where every link is checked.
 
-Durability: appends are single ``write`` calls of a whole line followed by ``fsync``; the directory is
-fsynced when the ledger file is created; every read-modify-append runs under ``fcntl.flock`` on the ledger
-file, so two processes at one site serialise.
+Durability: appends are single ``write`` calls of a whole line followed by ``fdatasync`` (``fsync`` where the
+platform has no ``fdatasync``): it flushes the data and the file size, which is all a later read needs, and
+skips the timestamps; the record is durable when ``append`` returns. The directory is fsynced when the ledger
+file is created; every read-modify-append runs under ``fcntl.flock`` on the ledger file, so two processes at one
+site serialise.
+
+Resuming from a checkpoint: a reader that already holds a verified summary of the first ``n`` records (the budget
+guard's running state, :mod:`privacy.ledger_state`) passes its :class:`Checkpoint` to
+:meth:`SiteLedger.transaction` / :meth:`SiteLedger.view`. The ledger then checks only that record ``n - 1`` is still
+on disk at the recorded offset with the recorded hash and a valid signature (``bound``) and parses the records after
+it; if that record is not there, it falls back to reading and checking the whole file.
 
 Torn last line (no trailing newline): a crash in the middle of a write leaves one, but so does a truncation that
 cut acknowledged records (a careless restore, ``truncate``, a full disk). The file alone cannot tell the two apart,
@@ -51,6 +59,7 @@ import logging
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -189,6 +198,22 @@ def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def durable_sync(fd: int) -> None:
+    """Make appended bytes durable: ``fdatasync`` (data + the size needed to read them back), else ``fsync``."""
+    (getattr(os, "fdatasync", None) or os.fsync)(fd)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a verified summary of a site ledger ends: its first ``count`` records, the last of them stored at
+    bytes ``[last_start, offset)`` with hash ``last_hash`` (``GENESIS`` and zeros for an empty prefix)."""
+
+    count: int
+    offset: int
+    last_start: int
+    last_hash: str
+
+
 def read_jsonl(path: str | Path) -> list[tuple[int, dict | None, str]]:
     """Read a JSON Lines file as ``(line_number, record_or_None, raw_line)``; ``None`` marks an unparsable line.
 
@@ -236,9 +261,12 @@ class SiteLedger:
         else:
             self.key_id = None
         self._records: list[dict] = []
+        self._base = 0            # seq of _records[0]: > 0 after resuming from a checkpoint (prefix not loaded)
         self._offset = 0          # bytes of the file already parsed into _records
+        self._last_start = 0      # byte offset where the newest parsed record starts
         self._ino: int | None = None
         self._last_hash = GENESIS
+        self._base_hash = GENESIS  # hash of record _base - 1 (the checkpoint resumed from)
 
     @property
     def signed(self) -> bool:
@@ -253,7 +281,7 @@ class SiteLedger:
         fd = os.open(self.path, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
-            self._refresh(fd, writable=False)
+            self._load(fd, None)
             return list(self._records)
         finally:
             os.close(fd)  # closing releases the lock
@@ -261,9 +289,22 @@ class SiteLedger:
     def __len__(self) -> int:
         return len(self.records())
 
+    @property
+    def count(self) -> int:
+        """Records parsed so far (the next record's ``seq``)."""
+        return self._base + len(self._records)
+
+    def checkpoint(self) -> Checkpoint:
+        """Where the records parsed so far end (what a summary of them binds to)."""
+        return Checkpoint(self.count, self._offset, self._last_start, self._last_hash)
+
     @contextlib.contextmanager
-    def transaction(self) -> Iterator["LedgerTransaction"]:
-        """Exclusive lock on the ledger for a read-check-append sequence (e.g. the guard's reserve)."""
+    def transaction(self, resume: Checkpoint | None = None) -> Iterator["LedgerTransaction"]:
+        """Exclusive lock on the ledger for a read-check-append sequence (e.g. the guard's reserve).
+
+        ``resume``: a verified checkpoint; the records before it are then not re-read when record
+        ``resume.count - 1`` is still there (``txn.bound``; see the module doc). Without it every record is loaded.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
@@ -271,10 +312,89 @@ class SiteLedger:
             if created:
                 fsync_dir(self.path.parent)
             fcntl.flock(fd, fcntl.LOCK_EX)
-            self._refresh(fd, writable=True)
-            yield LedgerTransaction(self, fd)
+            bound = self._load(fd, resume)
+            yield LedgerTransaction(self, fd, bound)
         finally:
             os.close(fd)
+
+    @contextlib.contextmanager
+    def view(self, resume: Checkpoint | None = None) -> Iterator["LedgerTransaction"]:
+        """Shared lock on the ledger for a consistent read (same ``resume`` rule as :meth:`transaction`); the
+        handle's ``append`` is not allowed. A missing file reads as an empty ledger."""
+        if not self.path.exists():
+            self._reset()
+            yield LedgerTransaction(self, None, resume is None or resume.count == 0, writable=False)
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            bound = self._load(fd, resume)
+            yield LedgerTransaction(self, fd, bound, writable=False)
+        finally:
+            os.close(fd)
+
+    def _load(self, fd: int, resume: Checkpoint | None) -> bool:
+        """Bring the parsed records up to the file's end; return whether ``resume`` binds (see the module doc).
+
+        Without ``resume`` the whole file is parsed (a prefix skipped earlier is loaded now)."""
+        if resume is None:
+            if self._base:
+                self._reset()
+            self._refresh(fd, writable=True)
+            return True
+        st = os.fstat(fd)
+        if self._ino != st.st_ino or self.count < resume.count or st.st_size < self._offset:
+            if not self._adopt(fd, resume):
+                self._reset()
+        self._refresh(fd, writable=True)
+        if self._bound_in_memory(resume):
+            return True
+        if self._base:  # the checkpoint's record is in the prefix we skipped: read everything and look again
+            self._reset()
+            self._refresh(fd, writable=True)
+            return self._bound_in_memory(resume)
+        return False
+
+    def _reset(self) -> None:
+        self._records, self._base, self._offset, self._last_start = [], 0, 0, 0
+        self._last_hash, self._base_hash, self._ino = GENESIS, GENESIS, None
+
+    def _bound_in_memory(self, cp: Checkpoint) -> bool:
+        if cp.count == 0:
+            return cp.last_hash == GENESIS
+        i = cp.count - 1 - self._base
+        if i == -1:
+            return self._base_hash == cp.last_hash
+        return 0 <= i < len(self._records) and record_hash(self._records[i]) == cp.last_hash
+
+    def _adopt(self, fd: int, cp: Checkpoint) -> bool:
+        """Skip the first ``cp.count`` records if record ``cp.count - 1`` is on disk at ``[last_start, offset)`` with
+        hash ``last_hash`` (and, in a signed ledger, our own valid signature); False leaves everything unchanged."""
+        if cp.count <= 0 or not 0 <= cp.last_start < cp.offset or not _HEX64.match(cp.last_hash):
+            return False
+        st = os.fstat(fd)
+        if st.st_size < cp.offset:
+            return False
+        raw = os.pread(fd, cp.offset - cp.last_start + 1, cp.last_start - 1) if cp.last_start else \
+            b"\n" + os.pread(fd, cp.offset, 0)
+        if len(raw) != cp.offset - cp.last_start + 1 or raw[:1] != b"\n" or raw[-1:] != b"\n" or \
+                b"\n" in raw[1:-1]:
+            return False
+        try:
+            rec = json.loads(raw[1:-1])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return False
+        if (envelope_problems(rec) or rec["site"] != self.site or rec["seq"] != cp.count - 1
+                or record_hash(rec) != cp.last_hash):
+            return False
+        if self._key is not None:
+            try:
+                verify_record(rec, self._key.public_key())
+            except LedgerError:
+                return False
+        self._records, self._base, self._offset, self._last_start = [], cp.count, cp.offset, cp.last_start
+        self._last_hash, self._base_hash, self._ino = cp.last_hash, cp.last_hash, st.st_ino
+        return True
 
     def append(self, body: Mapping[str, Any]) -> dict:
         """Append one record (envelope filled in, signed, fsynced) and return it."""
@@ -284,16 +404,19 @@ class SiteLedger:
     def _refresh(self, fd: int, *, writable: bool) -> None:
         st = os.fstat(fd)
         if self._ino != st.st_ino or st.st_size < self._offset:
-            self._records, self._offset, self._last_hash, self._ino = [], 0, GENESIS, st.st_ino
+            self._reset()
+            self._ino = st.st_ino
         if st.st_size == self._offset:
             return
         data = os.pread(fd, st.st_size - self._offset, self._offset)
         end = data.rfind(b"\n") + 1
         torn = data[end:]
         data = data[:end]
-        line_no = len(self._records)
-        for raw in data.splitlines():
+        line_no = self.count
+        pos = self._offset
+        for raw in data.splitlines(keepends=True):
             line_no += 1
+            start, pos = pos, pos + len(raw)
             try:
                 rec = json.loads(raw)
             except json.JSONDecodeError:
@@ -314,10 +437,11 @@ class SiteLedger:
             if self._key is not None:
                 self._check_own_signature(rec, line_no)
             self._last_hash = record_hash(rec)
+            self._last_start = start
             self._records.append(rec)
         self._offset += end
         if torn:
-            raise LedgerTornError(self.path, len(self._records) + 1, torn)
+            raise LedgerTornError(self.path, self.count + 1, torn)
 
     def _check_own_signature(self, rec: dict, line_no: int) -> None:
         """A signed ledger accepts only records its own key signed.
@@ -337,32 +461,62 @@ class SiteLedger:
 
 
 class LedgerTransaction:
-    """Handle given out by :meth:`SiteLedger.transaction`: the current records and an ``append``."""
+    """Handle given out by :meth:`SiteLedger.transaction` (and :meth:`SiteLedger.view`, read only): the records,
+    whether the checkpoint it was opened with binds (``bound``), and an ``append``."""
 
-    def __init__(self, ledger: SiteLedger, fd: int) -> None:
+    def __init__(self, ledger: SiteLedger, fd: int | None, bound: bool = True, *, writable: bool = True) -> None:
         self._ledger = ledger
         self._fd = fd
+        self._writable = writable
+        self.bound = bound
 
     @property
     def records(self) -> list[dict]:
-        return self._ledger._records
+        """Every record (the whole ledger is loaded first if it was opened from a checkpoint)."""
+        return self.all()
+
+    @property
+    def count(self) -> int:
+        return self._ledger.count
+
+    def all(self) -> list[dict]:
+        """Every record, oldest first; loads (and checks) the prefix a checkpoint skipped."""
+        led = self._ledger
+        if led._base:
+            led._reset()
+            if self._fd is not None:
+                led._refresh(self._fd, writable=False)
+        return led._records
+
+    def since(self, count: int) -> list[dict]:
+        """The records with ``seq >= count`` (``count`` not before the loaded part: else every record is loaded)."""
+        led = self._ledger
+        if count < led._base:
+            self.all()
+        return led._records[count - led._base:]
+
+    def checkpoint(self) -> Checkpoint:
+        return self._ledger.checkpoint()
 
     def append(self, body: Mapping[str, Any]) -> dict:
         led = self._ledger
+        if self._fd is None or not self._writable:
+            raise LedgerError("a read-only view of the ledger cannot append")
         clash = set(body) & (set(ENVELOPE_FIELDS) - {"type"} | {"sig"})
         if clash:
             raise LedgerError(f"record body may not set envelope field(s) {sorted(clash)}")
         if body.get("type") not in RECORD_TYPES:
             raise LedgerError(f"record type {body.get('type')!r} is not one of {', '.join(RECORD_TYPES)}")
         rec: dict[str, Any] = {k: v for k, v in body.items() if k != "type"}
-        rec.update(v=SCHEMA_VERSION, type=body["type"], site=led.site, seq=len(led._records),
+        rec.update(v=SCHEMA_VERSION, type=body["type"], site=led.site, seq=led.count,
                    prev=led._last_hash, time=utc_now(), key_id=led.key_id)
         if led._key is not None:
             rec = sign_record(rec, led._key)
         line = canonical_json(rec) + b"\n"
         write_all(self._fd, line)
-        os.fsync(self._fd)
+        durable_sync(self._fd)  # the record is on disk before the caller acts on it (write-ahead)
         led._records.append(rec)
+        led._last_start = led._offset
         led._offset += len(line)
         led._last_hash = record_hash(rec)
         return rec
@@ -413,6 +567,8 @@ class ConsortiumLedger:
     whose ``seq`` or epsilon is below what the site reported there means its ledger was deleted or rolled
     back (the one way a site could restart its lifetime budget): rejected.
 
+    ``group_commit``: one ``fdatasync`` per :meth:`sync` instead of one per accepted record (see :meth:`accept`).
+
     With ``keys_dir`` (enrolled ``<site>.pub`` files) every record must be signed by its site's enrolled key;
     without it records are stored unverified (a warning says so). Accepted records are appended verbatim
     (canonical bytes, fsynced) so the auditor can re-check every signature.
@@ -421,7 +577,7 @@ class ConsortiumLedger:
     FILENAME = "ledger.jsonl"
 
     def __init__(self, run_root: str | Path, keys_dir: str | Path | None = None, *,
-                 earlier_runs: Iterable[str | Path] = ()) -> None:
+                 earlier_runs: Iterable[str | Path] = (), group_commit: bool = False) -> None:
         self.root = Path(run_root)
         self.path = self.root / self.FILENAME
         self.keys_dir = Path(keys_dir) if keys_dir else None
@@ -431,6 +587,8 @@ class ConsortiumLedger:
             log.warning("consortium ledger %s: no enrolled site keys (keys_dir unset); ledger records are "
                         "stored UNVERIFIED", self.path)
         self._keys: dict[str, Ed25519PublicKey] = {}
+        self.group_commit = bool(group_commit)
+        self._unsynced = 0  # records accepted under group commit since the last sync()
         self._records: list[dict] = []
         # Per site, the newest record seen: from an earlier run first (named in _last_run), then this run's.
         self._last: dict[str, dict] = {}
@@ -510,7 +668,13 @@ class ConsortiumLedger:
         self._last_run.pop(site, None)
 
     def accept(self, record: Any, *, site: str) -> dict:
-        """Verify a site's round record (see :meth:`check`) and append it verbatim; raises :class:`LedgerError`."""
+        """Verify a site's round record (see :meth:`check`) and append it verbatim; raises :class:`LedgerError`.
+
+        With ``group_commit`` the record is written but made durable only by the next :meth:`sync`: one
+        ``fdatasync`` for a whole round's records. The server calls :meth:`sync` before it signs the round's digest
+        (``server.outputs.RunOutputs.digest``), so no digest names a record that a crash could lose; a record lost
+        before that belongs to a round that is redone on resume, and the site's own ledger keeps it anyway. (The
+        site's ledger is never grouped: its reservation must be durable before training starts.)"""
         self.check(record, site=site)
         self.root.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
@@ -521,13 +685,27 @@ class ConsortiumLedger:
                 fsync_dir(self.root)
             fcntl.flock(fd, fcntl.LOCK_EX)
             write_all(fd, line)
-            os.fsync(fd)
+            if not self.group_commit:
+                durable_sync(fd)
+            else:
+                self._unsynced += 1
         finally:
             os.close(fd)
         rec = json.loads(line)
         self._records.append(rec)
         self._remember(rec)
         return rec
+
+    def sync(self) -> None:
+        """Make every record accepted since the last call durable (one ``fdatasync`` for the group)."""
+        if not self._unsynced:
+            return
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            durable_sync(fd)  # flushes the file, whichever descriptor wrote it
+        finally:
+            os.close(fd)
+        self._unsynced = 0
 
     def records(self, site: str | None = None) -> list[dict]:
         return [r for r in self._records if site is None or r.get("site") == site]

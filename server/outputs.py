@@ -83,6 +83,8 @@ class RunOutputs:
         from privacy.anchor import accepted_entry
 
         weights = state_dict_sha256(arrays.to_torch_state_dict()) if arrays is not None else None
+        if self.ledger is not None:
+            self.ledger.sync()  # the round's records (group commit) are durable before a digest names them
         return self.digests.append(server_round, settings_sha256=self.settings_sha256, weights_sha256=weights,
                                    accepted=[accepted_entry(r) for r in accepted])
 
@@ -163,4 +165,5 @@ def _consortium_ledger(root: Path, settings: Any):
     # every earlier run in this runs folder: a site whose ledger went backwards since then is rejected
     earlier = [p for p in sorted(root.parent.glob(f"*/{ConsortiumLedger.FILENAME}"))
                if p.parent != root and (p.parent / "settings.json").is_file()]
-    return ConsortiumLedger(root, keys_dir=keys, earlier_runs=earlier)
+    # group commit: the round's records are fsynced together, before the round's digest (RunOutputs.digest)
+    return ConsortiumLedger(root, keys_dir=keys, earlier_runs=earlier, group_commit=True)
