@@ -48,13 +48,6 @@ APPS = ("atoll", "plain")
 ENGINES = ("simulation", "deployment")
 
 
-def _sim_backend(n: int) -> dict:
-    """The backend config atoll.demo.simulate gives Flower (so both apps get the same actors and threads)."""
-    cpus = max(1, min(n, os.cpu_count() or 1))
-    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": False}}
-
-
 def _settings(work: Path, engine: str, rounds: int, steps: int):
     from contract import Mechanism
     from server.settings import RunSettings
@@ -94,8 +87,12 @@ def child(app: str, engine: str, work: Path, rounds: int, steps: int) -> None:
 
         os.environ[plain.ENV] = str(conf)
         os.environ[SIM_SITE_CONFIGS_ENV] = os.pathsep.join(str(c) for c in configs)
-        run_simulation(server_app=plain.server, client_app=plain.client, num_supernodes=len(configs),
-                       backend_config=_sim_backend(len(configs)))
+        from atoll import simulation  # the resources atoll.demo.simulate gives the sites: same actors and threads
+
+        backend = simulation.backend_config(len(configs))
+        with simulation.actor_environment(int(backend["client_resources"]["num_cpus"])):
+            run_simulation(server_app=plain.server, client_app=plain.client, num_supernodes=len(configs),
+                           backend_config=backend)
     else:
         app_dir = plain.write_app_dir(work / "plain-app")
         with LocalConsortium(app_dir, configs, insecure=True, workdir=work / f"net-{app}") as net:
