@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -51,7 +52,9 @@ class FramedDigest:
         self.scheme = scheme
 
     def update(self, data) -> None:
-        """Feed bytes (any buffer: bytes, memoryview, a C-contiguous numpy array)."""
+        """Feed bytes (bytes, memoryview, or a C-contiguous numpy array, read as its raw bytes without a copy)."""
+        if isinstance(data, np.ndarray):
+            data = data.reshape(-1).view(np.uint8)  # BLAKE3's binding takes byte buffers only
         self._h.update(data)
 
     def hexdigest(self) -> str:

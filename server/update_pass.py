@@ -22,15 +22,19 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
+from scipy.linalg import blas
+from threadpoolctl import threadpool_limits
 
 from models import FramedDigest, tensor_frame
 
-__all__ = ["BLOCK", "Inspection", "RoundPlan", "WeightedSum", "inspect_update"]
+__all__ = ["BLOCK", "Inspection", "RoundPlan", "WeightedSum", "inspect_update", "weights_sha256"]
 
 BLOCK = 1 << 18           # float32 elements per block (1 MiB): a block, its global and its sum fit in L2
 _SMALL = BLOCK // 8        # float32 tensors below this many elements are packed with their neighbours
@@ -44,9 +48,9 @@ def _names(names: list[str]) -> str:
     return shown + (f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
 
 
-def npy_header(arr: np.ndarray) -> bytes:
-    """The header ``np.save`` (so Flower's ``Array(ndarray)``) writes before a C-contiguous ``arr``'s data."""
-    meta = np.lib.format.header_data_from_array_1_0(arr)
+def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """The header ``np.save`` (so Flower's ``Array(ndarray)``) writes before a C-order array's data."""
+    meta = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
     buf = io.BytesIO()
     try:
         np.lib.format.write_array_header_1_0(buf, meta)
@@ -84,6 +88,13 @@ class Slot:
         return self.count * self.dtype.itemsize
 
 
+def _declared(have: Array) -> tuple[np.dtype, tuple[int, ...]] | None:
+    try:
+        return np.dtype(have.dtype), tuple(int(d) for d in have.shape)
+    except (TypeError, ValueError):
+        return None
+
+
 class RoundPlan:
     """The round's global weights laid out once for checking (and summing) every update against them.
 
@@ -94,33 +105,77 @@ class RoundPlan:
     def __init__(self, global_: ArrayRecord) -> None:
         self.arrays = global_
         self.order = list(global_.keys())
-        decoded = {name: _c_order(global_[name].numpy()) for name in self.order}
-        f32 = [n for n in sorted(decoded) if decoded[n].dtype == np.float32]
-        sizes = [decoded[n].size for n in f32]
-        self.g32 = (np.concatenate([decoded[n].reshape(-1) for n in f32]) if f32
-                    else np.empty(0, np.float32))
-        offsets = dict(zip(f32, np.cumsum([0, *sizes[:-1]]).tolist())) if f32 else {}
-        slots = []
-        for name in sorted(decoded):
-            g = decoded[name]
-            off = offsets.get(name, -1)
-            flat = self.g32[off:off + g.size] if off >= 0 else g.reshape(-1)
-            slots.append(Slot(name, g.dtype, global_[name].dtype, tuple(g.shape), g.size, npy_header(g),
-                              tensor_frame(name, str(g.dtype), g.shape, g.nbytes), flat, off))
-        self.slots: list[Slot] = slots
-        self.by_name = {s.name: s for s in slots}
+        views: dict[str, np.ndarray] = {}
+        meta: dict[str, tuple[np.dtype, tuple[int, ...], bytes]] = {}
+        for name in self.order:
+            arr = global_[name]
+            declared = _declared(arr)
+            if declared is None:
+                raise ValueError(f"global tensor {name!r} declares dtype {arr.dtype!r}, which numpy does not know")
+            dtype, shape = declared
+            header = npy_header(dtype, shape)
+            v = _view(arr, name, dtype, shape, header)
+            if isinstance(v, str):
+                raise ValueError(f"the round's global weights: {v}")
+            views[name], meta[name] = v, (dtype, shape, header)
+        f32 = [n for n in sorted(views) if meta[n][0] == np.float32]
+        self.g32 = np.concatenate([views[n] for n in f32]) if f32 else np.empty(0, np.float32)
+        offsets, off = {}, 0
+        for n in f32:
+            offsets[n], off = off, off + views[n].size
+        self.slots: list[Slot] = []
+        for name in sorted(views):
+            dtype, shape, header = meta[name]
+            v, o = views[name], offsets.get(name, -1)
+            self.slots.append(Slot(name, dtype, global_[name].dtype, shape, v.size, header,
+                                   tensor_frame(name, str(dtype), shape, v.nbytes),
+                                   self.g32[o:o + v.size] if o >= 0 else v, o))
+        self.by_name = {s.name: s for s in self.slots}
         self._digests: dict[str, str] = {}
 
     def global_digest(self, scheme: str = "sha256") -> str:
-        """Digest of the global weights (what sites sign as ``weights_in_sha256``), computed once per round."""
+        """Digest of the global weights (sites sign its SHA-256 as ``weights_in_sha256``), once per round; the
+        SHA-256 of weights this server aggregated itself was computed when they were built (``weights_sha256``)."""
         if scheme not in self._digests:
-            h = FramedDigest(scheme)
-            for s in self.slots:
-                h.update(s.frame)
-                if s.count:
-                    h.update(s.glob)
-            self._digests[scheme] = h.hexdigest()
+            cached = _cached_sha256(self.arrays) if scheme == "sha256" else None
+            self._digests[scheme] = cached or _digest(self.slots, [s.glob for s in self.slots], scheme)
         return self._digests[scheme]
+
+
+def _digest(slots: Sequence[Slot], views: Sequence[np.ndarray], scheme: str) -> str:
+    h = FramedDigest(scheme)
+    for s, v in zip(slots, views):
+        h.update(s.frame)
+        if s.count:
+            h.update(v)
+    return h.hexdigest()
+
+
+# The digest of an ArrayRecord this module built, keyed to the exact Array objects and bytes it holds: the
+# round's signed digest and the next round's weights-in check then hash the new global weights once, not twice.
+_SHA_ATTR = "_atoll_weights_sha256"
+
+
+def _identity(arrays: ArrayRecord) -> tuple:
+    return tuple((k, id(a), id(a.data)) for k, a in arrays.items())
+
+
+def _cached_sha256(arrays: ArrayRecord) -> str | None:
+    got = getattr(arrays, "__dict__", {}).get(_SHA_ATTR)
+    return got[1] if got is not None and got[0] == _identity(arrays) else None
+
+
+def weights_sha256(arrays: ArrayRecord) -> str:
+    """``models.state_dict_sha256`` of an ArrayRecord, from zero-copy views (cached for weights built here)."""
+    cached = _cached_sha256(arrays)
+    return cached if cached is not None else RoundPlan(arrays).global_digest("sha256")
+
+
+def _saxpy(x: np.ndarray, y: np.ndarray, a: float) -> None:
+    """``y += a * x`` in place with BLAS (one fused pass; numpy needs two and a scratch buffer)."""
+    out = blas.saxpy(x, y, a=a)
+    if out is not y:  # f2py copied (y not a contiguous float32 array): write back
+        y[...] = out
 
 
 class WeightedSum:
@@ -141,7 +196,6 @@ class WeightedSum:
         self.total = 0.0
         self.parts: list[tuple[list[np.ndarray], float]] = []
         self.dirty = False          # holds part of an update that was not committed
-        self._tmp = np.empty(min(BLOCK, max(plan.g32.size, 1)), np.float32)
 
     def commit(self, views: list[np.ndarray], weight: float) -> None:
         """The update whose pass just added ``weight * views`` is accepted."""
@@ -156,41 +210,51 @@ class WeightedSum:
         self.acc32[:] = 0
         for v in self.other.values():
             v[:] = 0
-        for views, w in self.parts:
-            if w == 0:
-                continue
-            for s, v in zip(self.plan.slots, views):
-                if s.offset >= 0:
-                    for lo in range(0, s.count, BLOCK):
-                        hi = min(lo + BLOCK, s.count)
-                        self.axpy32(v[lo:hi], s.offset + lo, w)
-                else:
-                    self.other[s.name] += w * v
+        with threadpool_limits(1, user_api="blas"):
+            for views, w in self.parts:
+                if w == 0:
+                    continue
+                for s, v in zip(self.plan.slots, views):
+                    if s.offset >= 0:
+                        if s.count:
+                            _saxpy(v, self.acc32[s.offset:s.offset + s.count], w)
+                    else:
+                        self.other[s.name] += w * v
         self.dirty = False
 
-    def axpy32(self, block: np.ndarray, start: int, weight: float) -> None:
-        tmp = self._tmp[:block.size]
-        np.multiply(block, np.float32(weight), out=tmp)
-        acc = self.acc32[start:start + block.size]
-        np.add(acc, tmp, out=acc)
+    def add32(self, block: np.ndarray, start: int, weight: float) -> None:
+        self.dirty = True
+        _saxpy(block, self.acc32[start:start + block.size], weight)
 
     def result(self) -> ArrayRecord | None:
-        """The weighted mean as an ArrayRecord in the global's tensor order, or None if no weight was summed."""
+        """The weighted mean as an ArrayRecord in the global's tensor order, or None if no weight was summed.
+
+        Consumes the sum (divided in place). The record's SHA-256 is computed here, once, for the round's signed
+        digest and the next round's weights-in check (:func:`weights_sha256`).
+        """
         if not self.parts or self.total <= 0:
             return None
-        mean32 = self.acc32 / np.float32(self.total) if self.acc32.size else self.acc32
+        np.divide(self.acc32, np.float32(self.total), out=self.acc32)
+        flats: dict[str, np.ndarray] = {}
         out: dict[str, Array] = {}
-        for name in self.plan.order:
-            s = self.plan.by_name[name]
+        for s in self.plan.slots:
             if s.offset >= 0:
-                flat = mean32[s.offset:s.offset + s.count]
+                flat = self.acc32[s.offset:s.offset + s.count]
             else:
                 mean = self.other[s.name] / self.total
                 flat = (np.rint(mean.real) if not _is_float(s.dtype) else mean).astype(s.dtype)
+            flats[s.name] = flat
+        sha = _digest(self.plan.slots, [flats[s.name] for s in self.plan.slots], "sha256")
+        for name in self.plan.order:
+            s = self.plan.by_name[name]
             # npy bytes built directly: np.save through BytesIO would copy the tensor twice more
             out[name] = Array(dtype=s.dtype_name, shape=s.shape, stype=_NUMPY_STYPE,
-                              data=b"".join((s.header, memoryview(_c_order(flat)).cast("B"))))
-        return ArrayRecord(out)
+                              data=b"".join((s.header, flats[name].reshape(-1).view(np.uint8))))
+        record = ArrayRecord(out)
+        if hasattr(record, "__dict__"):
+            record.__dict__[_SHA_ATTR] = (_identity(record), sha)
+        self.parts, self.total = [], 0.0
+        return record
 
 
 @dataclass
@@ -203,18 +267,19 @@ class Inspection:
     views: list[np.ndarray] | None = None   # the decoded tensors, by slot (for WeightedSum.commit)
 
 
-def _view(have: Array, s: Slot) -> np.ndarray | str:
+def _view(have: Array, name: str, dtype: np.dtype, shape: tuple[int, ...], header: bytes) -> np.ndarray | str:
     """The tensor's values, flat: a zero-copy view of Flower's bytes if they are plain npy, else ``np.load``."""
     data = have.data
-    if (have.stype == _NUMPY_STYPE and isinstance(data, bytes) and len(data) == len(s.header) + s.nbytes
-            and data.startswith(s.header)):
-        return np.frombuffer(data, s.dtype, s.count, len(s.header))
+    count = math.prod(shape)
+    if (have.stype == _NUMPY_STYPE and isinstance(data, bytes) and len(data) == len(header) + count * dtype.itemsize
+            and data.startswith(header)):
+        return np.frombuffer(data, dtype, count, len(header))
     try:  # another npy layout (Fortran order, format 2.0, trailing bytes): Flower's decoder, then checked
         arr = have.numpy()
     except Exception:  # noqa: BLE001 - any decoding failure means the bytes are not a tensor
-        return f"tensor {s.name!r} could not be decoded"
-    if arr.dtype != s.dtype or arr.shape != s.shape:
-        return f"tensor {s.name!r} does not decode to its declared dtype/shape"
+        return f"tensor {name!r} could not be decoded"
+    if arr.dtype != dtype or arr.shape != shape:
+        return f"tensor {name!r} does not decode to its declared dtype/shape"
     return _c_order(arr).reshape(-1)
 
 
@@ -247,12 +312,23 @@ def _sq64(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.vdot(d, d).real)
 
 
-class _Pass:
-    """State of one update's pass: the digest, the squared norm, the pending pack of small float32 tensors."""
+_HASHER: ThreadPoolExecutor | None = None
 
-    def __init__(self, plan: RoundPlan, scheme: str | None, total: WeightedSum | None, weight: float) -> None:
-        self.plan, self.total, self.weight = plan, total, float(weight)
-        self.hash = FramedDigest(scheme) if scheme else None
+
+def _hash_async(slots: Sequence[Slot], views: Sequence[np.ndarray], scheme: str) -> Future:
+    """The update's digest on a worker thread (hashlib and BLAKE3 release the GIL), overlapping the checks."""
+    global _HASHER
+    if _HASHER is None:
+        _HASHER = ThreadPoolExecutor(1, thread_name_prefix="atoll-update-digest")
+    return _HASHER.submit(_digest, slots, views, scheme)
+
+
+class _Pass:
+    """One update's numeric pass: squared distance to the global (finite iff the update is) and the sum."""
+
+    def __init__(self, plan: RoundPlan, total: WeightedSum | None, weight: float) -> None:
+        self.plan, self.weight = plan, float(weight)
+        self.total = total if total is not None and weight != 0 else None
         self.norm2 = 0.0
         self.pack = np.empty(min(BLOCK, max(plan.g32.size, 1)), np.float32)
         self.diff = np.empty_like(self.pack)
@@ -265,16 +341,15 @@ class _Pass:
         g = self.plan.g32[start:start + u.size]
         d = self.diff[:u.size]
         np.subtract(u, g, out=d)
-        s = float(np.dot(d, d))
+        s = float(blas.sdot(d, d))
         if not math.isfinite(s):  # NaN/inf in the block, or only the float32 square overflowed: look exactly
             problem = _non_finite([m for m, _ in members], [v for _, v in members])
             if problem:
                 return problem
             s = _sq64(u, g)
         self.norm2 += s
-        if self.total is not None and self.weight != 0:
-            self.total.dirty = True
-            self.total.axpy32(u, start, self.weight)
+        if self.total is not None:
+            self.total.add32(u, start, self.weight)
         return None
 
     def flush(self) -> str | None:
@@ -285,16 +360,12 @@ class _Pass:
         return problem
 
     def tensor(self, s: Slot, v: np.ndarray) -> str | None:
-        if self.hash is not None:
-            self.hash.update(s.frame)
         if s.offset < 0:  # float64/float16/integer tensors: rare and small, done whole
-            if self.hash is not None and s.count:
-                self.hash.update(v)
             if _is_float(s.dtype):
                 if not np.isfinite(v).all():
                     return f"tensor {s.name!r} has non-finite values (NaN or infinity)"
                 self.norm2 += _sq64(v, s.glob)
-            if self.total is not None and self.weight != 0:
+            if self.total is not None:
                 self.total.dirty = True
                 self.total.other[s.name] += self.weight * v
             return None
@@ -304,10 +375,7 @@ class _Pass:
                     return problem
             if not self.fill:
                 self.start = s.offset
-            if s.count:
-                if self.hash is not None:
-                    self.hash.update(v)
-                self.pack[self.fill:self.fill + s.count] = v
+            self.pack[self.fill:self.fill + s.count] = v
             self.fill += s.count
             self.members.append((s, v))
             return None
@@ -315,8 +383,6 @@ class _Pass:
             return problem
         for lo in range(0, s.count, BLOCK):
             b = v[lo:lo + BLOCK]
-            if self.hash is not None:
-                self.hash.update(b)
             if problem := self.block(b, s.offset + lo, [(s, b)]):
                 return problem
         return None
@@ -335,7 +401,8 @@ def inspect_update(update: ArrayRecord, plan: RoundPlan, *, max_norm: float | No
     max_norm : float or None
         Bound on ||update - global||_2 over the floating-point tensors (float64 near the bound); None = none.
     scheme : str or None
-        Digest construction to compute (``models.HASH_SCHEMES``); None = no digest.
+        Digest construction to compute (``models.HASH_SCHEMES``), on a worker thread while the checks run;
+        None = no digest.
     total, weight : WeightedSum or None, float
         Where to add ``weight * update``. On a rejection the caller must call ``total.discard()``; on
         acceptance ``total.commit(result.views, weight)``.
@@ -351,16 +418,18 @@ def inspect_update(update: ArrayRecord, plan: RoundPlan, *, max_norm: float | No
         return Inspection(problem)
     decoded = {}
     for name in plan.order:
-        v = _view(update[name], plan.by_name[name])
+        s = plan.by_name[name]
+        v = _view(update[name], name, s.dtype, s.shape, s.header)
         if isinstance(v, str):
             return Inspection(v)
         decoded[name] = v
     views = [decoded[s.name] for s in plan.slots]
-    p = _Pass(plan, scheme, total, weight)
-    for s, v in zip(plan.slots, views):
-        if problem := p.tensor(s, v):
-            return Inspection(problem)
-    if problem := p.flush():
+    digest = _hash_async(plan.slots, views, scheme) if scheme else None
+    p = _Pass(plan, total, weight)
+    # One BLAS thread: the blocks are cache-sized, and OpenBLAS's threads only queue behind busy cores.
+    with threadpool_limits(1, user_api="blas"):
+        problem = next((pr for s, v in zip(plan.slots, views) if (pr := p.tensor(s, v))), None) or p.flush()
+    if problem:
         return Inspection(problem)
     norm = math.sqrt(p.norm2)
     if max_norm is not None:
@@ -370,4 +439,4 @@ def inspect_update(update: ArrayRecord, plan: RoundPlan, *, max_norm: float | No
             return Inspection("update norm overflows")
         if norm > max_norm:
             return Inspection(f"update norm ||update - global|| = {norm:.4g} exceeds the bound {max_norm:.4g}")
-    return Inspection(None, p.hash.hexdigest() if p.hash is not None else None, norm, views)
+    return Inspection(None, digest.result() if digest is not None else None, norm, views)
