@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord
 from scipy.linalg import blas
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from models import FramedDigest, tensor_frame
 
@@ -210,7 +210,7 @@ class WeightedSum:
         self.acc32[:] = 0
         for v in self.other.values():
             v[:] = 0
-        with threadpool_limits(1, user_api="blas"):
+        with _one_blas_thread():
             for views, w in self.parts:
                 if w == 0:
                     continue
@@ -244,7 +244,7 @@ class WeightedSum:
                 mean = self.other[s.name] / self.total
                 flat = (np.rint(mean.real) if not _is_float(s.dtype) else mean).astype(s.dtype)
             flats[s.name] = flat
-        sha = _digest(self.plan.slots, [flats[s.name] for s in self.plan.slots], "sha256")
+        sha = _hash_async(self.plan.slots, [flats[s.name] for s in self.plan.slots], "sha256")  # while copying
         for name in self.plan.order:
             s = self.plan.by_name[name]
             # npy bytes built directly: np.save through BytesIO would copy the tensor twice more
@@ -252,14 +252,17 @@ class WeightedSum:
                               data=b"".join((s.header, flats[name].reshape(-1).view(np.uint8))))
         record = ArrayRecord(out)
         if hasattr(record, "__dict__"):
-            record.__dict__[_SHA_ATTR] = (_identity(record), sha)
+            record.__dict__[_SHA_ATTR] = (_identity(record), sha.result())
+        else:
+            sha.result()
         self.parts, self.total = [], 0.0
         return record
 
 
 @dataclass
 class Inspection:
-    """What one pass found: a reason to reject (or None), the update's digest and its distance to the global."""
+    """What one pass found: a reason to reject (or None), the update's digest and its distance to the global
+    (``norm``: computed only under a norm bound)."""
 
     problem: str | None
     digest: str | None = None
@@ -313,6 +316,16 @@ def _sq64(a: np.ndarray, b: np.ndarray) -> float:
 
 
 _HASHER: ThreadPoolExecutor | None = None
+_BLAS: ThreadpoolController | None = None
+
+
+def _one_blas_thread():
+    """Context: one BLAS thread. The blocks are cache-sized; OpenBLAS's extra threads only queue behind busy
+    cores (40x slower at load 16 on 2 cores). The controller is built once: building it scans the process maps."""
+    global _BLAS
+    if _BLAS is None:
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=1, user_api="blas")
 
 
 def _hash_async(slots: Sequence[Slot], views: Sequence[np.ndarray], scheme: str) -> Future:
@@ -326,8 +339,9 @@ def _hash_async(slots: Sequence[Slot], views: Sequence[np.ndarray], scheme: str)
 class _Pass:
     """One update's numeric pass: squared distance to the global (finite iff the update is) and the sum."""
 
-    def __init__(self, plan: RoundPlan, total: WeightedSum | None, weight: float) -> None:
+    def __init__(self, plan: RoundPlan, total: WeightedSum | None, weight: float, *, distance: bool) -> None:
         self.plan, self.weight = plan, float(weight)
+        self.distance = distance    # False (no norm bound): ||u||^2 alone tells finiteness, no subtraction
         self.total = total if total is not None and weight != 0 else None
         self.norm2 = 0.0
         self.pack = np.empty(min(BLOCK, max(plan.g32.size, 1)), np.float32)
@@ -339,15 +353,19 @@ class _Pass:
     def block(self, u: np.ndarray, start: int, members: Sequence[tuple[Slot, np.ndarray]]) -> str | None:
         """Check and sum ``u`` = flat float32 range ``[start, start + len(u))``."""
         g = self.plan.g32[start:start + u.size]
-        d = self.diff[:u.size]
-        np.subtract(u, g, out=d)
+        if self.distance:
+            d = self.diff[:u.size]
+            np.subtract(u, g, out=d)
+        else:
+            d = u
         s = float(blas.sdot(d, d))
         if not math.isfinite(s):  # NaN/inf in the block, or only the float32 square overflowed: look exactly
             problem = _non_finite([m for m, _ in members], [v for _, v in members])
             if problem:
                 return problem
-            s = _sq64(u, g)
-        self.norm2 += s
+            s = _sq64(u, g) if self.distance else 0.0
+        if self.distance:
+            self.norm2 += s
         if self.total is not None:
             self.total.add32(u, start, self.weight)
         return None
@@ -364,7 +382,8 @@ class _Pass:
             if _is_float(s.dtype):
                 if not np.isfinite(v).all():
                     return f"tensor {s.name!r} has non-finite values (NaN or infinity)"
-                self.norm2 += _sq64(v, s.glob)
+                if self.distance:
+                    self.norm2 += _sq64(v, s.glob)
             if self.total is not None:
                 self.total.dirty = True
                 self.total.other[s.name] += self.weight * v
@@ -425,13 +444,12 @@ def inspect_update(update: ArrayRecord, plan: RoundPlan, *, max_norm: float | No
         decoded[name] = v
     views = [decoded[s.name] for s in plan.slots]
     digest = _hash_async(plan.slots, views, scheme) if scheme else None
-    p = _Pass(plan, total, weight)
-    # One BLAS thread: the blocks are cache-sized, and OpenBLAS's threads only queue behind busy cores.
-    with threadpool_limits(1, user_api="blas"):
+    p = _Pass(plan, total, weight, distance=max_norm is not None)
+    with _one_blas_thread():
         problem = next((pr for s, v in zip(plan.slots, views) if (pr := p.tensor(s, v))), None) or p.flush()
     if problem:
         return Inspection(problem)
-    norm = math.sqrt(p.norm2)
+    norm = math.sqrt(p.norm2) if max_norm is not None else None
     if max_norm is not None:
         if abs(norm - max_norm) <= _EXACT_NEAR_BOUND * max_norm:  # float32 partial sums: decide exactly
             norm = math.sqrt(sum(_sq64(v, s.glob) for s, v in zip(plan.slots, views) if _is_float(s.dtype)))
