@@ -234,10 +234,16 @@ class WeightedSum:
         """
         if not self.parts or self.total <= 0:
             return None
-        np.divide(self.acc32, np.float32(self.total), out=self.acc32)
         flats: dict[str, np.ndarray] = {}
         out: dict[str, Array] = {}
+        live = [views for views, w in self.parts if w != 0]
+        if len(live) == 1:  # the mean of one update is that update, bit for bit (Flower: x * 1.0)
+            flats = {s.name: v for s, v in zip(self.plan.slots, live[0])}
+        else:
+            np.divide(self.acc32, np.float32(self.total), out=self.acc32)
         for s in self.plan.slots:
+            if s.name in flats:
+                continue
             if s.offset >= 0:
                 flat = self.acc32[s.offset:s.offset + s.count]
             else:
