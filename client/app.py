@@ -37,7 +37,7 @@ from client.runtime import SiteRuntime, SiteSetupError, site_runtime
 from client.site_config import SITE_CONFIG_INVALID, ConfigError
 from client.task_fit import FittedData, TaskMismatch, check_task_shape, fit_task
 from client.task_metrics import missing_reasons, task_metrics
-from models import build_loss, build_task_model, state_dict_sha256
+from models import UPDATE_HASH, build_loss, build_task_model, state_dict_sha256
 from privacy.dpsgd import train_local
 from privacy.guard import BudgetRefused, RoundRequest
 from privacy.policy import PolicyError
@@ -203,7 +203,7 @@ def train(msg: Message, context: Context) -> Message:
                    EMPTY_STEPS: float(result.empty_steps)}
     update_sha = released.put(update, raw_metrics)  # before the round record: completed => resendable
     record = site.guard.complete(reservation, update_sha256=update_sha, num_examples=len(train_split.labels),
-                                 server_prev_digest=cfg.prev_digest or None)
+                                 server_prev_digest=cfg.prev_digest or None, update_hash=UPDATE_HASH)
     log.info("round %s of run %s: %d steps in %.1fs, epsilon now %.3f", cfg.server_round, cfg.run_id,
              result.steps, result.seconds, float(record.get("epsilon_after", float("nan"))))
     return _train_reply(msg, site, manifest, update, raw_metrics, record)

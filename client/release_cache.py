@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from models import state_dict_sha256
+from models import UPDATE_HASH, state_dict_digest, state_dict_sha256
 
 log = logging.getLogger("atoll.site")
 
@@ -48,12 +48,13 @@ class ReleaseCache:
 
     def _path(self, update_sha256: str) -> Path:
         if len(update_sha256) != 64 or any(c not in "0123456789abcdef" for c in update_sha256):
-            raise ValueError(f"not a SHA-256 hex digest: {update_sha256!r}")
+            raise ValueError(f"not a 64-hex-digit update digest: {update_sha256!r}")
         return self.root / f"{update_sha256}.pt"
 
     def put(self, update: dict[str, torch.Tensor], metrics: dict[str, float]) -> str:
-        """Store a reply before it is released; returns its SHA-256 (as the ledger will record it)."""
-        sha = state_dict_sha256(update)
+        """Store a reply before it is released; returns its digest (``models.UPDATE_HASH``, as the ledger will
+        record it)."""
+        sha = state_dict_digest(update, UPDATE_HASH)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".pt")
         try:
@@ -81,7 +82,8 @@ class ReleaseCache:
             log.warning("release cache entry %s unreadable (%s); a replay will be charged as a new round",
                         path.name, type(exc).__name__)
             return None
-        if state_dict_sha256(update) != update_sha256:
+        # entries released before the update digest was BLAKE3 are named by their SHA-256
+        if update_sha256 not in (state_dict_digest(update, UPDATE_HASH), state_dict_sha256(update)):
             log.warning("release cache entry %s does not match its hash; a replay will be charged as a new round",
                         path.name)
             return None

@@ -3,9 +3,13 @@
 from .compat import make_dp_compatible
 from .factory import DEFAULT_MODEL, MODEL_KINDS, MODEL_NAMES, build_model, build_task_model
 from .losses import build_loss
-from .serialization import export_model, load_exported, state_dict_sha256
+from .serialization import (HASH_SCHEMES, UPDATE_HASH, FramedDigest, export_model, load_exported, state_dict_digest,
+                            state_dict_sha256, tensor_frame)
 
 __all__ = [
+    "HASH_SCHEMES",
+    "UPDATE_HASH",
+    "FramedDigest",
     "DEFAULT_MODEL",
     "MODEL_KINDS",
     "MODEL_NAMES",
@@ -15,5 +19,7 @@ __all__ = [
     "export_model",
     "load_exported",
     "make_dp_compatible",
+    "state_dict_digest",
     "state_dict_sha256",
+    "tensor_frame",
 ]

@@ -14,25 +14,71 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 
-def state_dict_sha256(sd: Mapping[str, torch.Tensor]) -> str:
-    """Hex SHA-256 over (name, dtype, shape, raw bytes) of every tensor, names sorted."""
-    h = hashlib.sha256()
+# The digest constructions a ledger record may name in its ``update_hash`` field. Both hash the same framed
+# byte stream (see :class:`FramedDigest`); only the hash function differs. "sha256" is the construction of
+# every record written before ``update_hash`` existed (a record without the field means "sha256"); "blake3"
+# (the BLAKE3 reference implementation's Python bindings) runs several times faster per core, which is what
+# lets the server check every update at memory speed (bench/aggregate.py). Weights hashes other than the
+# update's (weights in, the server's round digests, exports) stay SHA-256.
+HASH_SCHEMES = ("sha256", "blake3")
+UPDATE_HASH = "blake3"
+
+
+def tensor_frame(name: str, dtype: str, shape: tuple[int, ...] | list[int], nbytes: int) -> bytes:
+    """The bytes hashed before one tensor's raw data: length-prefixed JSON header, then the data's length."""
+    header = json.dumps([name, dtype, list(shape)]).encode()
+    return len(header).to_bytes(8, "big") + header + int(nbytes).to_bytes(8, "big")
+
+
+class FramedDigest:
+    """Incremental digest of a weights set: for every tensor, names sorted, ``tensor_frame`` then its raw
+    C-order bytes (native little-endian). Feeding a tensor's bytes in several pieces gives the same digest,
+    which lets the server hash an update block by block while it checks and sums it."""
+
+    def __init__(self, scheme: str = "sha256") -> None:
+        if scheme == "sha256":
+            self._h = hashlib.sha256()
+        elif scheme == "blake3":
+            from blake3 import blake3  # deferred: only the hashing sides need it
+
+            self._h = blake3()
+        else:
+            raise ValueError(f"unknown weights hash construction {scheme!r}; known: {', '.join(HASH_SCHEMES)}")
+        self.scheme = scheme
+
+    def update(self, data) -> None:
+        """Feed bytes (bytes, memoryview, or a C-contiguous numpy array, read as its raw bytes without a copy)."""
+        if isinstance(data, np.ndarray):
+            data = data.reshape(-1).view(np.uint8)  # BLAKE3's binding takes byte buffers only
+        self._h.update(data)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def state_dict_digest(sd: Mapping[str, torch.Tensor], scheme: str = "sha256") -> str:
+    """Hex digest over (name, dtype, shape, raw bytes) of every tensor, names sorted, under ``scheme``."""
+    h = FramedDigest(scheme)
     for name in sorted(sd):
         t = sd[name]
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"state dict entry {name!r} is {type(t).__name__}, not a tensor")
         t = t.detach().to("cpu").contiguous()
-        header = json.dumps([name, str(t.dtype).removeprefix("torch."), list(t.shape)]).encode()
-        h.update(len(header).to_bytes(8, "big"))
-        h.update(header)
-        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        h.update(len(data).to_bytes(8, "big"))
-        h.update(data)
+        data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        h.update(tensor_frame(name, str(t.dtype).removeprefix("torch."), list(t.shape), len(data)))
+        if len(data):
+            h.update(data)
     return h.hexdigest()
+
+
+def state_dict_sha256(sd: Mapping[str, torch.Tensor]) -> str:
+    """Hex SHA-256 over (name, dtype, shape, raw bytes) of every tensor, names sorted."""
+    return state_dict_digest(sd, "sha256")
 
 
 EXPORT_FORMAT = "atoll-model/1"

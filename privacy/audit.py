@@ -355,6 +355,15 @@ class _Auditor:
         self.settings_sha256 = hashlib.sha256(raw).hexdigest()
         self.asked = asked_mechanism(settings)
 
+    def check_update_hash(self, rec: dict, source: str, line: int) -> None:
+        """``update_hash`` names how ``update_sha256`` was computed; a name no Atoll knows binds nothing checkable."""
+        from models.serialization import HASH_SCHEMES
+
+        scheme = rec.get("update_hash", "sha256")
+        if scheme not in HASH_SCHEMES:
+            self.add("error", f"update_hash {str(scheme)[:40]!r} is not a known update digest construction "
+                              f"({', '.join(HASH_SCHEMES)})", rec, source=source, line=line, field="update_hash")
+
     def check_mechanism(self, rec: dict, source: str, line: int) -> None:
         """A record of this run must carry exactly the mechanism the run asked (settings.json)."""
         if self.asked is None or rec.get("run_id") != self.run_id or rec.get("type") not in ("reservation", "round"):
@@ -679,6 +688,7 @@ class _Auditor:
                 self.check_mechanism(rec, src, line)
                 self.check_delta(rec, src, line)
             if kind == "round":
+                self.check_update_hash(rec, src, line)
                 rs = reservations.get(rec.get("reservation_seq"))
                 if rs is None:
                     self.add("error", f"completes reservation seq {rec.get('reservation_seq')!r}, which is not an "

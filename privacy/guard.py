@@ -37,7 +37,8 @@ Record bodies (envelope fields are documented in :mod:`privacy.ledger`):
     patients (training patients), policy_delta (the policy's declared delta, 0 = auto), allow_large_delta.
 ``round``: the same mechanism fields plus reservation_seq, reservation_sha256, update_sha256,
     released_metrics, patients, policy_delta, allow_large_delta, and (when the caller gives them) num_examples
-    (what the update is weighted by) and server_prev_digest (the consortium's previous round digest, countersigned);
+    (what the update is weighted by) and server_prev_digest (the consortium's previous round digest, countersigned),
+    update_hash (the digest construction of update_sha256, ``models.HASH_SCHEMES``; absent = "sha256");
     history/epsilon_after are recomputed at completion over every charge in the ledger.
 ``refusal``: run_id, server_round, code, message, the requested parameters, accountant, delta, history,
     epsilon_spent, epsilon_requested (``null`` when the budget was not the reason), max_epsilon, policy_sha256.
@@ -391,14 +392,21 @@ class BudgetGuard:
         return basis
 
     def complete(self, res: Reservation, *, update_sha256: str, num_examples: int | None = None,
-                 server_prev_digest: str | None = None) -> dict:
+                 server_prev_digest: str | None = None, update_hash: str = "sha256") -> dict:
         """Append the signed ``round`` record for a reserved round and return it (the dict sent to the server).
 
         ``num_examples``: the training examples the update is weighted by (signed, so the server can bound it by
         the site's dataset card). ``server_prev_digest``: the consortium's signed digest of the previous round,
-        as the round config sent it; signing it countersigns the server's history up to there.
+        as the round config sent it; signing it countersigns the server's history up to there. ``update_hash``: the
+        digest construction ``update_sha256`` was computed with (``models.HASH_SCHEMES``); recorded as the
+        record's ``update_hash`` field unless it is "sha256", the construction of records without the field.
         """
         _check_hash("update_sha256", update_sha256)
+        if update_hash != "sha256":
+            from models.serialization import HASH_SCHEMES
+
+            if update_hash not in HASH_SCHEMES:
+                raise ValueError(f"update_hash must be one of {', '.join(HASH_SCHEMES)}, got {update_hash!r}")
         if server_prev_digest is not None and server_prev_digest != "":
             _check_hash("server_prev_digest", server_prev_digest)
         if num_examples is not None and (isinstance(num_examples, bool) or not isinstance(num_examples, int)
@@ -431,6 +439,8 @@ class BudgetGuard:
                     "reservation_seq": rsv["seq"], "reservation_sha256": res.record_sha256,
                     "released_metrics": list(self.policy.released_metrics), "policy_sha256": self.policy_sha256,
                     **self._delta_basis()}
+            if update_hash != "sha256":
+                body["update_hash"] = update_hash
             if num_examples is not None:
                 body["num_examples"] = int(num_examples)
             if server_prev_digest:

@@ -146,7 +146,9 @@ def _one_round(grid: Grid, strategy: Strategy, settings: RunSettings, run_name: 
                trust: SiteTrust | None = None, prev: str = "") -> tuple[ArrayRecord, str]:
     """One round; returns the new global weights and the hash of this round's signed digest."""
     # Under SecAgg+ the server never holds one site's update: nothing to validate one by one.
-    book = RoundBook(rnd, out.ledger, None if secagg else make_validator(settings.max_update_norm or None),
+    one_pass = secagg is None and robust.sums_in_one_pass(settings.strategy)  # FedAvg/FedProx: summed on admission
+    book = RoundBook(rnd, out.ledger, None if secagg else make_validator(settings.max_update_norm or None,
+                                                                         accumulate=one_pass),
                      bind_updates=not secagg, trust=trust)
     cfg = dataclasses.replace(settings.round_config(run_name, rnd), prev_digest=prev).to_record()
     t0 = time.perf_counter()
@@ -162,7 +164,9 @@ def _one_round(grid: Grid, strategy: Strategy, settings: RunSettings, run_name: 
         out.record_round(book, time.perf_counter() - t0)
         raise RunStopped(f"round {rnd}: only {len(accepted)} site(s) contributed an update, "
                          f"min-sites is {settings.min_sites} ({book.refusal_summary()})")
-    if secagg is None:
+    if one_pass:
+        new_arrays = book.aggregate()  # the same weighted mean as Flower's FedAvg (tests/test_update_pass.py)
+    elif secagg is None:
         new_arrays, _ = strategy.aggregate_train(rnd, accepted)
     if new_arrays is None:
         out.digest(rnd, None, book.accepted_records)

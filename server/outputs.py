@@ -79,10 +79,10 @@ class RunOutputs:
 
     def digest(self, server_round: int, arrays: ArrayRecord | None, accepted: list[dict]) -> str:
         """Sign and append this round's digest (before its weights are saved); return its hash."""
-        from models import state_dict_sha256
+        from server.update_pass import weights_sha256  # = models.state_dict_sha256, zero-copy and cached
         from privacy.anchor import accepted_entry
 
-        weights = state_dict_sha256(arrays.to_torch_state_dict()) if arrays is not None else None
+        weights = weights_sha256(arrays) if arrays is not None else None
         if self.ledger is not None:
             self.ledger.sync()  # the round's records (group commit) are durable before a digest names them
         return self.digests.append(server_round, settings_sha256=self.settings_sha256, weights_sha256=weights,

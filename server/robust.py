@@ -19,7 +19,7 @@ from typing import Any
 
 from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
-__all__ = ["STRATEGIES", "StrategyError", "build_strategy", "strategy_parameters"]
+__all__ = ["STRATEGIES", "StrategyError", "build_strategy", "sums_in_one_pass", "strategy_parameters"]
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
@@ -30,6 +30,16 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "multikrum": MultiKrum,
     "bulyan": Bulyan,
 }
+
+
+# Strategies whose server-side aggregation is exactly the example-weighted mean (FedProx's proximal term acts at
+# the sites): the round book sums their updates in the same pass that checks them (server.update_pass).
+_WEIGHTED_MEAN = ("fedavg", "fedprox")
+
+
+def sums_in_one_pass(name: str) -> bool:
+    """Whether strategy ``name`` aggregates by the weighted mean that ``RoundBook.aggregate`` computes."""
+    return next(k for k, v in STRATEGIES.items() if v is _lookup(name)) in _WEIGHTED_MEAN
 
 
 class StrategyError(ValueError):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from contract import wire
-from models import state_dict_sha256
+from models import HASH_SCHEMES, state_dict_digest, state_dict_sha256
 
 log = logging.getLogger("atoll.server")
 
@@ -214,18 +214,23 @@ class RoundBook:
         if record is not None:
             site.epsilon = _float_or_none(record.get("epsilon_after"))
             site.delta = _float_or_none(record.get("delta"))
-        if self._validator is not None:
-            problem = self._validator(content[wire.ARRAYS], global_arrays)
-            if problem:
-                return self._reject(name, site, "UPDATE_REJECTED", problem)
-        if self._bind and record is not None:
-            problem = self._binding_problem(record, content[wire.ARRAYS], global_arrays)
-            if problem:
-                return self._reject(name, site, "UPDATE_NOT_AS_SIGNED", problem)
         metrics = content[wire.METRICS]
-        weight, problem = self._weight(name, record, metrics)
-        if problem:
-            return self._reject(name, site, "NUM_EXAMPLES_REJECTED", problem)
+        weight, weight_problem = self._weight(name, record, metrics)
+        if hasattr(self._validator, "inspect"):  # the one-pass path (server.update_pass)
+            problem = self._one_pass(content[wire.ARRAYS], global_arrays, record, weight, weight_problem)
+            if problem:
+                return self._reject(name, site, *problem)
+        else:
+            if self._validator is not None:
+                problem = self._validator(content[wire.ARRAYS], global_arrays)
+                if problem:
+                    return self._reject(name, site, "UPDATE_REJECTED", problem)
+            if self._bind and record is not None:
+                problem = self._binding_problem(record, content[wire.ARRAYS], global_arrays)
+                if problem:
+                    return self._reject(name, site, "UPDATE_NOT_AS_SIGNED", problem)
+            if weight_problem:
+                return self._reject(name, site, "NUM_EXAMPLES_REJECTED", weight_problem)
         site.train = {k: float(v) for k, v in metrics.items()}
         site.missing.update(wire.missing_of(content))
         site.status = "contributed"
@@ -234,6 +239,50 @@ class RoundBook:
             wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: weight}),
         })
         return True
+
+    def _one_pass(self, update: ArrayRecord, global_arrays: ArrayRecord, record: dict | None, weight: float,
+                  weight_problem: str | None) -> tuple[str, str] | None:
+        """Checks, digest and (FedAvg) weighted sum of the update in one pass; (code, reason) if rejected.
+
+        Reasons and their order are those of the separate steps: UPDATE_REJECTED (validation), then
+        UPDATE_NOT_AS_SIGNED (digest, weights in), then NUM_EXAMPLES_REJECTED. The update is added to the
+        round's sum as it is read; a rejection takes it out again (``WeightedSum.discard``).
+        """
+        checks = self._validator
+        scheme = None
+        if self._bind and record is not None:
+            scheme = record.get("update_hash", "sha256")  # records older than the field were all SHA-256
+            if scheme not in HASH_SCHEMES:
+                return "UPDATE_NOT_AS_SIGNED", (f"the signed record names update_hash {str(scheme)[:40]!r}, a digest "
+                                                f"this server does not know ({', '.join(HASH_SCHEMES)})")
+        res = checks.inspect(update, global_arrays, scheme=scheme, weight=None if weight_problem else weight)
+        total = checks.total
+        problem: tuple[str, str] | None = None
+        if res.problem:
+            problem = "UPDATE_REJECTED", res.problem
+        elif scheme is not None:
+            if record.get("update_sha256") != res.digest:
+                problem = "UPDATE_NOT_AS_SIGNED", (
+                    f"the update's {scheme} digest {str(res.digest)[:12]}… is not the update_sha256 "
+                    f"{str(record.get('update_sha256'))[:12]}… in the site's signed ledger record")
+            elif record.get("weights_in_sha256") != checks.plan(global_arrays).global_digest("sha256"):
+                problem = "UPDATE_NOT_AS_SIGNED", ("the site's signed record says it trained on other weights than "
+                                                   "this round sent (weights_in_sha256 differs): a stale or replayed "
+                                                   "update")
+        if problem is None and weight_problem:
+            problem = "NUM_EXAMPLES_REJECTED", weight_problem
+        if total is not None:
+            if problem is None and not weight_problem:
+                total.commit(res.views or [], weight)
+            else:
+                total.discard()
+        return problem
+
+    def aggregate(self) -> ArrayRecord | None:
+        """FedAvg of the accepted updates, summed as they were admitted (``make_validator(accumulate=True)``);
+        None when nothing with a positive weight was accepted or the checks do not sum."""
+        total = getattr(self._validator, "total", None)
+        return total.result() if total is not None else None
 
     def _weight(self, name: str, record: dict | None, metrics: MetricRecord) -> tuple[float, str | None]:
         """FedAvg weight of a site's update, and why the reply is rejected (None if it is not).
@@ -269,12 +318,16 @@ class RoundBook:
         Without this, a signed record proves only that *some* update was trained with that privacy
         spend, not that it is the one being aggregated; the auditor could not tie the model to it.
         """
+        scheme = record.get("update_hash", "sha256")  # records older than the field were all SHA-256
+        if scheme not in HASH_SCHEMES:
+            return (f"the signed record names update_hash {str(scheme)[:40]!r}, a digest this server does not know "
+                    f"({', '.join(HASH_SCHEMES)})")
         try:
-            got = state_dict_sha256(update.to_torch_state_dict())
+            got = state_dict_digest(update.to_torch_state_dict(), scheme)
         except Exception as exc:  # noqa: BLE001 - unreadable arrays: reject, never crash the round
             return f"the update's tensors cannot be read ({type(exc).__name__})"
         if record.get("update_sha256") != got:
-            return (f"the update's SHA-256 {got[:12]}… is not the update_sha256 "
+            return (f"the update's {scheme} digest {got[:12]}… is not the update_sha256 "
                     f"{str(record.get('update_sha256'))[:12]}… in the site's signed ledger record")
         if self._global_sha is None or self._global_sha[0] is not global_arrays:  # hashed once per round
             self._global_sha = (global_arrays, state_dict_sha256(global_arrays.to_torch_state_dict()))

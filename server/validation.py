@@ -17,15 +17,11 @@ from collections.abc import Callable
 import numpy as np
 from flwr.app import ArrayRecord
 
-__all__ = ["Validator", "make_validator", "update_norm", "validate_update"]
+from server.update_pass import Inspection, RoundPlan, WeightedSum, inspect_update
+
+__all__ = ["UpdateChecks", "Validator", "make_validator", "update_norm", "validate_update"]
 
 Validator = Callable[[ArrayRecord, ArrayRecord], "str | None"]
-_MAX_LISTED = 3
-
-
-def _names(names: list[str]) -> str:
-    shown = ", ".join(repr(n) for n in names[:_MAX_LISTED])
-    return shown + (f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
 
 
 def _check_bound(max_norm: float | None) -> None:
@@ -68,44 +64,43 @@ def validate_update(update: ArrayRecord, global_: ArrayRecord, max_norm: float |
         bound, undecodable tensor), or None.
     """
     _check_bound(max_norm)
-    if not isinstance(update, ArrayRecord):
-        return f"update is a {type(update).__name__}, not an ArrayRecord"
-    expected, got = list(global_.keys()), list(update.keys())
-    missing = [n for n in expected if n not in update]
-    extra = [n for n in got if n not in global_]
-    if missing:
-        return f"update lacks tensor(s) {_names(missing)}"
-    if extra:
-        return f"update has unexpected tensor(s) {_names(extra)}"
-    for name in expected:
-        want, have = global_[name], update[name]
-        if have.dtype != want.dtype:
-            return f"tensor {name!r} has dtype {have.dtype}, expected {want.dtype}"
-        if tuple(have.shape) != tuple(want.shape):
-            return f"tensor {name!r} has shape {tuple(have.shape)}, expected {tuple(want.shape)}"
-        try:
-            arr = have.numpy()
-        except Exception:  # noqa: BLE001 - any decoding failure means the bytes are not a tensor
-            return f"tensor {name!r} could not be decoded"
-        if arr.dtype != np.dtype(want.dtype) or arr.shape != tuple(want.shape):
-            return f"tensor {name!r} does not decode to its declared dtype/shape"
-        if (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.complexfloating)) \
-                and not np.isfinite(arr).all():
-            return f"tensor {name!r} has non-finite values (NaN or infinity)"
-    if max_norm is not None:
-        norm = update_norm(update, global_)
-        if not math.isfinite(norm):
-            return "update norm overflows"
-        if norm > max_norm:
-            return f"update norm ||update - global|| = {norm:.4g} exceeds the bound {max_norm:.4g}"
-    return None
+    return inspect_update(update, RoundPlan(global_), max_norm=max_norm).problem
 
 
-def make_validator(max_norm: float | None) -> Validator:
-    """`validate_update` with a fixed bound: the callable `RoundBook(validator=...)` expects."""
-    _check_bound(max_norm)
+class UpdateChecks:
+    """The round book's per-update path: `validate_update`'s checks, the digest the site signed and (for
+    FedAvg/FedProx) the weighted sum, in one pass per update (:mod:`server.update_pass`).
 
-    def validator(update: ArrayRecord, global_: ArrayRecord) -> str | None:
-        return validate_update(update, global_, max_norm)
+    Callable as the plain `Validator` too. The global weights' layout is built once per round (the first
+    update of a round with new global weights builds it), and so is the running sum.
+    """
 
-    return validator
+    def __init__(self, max_norm: float | None, *, accumulate: bool = False) -> None:
+        _check_bound(max_norm)
+        self.max_norm = max_norm
+        self.accumulate = accumulate
+        self._plan: RoundPlan | None = None
+        self.total: WeightedSum | None = None
+
+    def plan(self, global_: ArrayRecord) -> RoundPlan:
+        if self._plan is None or self._plan.arrays is not global_:
+            self._plan = RoundPlan(global_)
+            self.total = WeightedSum(self._plan) if self.accumulate else None
+        return self._plan
+
+    def inspect(self, update: ArrayRecord, global_: ArrayRecord, *, scheme: str | None = None,
+                weight: float | None = None) -> Inspection:
+        """One pass over `update`; adds ``weight * update`` to the round's sum when summing and weight is given."""
+        plan = self.plan(global_)
+        total = self.total if weight is not None else None
+        return inspect_update(update, plan, max_norm=self.max_norm, scheme=scheme, total=total,
+                              weight=weight or 0.0)
+
+    def __call__(self, update: ArrayRecord, global_: ArrayRecord) -> str | None:
+        return inspect_update(update, self.plan(global_), max_norm=self.max_norm).problem
+
+
+def make_validator(max_norm: float | None, *, accumulate: bool = False) -> UpdateChecks:
+    """The update checks with a fixed bound: what `RoundBook(validator=...)` expects. ``accumulate``: also keep
+    the round's FedAvg weighted sum of the accepted updates (`RoundBook.aggregate`)."""
+    return UpdateChecks(max_norm, accumulate=accumulate)

@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, Context, Message, Metadata, RecordDict
 
 from contract import wire
 from client.release_cache import ReleaseCache
-from models import build_model, state_dict_sha256
+from models import UPDATE_HASH, build_model, state_dict_digest, state_dict_sha256
 from contract import Mechanism
 from server.settings import RunSettings
 
@@ -25,10 +25,14 @@ def _update(seed: int = 0) -> dict[str, torch.Tensor]:
 def test_put_then_get_returns_the_same_bytes(tmp_path: Path) -> None:
     cache = ReleaseCache(tmp_path)
     sha = cache.put(_update(), {"train_loss": 0.5})
-    assert sha == state_dict_sha256(_update())
+    assert sha == state_dict_digest(_update(), UPDATE_HASH)  # what the round record signs as update_sha256
     got = cache.get(sha)
-    assert got is not None and state_dict_sha256(got.update) == sha and got.metrics == {"train_loss": 0.5}
+    assert got is not None and state_dict_digest(got.update, UPDATE_HASH) == sha and got.metrics == {"train_loss": 0.5}
     assert cache.get("ab" * 32) is None
+    # an entry released before the digest was BLAKE3 is named by its SHA-256 and still resendable
+    legacy = state_dict_sha256(_update())
+    shutil.copy(cache.root / f"{sha}.pt", cache.root / f"{legacy}.pt")
+    assert cache.get(legacy) is not None
 
 
 def test_a_damaged_or_swapped_entry_is_never_sent(tmp_path: Path) -> None:
@@ -38,7 +42,7 @@ def test_a_damaged_or_swapped_entry_is_never_sent(tmp_path: Path) -> None:
     assert cache.get(a) is None
     shutil.copy(cache.root / f"{b}.pt", cache.root / f"{'cd' * 32}.pt")  # right format, wrong name
     assert cache.get("cd" * 32) is None
-    with pytest.raises(ValueError, match="SHA-256"):
+    with pytest.raises(ValueError, match="64-hex-digit"):
         cache.get("../../etc/passwd")
 
 
