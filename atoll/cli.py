@@ -66,7 +66,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                                    "chest X-rays (if absent), trains a MONAI network across them in Flower's "
                                    "simulation engine with patient-level DP-SGD, scores the global model on the "
                                    "official held-out test split and writes DIR/summary.json. Options left unset "
-                                   "take the lead's default run settings (`atoll run start --help`).")
+                                   "take the lead's default run settings (`atoll run start --help`). Run again with "
+                                   "the same --out and options after an interruption (Ctrl-C, a killed process): it "
+                                   "resumes the interrupted run from its last completed round and says so.")
     p.add_argument("--task", choices=("xray", "hippocampus"), default="xray",
                    help="xray: chest X-ray classification on 2D images; hippocampus: 3D segmentation of "
                         "the hippocampus on MR DICOM series (embedded MSD Task04 subset, CC BY-SA 4.0) with DICOM "

@@ -41,6 +41,22 @@ def flower_env(home: Path) -> dict[str, str]:
     return env
 
 
+def session_processes(sid: int) -> list[int]:
+    """PIDs of the processes in session ``sid`` (Linux /proc; empty elsewhere)."""
+    out = []
+    for entry in Path("/proc").iterdir() if Path("/proc/self/stat").exists() else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()  # after the comm: state ppid pgrp session ...
+        if int(fields[3]) == sid and fields[0] != "Z":
+            out.append(int(entry.name))
+    return out
+
+
 @dataclass
 class LocalConsortium(AbstractContextManager):
     """`with LocalConsortium(app_dir, site_configs, insecure=True) as net: net.run(...)`.
@@ -67,6 +83,7 @@ class LocalConsortium(AbstractContextManager):
     # "process": each SuperNode runs in Flower's process isolation with `atoll-superexec`, so the site's own
     # installed Atoll checks every task's bundle against its approvals before any of its code runs
     isolation: str = "subprocess"
+    superlink: subprocess.Popen | None = field(default=None, init=False)  # the SuperLink process running now
 
     def __post_init__(self) -> None:
         if not self.insecure and not self.tls:
@@ -103,12 +120,7 @@ class LocalConsortium(AbstractContextManager):
         return ["--root-certificates", str(self.tls["ca"])]
 
     def start(self) -> "LocalConsortium":
-        args = [str(BIN / "flower-superlink"), *self._transport_args(True), "--host", "127.0.0.1",
-                "--port", str(self.port), "--disable-runtime-dependency-installation"]
-        if self.node_keys:
-            args.append("--enable-supernode-auth")
-        self._spawn("superlink", args)
-        self._wait_port(self.port, "superlink")
+        self._start_superlink("superlink")
         self._write_cli_config()
         if self.node_keys:
             for i, key in enumerate(self.node_keys):
@@ -117,6 +129,35 @@ class LocalConsortium(AbstractContextManager):
         for i, cfg in enumerate(self.site_configs):
             self.start_supernode(i, cfg)
         return self
+
+    def _start_superlink(self, name: str) -> subprocess.Popen:
+        args = [str(BIN / "flower-superlink"), *self._transport_args(True), "--host", "127.0.0.1",
+                "--port", str(self.port), "--disable-runtime-dependency-installation"]
+        if self.node_keys:
+            args.append("--enable-supernode-auth")
+        proc = self._spawn(name, args)
+        self.superlink = proc
+        self._wait_port(self.port, name)
+        return proc
+
+    def kill_superlink(self) -> list[tuple[int, str]]:
+        """SIGKILL the SuperLink and everything it started (its SuperExec, the ServerApp process): a crash of the
+        consortium's host, no clean-up. Returns (pid, command) of each process killed."""
+        killed = []
+        for pid in session_processes(self.superlink.pid):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                os.kill(pid, signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                continue
+            killed.append((pid, " ".join(Path(c.decode(errors="replace")).name for c in cmd[:2] if c)))
+        self.superlink.wait(timeout=30)
+        return killed
+
+    def restart_superlink(self) -> subprocess.Popen:
+        """A new SuperLink on the same address (the SuperNodes reconnect to it on their own)."""
+        n = sum(1 for k in self.logs if k.startswith("superlink"))
+        return self._start_superlink(f"superlink-{n + 1}")
 
     def start_supernode(self, i: int, cfg: Path, key: Path | None = None) -> subprocess.Popen:
         superlink = self.supernode_superlink_address or f"127.0.0.1:{self.port}"

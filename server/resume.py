@@ -190,3 +190,40 @@ def _set_aside(root: Path, point: ck.RunCheckpoint) -> dict[str, Any]:
             shutil.move(str(root / fname), folder() / fname)
             moved[fname] = True
     return moved
+
+
+def interrupted_run(run_dir: Path, settings: Any) -> tuple[str, ck.RunCheckpoint] | None:
+    """The newest run in ``run_dir`` with exactly these settings whose ServerApp was killed (a checkpoint, no final
+    status, no process holding its folder), as (run name, checkpoint); None if there is none.
+
+    What `atoll demo` run again with the same --out continues instead of starting over.
+    """
+    import fcntl
+
+    found = []
+    for root in Path(run_dir).glob("*/" + ck.CHECKPOINT_FILE):
+        root = root.parent
+        if (root / "status.json").exists() or not (root / "settings.json").is_file():
+            continue
+        try:
+            point = ck.read_checkpoint(root)
+            same = (root / "settings.json").read_text() == settings_json(settings, root.name)
+        except (OSError, ck.CheckpointError):
+            continue
+        if point is None or not same or point.round >= settings.num_server_rounds:
+            continue
+        try:
+            fd = os.open(root / "run.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: no ServerApp writes it
+        except BlockingIOError:
+            continue
+        finally:
+            os.close(fd)
+        found.append((point.time, root.name, point))
+    if not found:
+        return None
+    _, name, point = max(found)
+    return name, point

@@ -197,3 +197,18 @@ def test_resume_cli_resubmits_the_same_run(tmp_path, monkeypatch, capsys):
     (out.root / "status.json").write_text(json.dumps({"status": "completed", "rounds": 3}))
     assert main(["run", "resume", str(out.root)]) == 1
     assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_the_demo_finds_only_a_killed_run_with_its_own_settings(tmp_path):
+    from server.resume import interrupted_run
+
+    out, settings, strategy = _started(tmp_path)
+    _round(out, settings, strategy, 1)
+    runs = tmp_path / "runs"
+    assert interrupted_run(runs, settings) is None  # its ServerApp (this process) still holds the folder
+    out.close()
+    name, point = interrupted_run(runs, settings)
+    assert (name, point.round) == ("r1", 1)
+    assert interrupted_run(runs, _settings(tmp_path, lr=0.01)) is None  # another demo configuration: a new run
+    out.finish("completed")
+    assert interrupted_run(runs, settings) is None
