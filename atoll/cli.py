@@ -2,7 +2,7 @@
 
   atoll demo        anyone: a local three-hospital consortium on embedded chest X-rays
   atoll site ...    hospital site admin: check data, create the site identity, approve runs
-  atoll run ...     consortium lead: start, watch and stop training runs
+  atoll run ...     consortium lead: start, resume, watch and stop training runs
   atoll audit ...   auditor: verify the signed privacy ledgers, render a report
   atoll consortium  consortium lead: TLS material, site registration
   atoll console     any role: a web page per role (site approvals and budget, runs live, audit verdict)
@@ -160,7 +160,7 @@ def _add_console(sub: argparse._SubParsersAction) -> None:
 _GROUPS: dict[str, tuple[str, Callable[[argparse._SubParsersAction], None]]] = {
     "demo": ("anyone: run a local three-hospital consortium on embedded chest X-rays", _add_demo),
     "site": ("hospital site admin: check data, PACS pull, site identity, run approvals", _add_site),
-    "run": ("consortium lead: start, watch and stop training runs", _add_run),
+    "run": ("consortium lead: start, resume, watch and stop training runs", _add_run),
     "audit": ("auditor: verify signed privacy ledgers, render reports", _add_audit),
     "consortium": ("consortium lead: TLS material, site registration", _add_consortium),
     "console": ("any role: a web page per role (site approvals and budget, runs live, audit verdict)", _add_console),

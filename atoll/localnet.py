@@ -41,9 +41,11 @@ def flower_env(home: Path) -> dict[str, str]:
     return env
 
 
-def session_processes(sid: int) -> list[int]:
-    """PIDs of the processes in session ``sid`` (Linux /proc; empty elsewhere)."""
-    out = []
+def process_tree(root: int) -> list[int]:
+    """``root`` and every live process descended from it or in its session (Linux /proc; [root] elsewhere).
+
+    Flower's SuperLink starts its SuperExec, and that the ServerApp process, in sessions of their own."""
+    procs: dict[int, tuple[int, int]] = {}
     for entry in Path("/proc").iterdir() if Path("/proc/self/stat").exists() else ():
         if not entry.name.isdigit():
             continue
@@ -52,9 +54,14 @@ def session_processes(sid: int) -> list[int]:
         except OSError:
             continue
         fields = stat[stat.rfind(")") + 2:].split()  # after the comm: state ppid pgrp session ...
-        if int(fields[3]) == sid and fields[0] != "Z":
-            out.append(int(entry.name))
-    return out
+        if fields[0] != "Z":
+            procs[int(entry.name)] = (int(fields[1]), int(fields[3]))
+    out, grew = {root} | {p for p, (_, sid) in procs.items() if sid == root}, True
+    while grew:
+        more = {p for p, (ppid, _) in procs.items() if ppid in out} - out
+        out |= more
+        grew = bool(more)
+    return sorted(p for p in out if p in procs or p == root)
 
 
 @dataclass
@@ -144,7 +151,7 @@ class LocalConsortium(AbstractContextManager):
         """SIGKILL the SuperLink and everything it started (its SuperExec, the ServerApp process): a crash of the
         consortium's host, no clean-up. Returns (pid, command) of each process killed."""
         killed = []
-        for pid in session_processes(self.superlink.pid):
+        for pid in process_tree(self.superlink.pid):
             try:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
                 os.kill(pid, signal.SIGKILL)

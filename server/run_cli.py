@@ -48,8 +48,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    run = sub.add_parser("run", help="consortium lead: start, watch and stop training runs",
-                         description="Start a training run on the consortium's SuperLink, watch its folder, stop it.")
+    run = sub.add_parser("run", help="consortium lead: start, resume, watch and stop training runs",
+                         description="Start a training run on the consortium's SuperLink, watch its folder, stop it, "
+                                     "resume it after a crash.")
     run_sub = run.add_subparsers(dest="run_command", metavar="COMMAND")
     run.set_defaults(func=lambda a: (run.print_help(), EXIT_USAGE)[1])
 
