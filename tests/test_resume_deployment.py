@@ -96,6 +96,11 @@ def test_superlink_and_serverapp_killed_mid_round_resume_as_the_same_run(fresh_c
         say(f"sites after the kill: {', '.join(f'{n}: {s}' for n, s in site_state(2).items())}")
         net.restart_superlink()
         say("a new SuperLink listens on the same address")
+        for i, cfg in enumerate(configs):  # a SuperNode gives up after its connection retries (flower-supernode
+            node = next(p for p in net.procs if p.args[-1:] and str(cfg.resolve()) in " ".join(map(str, p.args)))
+            if node.poll() is not None:      # --max-retries/--max-wait-time); the site's admin starts it again
+                net.start_supernode(i, cfg)
+                say(f"{names[i]}: its SuperNode had given up reconnecting; started again (same site state)")
         env = {**net.env, "PYTHONPATH": str(REPO)}
         res = subprocess.run([sys.executable, "-m", "atoll.cli", "run", "resume", str(root), "--superlink", "local",
                               "--allow-insecure-demo"], env=env, cwd=tmp_path, capture_output=True, text=True,
