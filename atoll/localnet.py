@@ -91,6 +91,9 @@ class LocalConsortium(AbstractContextManager):
     # installed Atoll checks every task's bundle against its approvals before any of its code runs
     isolation: str = "subprocess"
     superlink: subprocess.Popen | None = field(default=None, init=False)  # the SuperLink process running now
+    # keep the SuperLink's state (nodes, runs) in a file, as a real deployment does (`--database`), so that a
+    # restarted SuperLink still knows the SuperNodes (with the default in-memory state they cannot rejoin)
+    persistent_state: bool = False
 
     def __post_init__(self) -> None:
         if not self.insecure and not self.tls:
@@ -142,6 +145,8 @@ class LocalConsortium(AbstractContextManager):
                 "--port", str(self.port), "--disable-runtime-dependency-installation"]
         if self.node_keys:
             args.append("--enable-supernode-auth")
+        if self.persistent_state:
+            args += ["--database", str(self.workdir / "superlink-state.db")]
         proc = self._spawn(name, args)
         self.superlink = proc
         self._wait_port(self.port, name)

@@ -77,7 +77,7 @@ def test_superlink_and_serverapp_killed_mid_round_resume_as_the_same_run(fresh_c
                       "reserved" if any(r["type"] == "reservation" for r in mine) else "not started")
         return out
 
-    with LocalConsortium(REPO, configs, insecure=True, workdir=tmp_path / "net") as net:
+    with LocalConsortium(REPO, configs, insecure=True, workdir=tmp_path / "net", persistent_state=True) as net:
         net.submit(settings.to_run_config())
         committed = lambda: (root / "checkpoint.json").exists() and json.loads(
             (root / "checkpoint.json").read_text())["round"] == 1
