@@ -2,7 +2,7 @@
 
   atoll demo        anyone: a local three-hospital consortium on embedded chest X-rays
   atoll site ...    hospital site admin: check data, create the site identity, approve runs
-  atoll run ...     consortium lead: start, watch and stop training runs
+  atoll run ...     consortium lead: start, resume, watch and stop training runs
   atoll audit ...   auditor: verify the signed privacy ledgers, render a report
   atoll consortium  consortium lead: TLS material, site registration
   atoll console     any role: a web page per role (site approvals and budget, runs live, audit verdict)
@@ -71,7 +71,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                                    "chest X-rays (if absent), trains a MONAI network across them in Flower's "
                                    "simulation engine with patient-level DP-SGD, scores the global model on the "
                                    "official held-out test split and writes DIR/summary.json. Options left unset "
-                                   "take the lead's default run settings (`atoll run start --help`).")
+                                   "take the lead's default run settings (`atoll run start --help`). Run again with "
+                                   "the same --out and options after an interruption (Ctrl-C, a killed process): it "
+                                   "resumes the interrupted run from its last completed round and says so.")
     p.add_argument("--task", choices=("xray", "hippocampus"), default="xray",
                    help="xray: chest X-ray classification on 2D images; hippocampus: 3D segmentation of "
                         "the hippocampus on MR DICOM series (embedded MSD Task04 subset, CC BY-SA 4.0) with DICOM "
@@ -172,7 +174,7 @@ def _add_console(sub: argparse._SubParsersAction) -> None:
 _GROUPS: dict[str, tuple[str, Callable[[argparse._SubParsersAction], None]]] = {
     "demo": ("anyone: run a local three-hospital consortium on embedded chest X-rays", _add_demo),
     "site": ("hospital site admin: check data, PACS pull, site identity, run approvals", _add_site),
-    "run": ("consortium lead: start, watch and stop training runs", _add_run),
+    "run": ("consortium lead: start, resume, watch and stop training runs", _add_run),
     "audit": ("auditor: verify signed privacy ledgers, render reports", _add_audit),
     "consortium": ("consortium lead: TLS material, site registration", _add_consortium),
     "console": ("any role: a web page per role (site approvals and budget, runs live, audit verdict)", _add_console),

@@ -102,6 +102,7 @@ def run_demo(out: Path, rounds: int = 3, *, dp: bool = True, verbose: bool = Fal
     digest = approve_run(configs, settings)
     log.info("each site's admin approved run manifest %s (as `atoll site approve` records it)", digest[:16])
     ingest_sites(configs, settings.task.image_size)
+    settings = resume_if_interrupted(settings)
     log.info("training %d rounds of %s with %s (%s) across %s", rounds, settings.task.describe(), settings.model,
              f"DP-SGD {settings.mechanism.describe()}" if dp else "no DP", ", ".join(hospitals))
     outputs = simulate(settings, configs, verbose=verbose)
@@ -109,6 +110,21 @@ def run_demo(out: Path, rounds: int = 3, *, dp: bool = True, verbose: bool = Fal
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary, out)
     return summary
+
+
+def resume_if_interrupted(settings):
+    """The settings to run: those of an interrupted demo run in the same folder with the same settings, resumed
+    (server.resume; it says so on screen), else ``settings`` as given (a new run)."""
+    from server.resume import interrupted_run
+
+    found = interrupted_run(Path(settings.run_dir), settings)
+    if found is None:
+        return settings
+    name, point = found
+    log.info("RESUMING the interrupted demo run %s after round %d of %d (its process was stopped before the end); "
+             "the sites answer a round they already completed at no new privacy charge. To start over instead, "
+             "give a new --out", name, point.round, settings.num_server_rounds)
+    return dataclasses.replace(settings, run_name=name, resume=True)
 
 
 def write_demo_data(out: Path) -> dict:

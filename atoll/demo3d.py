@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from atoll import demo_hippocampus as hippo
-from atoll.demo import approve_run, prepare_site_keys, print_privacy, setup_console_logging, simulate
+from atoll.demo import (approve_run, prepare_site_keys, print_privacy, resume_if_interrupted, setup_console_logging,
+                        simulate)
 
 log = logging.getLogger("atoll.demo")
 
@@ -75,6 +76,7 @@ def run_hippocampus_demo(out: Path, rounds: int = 3, *, dp: bool = True, verbose
     settings.check()
     digest = approve_run(configs, settings)
     log.info("each site's admin approved run manifest %s", digest[:16])
+    settings = resume_if_interrupted(settings)
     log.info("training %d rounds of %s with %s (%s) across %s", rounds, settings.task.describe(), settings.model,
              f"DP-SGD {settings.mechanism.describe()}" if dp else "no DP", ", ".join(hospitals))
     outputs = simulate(settings, configs, verbose=verbose)

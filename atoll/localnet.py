@@ -41,6 +41,29 @@ def flower_env(home: Path) -> dict[str, str]:
     return env
 
 
+def process_tree(root: int) -> list[int]:
+    """``root`` and every live process descended from it or in its session (Linux /proc; [root] elsewhere).
+
+    Flower's SuperLink starts its SuperExec, and that the ServerApp process, in sessions of their own."""
+    procs: dict[int, tuple[int, int]] = {}
+    for entry in Path("/proc").iterdir() if Path("/proc/self/stat").exists() else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()  # after the comm: state ppid pgrp session ...
+        if fields[0] != "Z":
+            procs[int(entry.name)] = (int(fields[1]), int(fields[3]))
+    out, grew = {root} | {p for p, (_, sid) in procs.items() if sid == root}, True
+    while grew:
+        more = {p for p, (ppid, _) in procs.items() if ppid in out} - out
+        out |= more
+        grew = bool(more)
+    return sorted(p for p in out if p in procs or p == root)
+
+
 @dataclass
 class LocalConsortium(AbstractContextManager):
     """`with LocalConsortium(app_dir, site_configs, insecure=True) as net: net.run(...)`.
@@ -67,6 +90,10 @@ class LocalConsortium(AbstractContextManager):
     # "process": each SuperNode runs in Flower's process isolation with `atoll-superexec`, so the site's own
     # installed Atoll checks every task's bundle against its approvals before any of its code runs
     isolation: str = "subprocess"
+    superlink: subprocess.Popen | None = field(default=None, init=False)  # the SuperLink process running now
+    # keep the SuperLink's state (nodes, runs) in a file, as a real deployment does (`--database`), so that a
+    # restarted SuperLink still knows the SuperNodes (with the default in-memory state they cannot rejoin)
+    persistent_state: bool = False
 
     def __post_init__(self) -> None:
         if not self.insecure and not self.tls:
@@ -103,12 +130,7 @@ class LocalConsortium(AbstractContextManager):
         return ["--root-certificates", str(self.tls["ca"])]
 
     def start(self) -> "LocalConsortium":
-        args = [str(BIN / "flower-superlink"), *self._transport_args(True), "--host", "127.0.0.1",
-                "--port", str(self.port), "--disable-runtime-dependency-installation"]
-        if self.node_keys:
-            args.append("--enable-supernode-auth")
-        self._spawn("superlink", args)
-        self._wait_port(self.port, "superlink")
+        self._start_superlink("superlink")
         self._write_cli_config()
         if self.node_keys:
             for i, key in enumerate(self.node_keys):
@@ -117,6 +139,37 @@ class LocalConsortium(AbstractContextManager):
         for i, cfg in enumerate(self.site_configs):
             self.start_supernode(i, cfg)
         return self
+
+    def _start_superlink(self, name: str) -> subprocess.Popen:
+        args = [str(BIN / "flower-superlink"), *self._transport_args(True), "--host", "127.0.0.1",
+                "--port", str(self.port), "--disable-runtime-dependency-installation"]
+        if self.node_keys:
+            args.append("--enable-supernode-auth")
+        if self.persistent_state:
+            args += ["--database", str(self.workdir / "superlink-state.db")]
+        proc = self._spawn(name, args)
+        self.superlink = proc
+        self._wait_port(self.port, name)
+        return proc
+
+    def kill_superlink(self) -> list[tuple[int, str]]:
+        """SIGKILL the SuperLink and everything it started (its SuperExec, the ServerApp process): a crash of the
+        consortium's host, no clean-up. Returns (pid, command) of each process killed."""
+        killed = []
+        for pid in process_tree(self.superlink.pid):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                os.kill(pid, signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                continue
+            killed.append((pid, " ".join(Path(c.decode(errors="replace")).name for c in cmd[:2] if c)))
+        self.superlink.wait(timeout=30)
+        return killed
+
+    def restart_superlink(self) -> subprocess.Popen:
+        """A new SuperLink on the same address (the SuperNodes reconnect to it on their own)."""
+        n = sum(1 for k in self.logs if k.startswith("superlink"))
+        return self._start_superlink(f"superlink-{n + 1}")
 
     def start_supernode(self, i: int, cfg: Path, key: Path | None = None) -> subprocess.Popen:
         superlink = self.supernode_superlink_address or f"127.0.0.1:{self.port}"

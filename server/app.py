@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import Strategy
 
 from models import build_task_model
 from server import robust
-from server.outputs import RunOutputs
+from server.outputs import RunFolderError, RunOutputs
 from server.released_updates import keep_released
 from server.secagg import SecAggRounds
 from server.settings import RunSettings, SettingsError
@@ -110,21 +110,32 @@ def build_strategy(settings: RunSettings) -> Strategy:
 
 
 def run_consortium(grid: Grid, settings: RunSettings, flower_run_id: int) -> RunOutputs:
-    """Run all rounds; returns the outputs (also on disk under settings.run_dir)."""
+    """Run all rounds (or, with ``settings.resume``, the rounds after the run's checkpoint); returns the outputs
+    (also on disk under settings.run_dir)."""
+    if settings.resume and not settings.run_name:
+        raise SettingsError("run config 'resume' is true but 'run-name' is empty: name the run to resume")
     run_name = settings.name_for(flower_run_id)
     trust = check_trust(settings)
-    out = RunOutputs.create(Path(settings.run_dir), run_name, settings, flower_run_id)
     strategy = build_strategy(settings)
-    torch.manual_seed(settings.seed)
-    model = build_task_model(settings.model, settings.task)
-    arrays = ArrayRecord(model.state_dict())
-    prev = out.digest(0, arrays, [])  # round 0: the settings and initial weights, countersigned in round 1
-    out.save_weights(0, arrays)
+    try:
+        if settings.resume:
+            out, arrays, prev, first = _resume(settings, run_name, flower_run_id, strategy)
+        else:
+            out = RunOutputs.create(Path(settings.run_dir), run_name, settings, flower_run_id)
+    except RunFolderError as exc:
+        raise SettingsError(str(exc)) from None
+    if not settings.resume:
+        torch.manual_seed(settings.seed)
+        model = build_task_model(settings.model, settings.task)
+        arrays = ArrayRecord(model.state_dict())
+        prev = out.digest(0, arrays, [])  # round 0: the settings and initial weights, countersigned in round 1
+        out.commit(0, out.save_weights(0, arrays), strategy, settings)
+        first = 1
     log.info("run %s: %d rounds, task %s, model %s, %s", run_name, settings.num_server_rounds,
              settings.task.describe(), settings.model, settings.mechanism.describe())
     secagg = SecAggRounds(grid, settings) if settings.secagg else None  # the fit under SecAgg+
     try:
-        for rnd in range(1, settings.num_server_rounds + 1):
+        for rnd in range(first, settings.num_server_rounds + 1):
             if (request := out.stop_requested()) is not None:  # `atoll run stop`: a clean stop between rounds
                 out.finish_stopped_by_lead(request, settings.num_server_rounds)
                 log.warning("run %s: %s", run_name, out.reason)
@@ -138,7 +149,27 @@ def run_consortium(grid: Grid, settings: RunSettings, flower_run_id: int) -> Run
     finally:
         if secagg is not None:
             secagg.close()
+        out.close()
     return out
+
+
+def _resume(settings: RunSettings, run_name: str, flower_run_id: int,
+            strategy: Strategy) -> tuple[RunOutputs, ArrayRecord, str, int]:
+    """Reopen the run at its checkpoint (server.resume): outputs, global weights, last digest hash, next round."""
+    from server.checkpoint import load_strategy_state, restore_rng
+    from server.resume import resume_run
+
+    resumed = resume_run(Path(settings.run_dir), run_name, settings, flower_run_id)
+    out, point = resumed.outputs, resumed.checkpoint
+    load_strategy_state(strategy, resumed.state["strategy"])
+    restore_rng(resumed.state["rng"])
+    arrays = ArrayRecord(torch.load(out.weights_path(point.round), map_location="cpu", weights_only=True))
+    aside = ", ".join(f"{k} ({v if not isinstance(v, bool) else 'moved'})" for k, v in resumed.set_aside.items())
+    log.warning("run %s RESUMED after round %d of %d (checkpoint of Flower run %s)%s; the sites answer a round "
+                "they already completed from their release cache, at no new privacy charge", run_name, point.round,
+                settings.num_server_rounds, point.flower_run_id,
+                f"; set aside from the unfinished round: {aside}" if aside else "")
+    return out, arrays, point.last_digest, point.round + 1
 
 
 def _one_round(grid: Grid, strategy: Strategy, settings: RunSettings, run_name: str, rnd: int,
@@ -181,9 +212,10 @@ def _one_round(grid: Grid, strategy: Strategy, settings: RunSettings, run_name: 
                                        timeout=settings.round_timeout)
     for m in ev_replies:
         book.admit_evaluate_reply(m)
-    out.save_weights(rnd, new_arrays)
+    weights_sha = out.save_weights(rnd, new_arrays)
     if secagg is None:  # each site's released weights, for `atoll run evaluate` (none exist under SecAgg+)
         keep_released(out.root, rnd, book, accepted)
     out.record_round(book, train_wall)
+    out.commit(rnd, weights_sha, strategy, settings)  # the resume point: written last, atomically
     log.info("round %d/%d: %s", rnd, settings.num_server_rounds, book.one_line())
     return new_arrays, digest

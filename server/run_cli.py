@@ -1,10 +1,11 @@
-"""`atoll run start|status|stop`: the consortium lead's commands.
+"""`atoll run start|resume|status|stop`: the consortium lead's commands.
 
 `start` submits the Atoll app to a SuperLink with Flower's own `flwr run` (so Flower builds and
 ships the FAB) after checking the settings and the connection locally, so a typo fails here and not
 at round 1, and prints the run folder to watch. `status` reads a run folder and shows, per round,
 which site contributed, refused or was rejected, the released validation metrics and each site's
-reported epsilon. `stop` asks the ServerApp to stop cleanly after the round in flight.
+reported epsilon. `stop` asks the ServerApp to stop cleanly after the round in flight. `resume` continues an
+interrupted run from its checkpoint as the same run (server.resume).
 
 Parsers import only the standard library (and RunSettings, itself light): the ML stack loads in
 the ServerApp, never for `--help` or a settings error.
@@ -13,6 +14,7 @@ the ServerApp, never for `--help` or a settings error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import secrets
@@ -46,8 +48,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    run = sub.add_parser("run", help="consortium lead: start, watch, stop and evaluate training runs",
-                         description="Start a training run on the consortium's SuperLink, watch its folder, stop it.")
+    run = sub.add_parser("run", help="consortium lead: start, resume, watch, stop and evaluate training runs",
+                         description="Start a training run on the consortium's SuperLink, watch its folder, stop it, "
+                                     "resume it after a crash, evaluate its models site by site.")
     run_sub = run.add_subparsers(dest="run_command", metavar="COMMAND")
     run.set_defaults(func=lambda a: (run.print_help(), EXIT_USAGE)[1])
 
@@ -87,6 +90,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     start.add_argument("--app", metavar="DIR", default=str(APP_DIR), help="Flower app folder")
     start.add_argument("--stream", action="store_true", help="follow the run's logs")
     start.set_defaults(func=_start)
+
+    resume = run_sub.add_parser(
+        "resume", help="continue an interrupted run from its last completed round", formatter_class=HelpFormatter,
+        description="Continues a run whose SuperLink or ServerApp died (or that was stopped) as the SAME run: same "
+                    "run name, same settings (read from RUN_FOLDER/settings.json), so the sites' approvals of its "
+                    "manifest still hold. The ServerApp goes on from RUN_FOLDER/checkpoint.json (the last round "
+                    "completed and recorded) and sets aside what an unfinished round left behind in "
+                    "RUN_FOLDER/resumed/N/. The sites answer a round they already completed with the very update "
+                    "and ledger record they released, at no new privacy charge; a reservation without a completed "
+                    "round stays charged and is not charged again. Run it on the SuperLink host (it reads the run "
+                    "folder); it submits with `flwr run` like `atoll run start`.",
+        epilog="exit codes: 0 submitted, 1 nothing to resume (completed, still running, no checkpoint), "
+               "2 usage, 3 run folder or connection not found")
+    resume.add_argument("run_dir", metavar="RUN_FOLDER", help="the run's folder (RUN_DIR/<run-name>)")
+    resume.add_argument("--superlink", metavar="NAME", default=None,
+                        help="connection name in $FLWR_HOME/config.toml (default: its [superlink] default)")
+    resume.add_argument("--allow-insecure-demo", action="store_true",
+                        help="let the run go to a connection marked `insecure = true` (local demos and tests only)")
+    resume.add_argument("--app", metavar="DIR", default=str(APP_DIR), help="Flower app folder")
+    resume.add_argument("--stream", action="store_true", help="follow the run's logs")
+    resume.set_defaults(func=_resume)
 
     status = run_sub.add_parser(
         "status", help="show a run's state, rounds, sites, metrics and epsilon", formatter_class=HelpFormatter,
@@ -216,16 +240,26 @@ def _start(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         _err(f"start: {exc}")
         return EXIT_USAGE
+    folder = Path(args.run_dir) / run_name
+    if (folder / "settings.json").exists():  # checked here when run on the SuperLink host; the ServerApp refuses too
+        _err(f"start: run {run_name!r} already exists in {args.run_dir} (its history is never overwritten): "
+             f"`atoll run resume {folder}` continues it; a new run needs a new --run-name")
+        return EXIT_USAGE
+    return _submit(args, "start", cfg, folder)
+
+
+def _submit(args: argparse.Namespace, verb: str, cfg: dict, folder: Path) -> int:
+    """`flwr run APP CONNECTION --run-config CFG` after checking the app folder and the connection."""
     if not (Path(args.app) / "pyproject.toml").exists():
-        _err(f"start: {args.app} is not a Flower app folder (no pyproject.toml); pass --app")
+        _err(f"{verb}: {args.app} is not a Flower app folder (no pyproject.toml); pass --app")
         return EXIT_USAGE
     try:
-        conn = resolve(args.superlink or args.connection)
+        conn = resolve(args.superlink or getattr(args, "connection", None))
     except ConnectionNotFound as exc:
-        _err(f"start: {exc}")
+        _err(f"{verb}: {exc}")
         return EXIT_NOT_FOUND
     if conn.insecure and not args.allow_insecure_demo:
-        _err(f"start: connection {conn.name!r} in {conn.path} is marked insecure = true. A consortium runs over "
+        _err(f"{verb}: connection {conn.name!r} in {conn.path} is marked insecure = true. A consortium runs over "
              "TLS (README 'Consortium lead'); for a local demo or test only, pass --allow-insecure-demo")
         return EXIT_USAGE
     if conn.insecure:
@@ -234,12 +268,11 @@ def _start(args: argparse.Namespace) -> int:
               "can read or alter them. Demo/test use only.\n" + "=" * 78, file=sys.stderr)
     problem = _unreachable(conn)
     if problem:
-        _err(f"start: {problem}")
+        _err(f"{verb}: {problem}")
         return EXIT_FAILED
     flwr = shutil.which("flwr") or str(Path(sys.executable).parent / "flwr")
     overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in cfg.items())
     cmd = [flwr, "run", args.app, conn.name, "--run-config", overrides] + (["--stream"] if args.stream else [])
-    folder = Path(args.run_dir) / run_name
     print(f"run folder (on the SuperLink host): {folder}")
     print("$ " + " ".join(cmd[:4]) + " --run-config '" + overrides + "'", flush=True)
     rc = subprocess.call(cmd)
@@ -260,6 +293,53 @@ def _unreachable(conn, timeout: float = 5.0) -> str | None:
         return (f"nothing answers at {address} (connection {conn.name!r} in {conn.path}: "
                 f"{exc.strerror or exc.__class__.__name__}); is the SuperLink running there?")
     return None
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from server.checkpoint import CheckpointError, read_checkpoint
+
+    root = _run_folder(args.run_dir)
+    if root is None:
+        return EXIT_NOT_FOUND
+    try:
+        settings = RunSettings.from_json(json.loads((root / "settings.json").read_text()),
+                                         where=str(root / "settings.json"))
+    except (OSError, ValueError) as exc:
+        _err(f"resume: {exc}")
+        return EXIT_FAILED
+    state = server_state(root)
+    if state["status"] == "running":
+        _err(f"resume: run {root.name} is still running (its ServerApp writes {root}); resume a run only after its "
+             f"ServerApp is gone (`atoll run status {root}` says 'ended'), or stop it: `atoll run stop {root}`")
+        return EXIT_FAILED
+    if state["status"] == "completed":
+        _err(f"resume: run {root.name} is completed; there is nothing to resume")
+        return EXIT_FAILED
+    try:
+        point = read_checkpoint(root)
+    except CheckpointError as exc:
+        _err(f"resume: {exc}")
+        return EXIT_FAILED
+    if point is None:
+        _err(f"resume: {root} has no checkpoint.json (written by Atoll after each round); start a new run instead")
+        return EXIT_FAILED
+    if Path(settings.run_dir).resolve() != root.parent.resolve() or settings.run_name != root.name:
+        _err(f"resume: {root / 'settings.json'} is the run {settings.run_name!r} in {settings.run_dir}: the folder "
+             "was moved or renamed (its settings, whose hash every signed digest carries, name where it was); move "
+             "it back to resume it")
+        return EXIT_USAGE
+    done, total = point.round, settings.num_server_rounds
+    history = _history(root)
+    print(f"run {root.name}: {state['status']}" + (f" — {state['reason']}" if state.get("reason") else ""))
+    print(f"resuming after round {done} of {total} (checkpoint {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(point.time))}, "
+          f"Flower run {point.flower_run_id}); {len(history)} round(s) recorded, "
+          + (f"rounds {done + 1}-{total} to go" if total > done + 1 else f"round {total} to go" if total > done
+             else "no round left: the run is only marked completed"))
+    cfg = dataclasses.replace(settings, resume=True).to_run_config()
+    return _submit(args, "resume", cfg, root)
 
 
 # ------------------------------------------------------------------------------------------------ status

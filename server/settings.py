@@ -52,6 +52,9 @@ class RunSettings:
     secagg_num_shares: float = 1.0                # shares per site: odd count >= 3, or fraction of sites (<= 1)
     secagg_reconstruction_threshold: float = 0.6  # shares that rebuild a secret: count >= 2, or fraction (<= 1)
     secagg_max_weight: float = 10000.0            # largest num-examples a site may weight its update by
+    # `atoll run resume`: go on from the run folder's checkpoint (server.resume) instead of starting the run. How
+    # the run was launched, not what it does: left out of settings.json, the manifest and the round config.
+    resume: bool = False
     task: TaskSpec = field(default_factory=TaskSpec)
     mechanism: Mechanism = field(default_factory=Mechanism)
 
@@ -72,6 +75,33 @@ class RunSettings:
         except (TaskError, MechanismError, ValueError) as exc:
             raise SettingsError(str(exc)) from None
         s = cls(**kwargs)
+        s.check()
+        return s
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str = "settings.json") -> "RunSettings":
+        """The settings a run folder's settings.json holds (``dataclasses.asdict`` of them), checked."""
+        if not isinstance(data, dict) or not isinstance(data.get("task"), dict) \
+                or not isinstance(data.get("mechanism"), dict):
+            raise SettingsError(f"{where}: not the settings of an Atoll run (no task / mechanism object)")
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise SettingsError(f"{where}: unknown field(s) {', '.join(sorted(unknown))} (written by another Atoll "
+                                "version?)")
+        try:
+            task_fields = {f.name for f in fields(TaskSpec)}
+            task = TaskSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["task"].items()
+                               if k in task_fields}).check(where)
+            mechanism = Mechanism.from_dict(data["mechanism"], where=f"{where} mechanism")
+            kwargs: dict[str, Any] = {}
+            for f in fields(cls):
+                if f.name in _NESTED or f.name not in data:
+                    continue
+                kwargs[f.name] = coerce(data[f.name], KINDS[str(f.type)], f.name, where)
+        except (TaskError, MechanismError, TypeError, ValueError) as exc:
+            raise SettingsError(str(exc)) from None
+        s = cls(**kwargs, task=task, mechanism=mechanism)
         s.check()
         return s
 

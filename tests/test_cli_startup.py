@@ -194,8 +194,10 @@ def test_stop_writes_a_request_that_the_run_turns_into_a_recorded_stop(tmp_path)
     assert status["reason"].startswith("stopped by the lead at round 1 of 3")
     code, _, text = atoll("run", "status", str(out.root))
     assert "stopped — stopped by the lead at round 1 of 3" in text
-    # a new run under the same name does not inherit the request
-    assert RunOutputs.create(tmp_path / "runs", "r1", settings).stop_requested() is None
+    # a new run under the same name is refused (the stopped run's history stays; `atoll run resume` continues it)
+    from server.outputs import RunFolderError
+    with pytest.raises(RunFolderError, match="atoll run resume"):
+        RunOutputs.create(tmp_path / "runs", "r1", settings)
 
 
 def test_exit_code_constants_agree_across_rooms():
