@@ -155,7 +155,7 @@ class RunOutputs:
         """Write the global weights of ``server_round``; returns their models.state_dict_sha256."""
         import torch
 
-        from models import state_dict_sha256
+        from server.update_pass import weights_sha256  # = models.state_dict_sha256, cached from the digest
 
         path = self.weights_path(server_round)
         tmp = path.with_suffix(".tmp")
@@ -165,7 +165,7 @@ class RunOutputs:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        return state_dict_sha256(state)
+        return weights_sha256(arrays)
 
     def commit(self, server_round: int, weights_sha256: str, strategy: Any, settings: Any) -> None:
         """Round ``server_round`` is complete: write the resume point (server.checkpoint), atomically, last."""
