@@ -3,8 +3,9 @@
     python bench/utility.py --task hippocampus [--quick] [--rounds R] [--local-steps S]
 
 Every arm uses the demo's consortium (``atoll.demo_hippocampus``: three MR DICOM exports, 40 held-out subjects),
-its task (32 x 48 x 32 voxels at 1 mm) and network (``basicunet-small``), and is scored by Dice per label on the
-held-out subjects through the sites' own pixel path:
+its task (32 x 48 x 32 voxels at 1 mm, loss ``dice_ce_fg``) and network (``scalespace``: a 275-parameter head on fixed
+features, see models/scalespace.py), and is scored by Dice per label on the held-out subjects through the sites' own
+pixel path:
 
 - pooled: one non-DP model trained on the three hospitals' preprocessed training series together, as many
   optimizer steps as the three sites take in total;
@@ -96,7 +97,7 @@ def _noise_for(epsilon: float, template: Path, rounds: int, steps: int, q: float
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--task", choices=("hippocampus",), default="hippocampus")
-    ap.add_argument("--quick", action="store_true", help="the demo's recipe (3 rounds x 8 steps), no DP eps 3 arm")
+    ap.add_argument("--quick", action="store_true", help="the demo's recipe (3 rounds, its local steps), no DP eps 3 arm")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--local-steps", type=int, default=None)
     args = ap.parse_args(argv)
@@ -104,7 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     from atoll.demo3d import DEFAULTS
 
     rounds = args.rounds or 3
-    steps = args.local_steps or (8 if args.quick else 40)
+    steps = args.local_steps or (DEFAULTS["steps"] if args.quick else 40)
+    import os
+
+    import torch
+
+    load_before = os.getloadavg()[0]
+    print(f"conditions: load average {load_before:.1f} on {os.cpu_count()} CPUs, torch threads "
+          f"{torch.get_num_threads()}, device {'cuda' if torch.cuda.is_available() else 'cpu'}", flush=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="atoll-utility-hippo-") as tmp:
         template = Path(tmp) / "template"
@@ -124,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
                "dice_dp_eps8": by.get("dp-fedavg eps 8"), "dice_dp_eps3": by.get("dp-fedavg eps 3"),
                "rounds": rounds, "local_steps": steps, "quick": args.quick, "rows": rows,
                "wall_seconds": round(time.perf_counter() - t0, 1),
+               "conditions": {"load_average_start": round(load_before, 1), "load_average_end":
+                              round(os.getloadavg()[0], 1), "cpus": os.cpu_count(), "torch_threads":
+                              torch.get_num_threads(), "cuda": torch.cuda.is_available()},
                "reference": "nnU-Net pooled, full resolution, 260 subjects: Dice ~0.90 / 0.89 (Isensee et al. 2021)"}
     out = REPO / "bench" / "results" / "utility_hippocampus.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from contract.task import TaskSpec
 
 from .atollnet import AtollNet
 from .compat import make_dp_compatible
+from .scalespace import ScaleSpaceSeg
 
 DEFAULT_MODEL = "atollnet"
 
@@ -51,6 +52,17 @@ def _resnet(depth: int) -> Builder:
     return build
 
 
+def _resnet10(spatial_dims: int, in_channels: int, num_classes: int, **kw: Any) -> nn.Module:
+    # MONAI's ResNet-10 at a quarter of its width (16-32-64-128 channels, 0.9M parameters in 3D instead of 14M):
+    # the small 3D classifier for DP-SGD, where every trainable parameter adds noise. The stem gets GroupNorm(8);
+    # MONAI keeps BatchNorm in the blocks, which make_dp_compatible swaps for GroupNorm(min(32, C)), and the
+    # residual blocks are re-classed to add out of place (models.compat). Per-sample norms of each of its 3D
+    # layer types and of the whole network are checked against brute force in tests/test_dp3d_exact.py.
+    kw.setdefault("widen_factor", 0.25)
+    kw.setdefault("norm", ("group", {"num_groups": 8}))
+    return _resnet(10)(spatial_dims, in_channels, num_classes, **kw)
+
+
 def _basicunet(spatial_dims: int, in_channels: int, num_classes: int, **kw: Any) -> nn.Module:
     # "nontrainable" upsampling (interpolation + conv) instead of transposed convolutions, and GroupNorm: every
     # trainable layer is a Conv/GroupNorm, so per-sample gradients stay exact in Atoll's fast clipping.
@@ -68,20 +80,28 @@ def _basicunet_small(spatial_dims: int, in_channels: int, num_classes: int, **kw
     return _basicunet(spatial_dims, in_channels, num_classes, **kw)
 
 
+def _scalespace(spatial_dims: int, in_channels: int, num_classes: int, **kw: Any) -> nn.Module:
+    # A few hundred trainable parameters on fixed features: what DP-SGD can train at sites of ~20 patients
+    # (models.scalespace explains why a U-Net cannot).
+    return ScaleSpaceSeg(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes, **kw)
+
+
 _REGISTRY: dict[str, Builder] = {
     "atollnet": _atollnet,
     "atollnet-wide": _atollnet_wide,
     "densenet121": _densenet121,
+    "resnet10": _resnet10,
     "resnet18": _resnet(18),
     "resnet34": _resnet(34),
     "basicunet": _basicunet,
     "basicunet-small": _basicunet_small,
+    "scalespace": _scalespace,
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 #: which task kind each network serves (a classifier cannot segment, and the other way round)
-MODEL_KINDS: dict[str, str] = {name: "segmentation" if name.startswith("basicunet") else "classification"
-                               for name in MODEL_NAMES}
+MODEL_KINDS: dict[str, str] = {name: "segmentation" if name.startswith("basicunet") or name == "scalespace"
+                               else "classification" for name in MODEL_NAMES}
 
 
 def build_model(

@@ -34,7 +34,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND = 0, 1, 2, 3  # as atoll.cli.EX
 
 # Names as models.MODEL_NAMES and server.robust.STRATEGIES hold them, listed here so that `--help` and a typo
 # need neither MONAI nor Flower's strategies (tests/test_cli_startup.py keeps the lists equal).
-MODEL_CHOICES = ("atollnet", "atollnet-wide", "densenet121", "resnet18", "resnet34", "basicunet", "basicunet-small")
+MODEL_CHOICES = ("atollnet", "atollnet-wide", "densenet121", "resnet10", "resnet18", "resnet34", "basicunet",
+                 "basicunet-small", "scalespace")
 STRATEGY_CHOICES = ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 
 
@@ -158,7 +159,7 @@ def add_run_shape_arguments(p: argparse.ArgumentParser) -> None:
     t, m = d.task, d.mechanism
     p.add_argument("--rounds", metavar="N", type=int, default=d.num_server_rounds, help="federated rounds")
     p.add_argument("--model", default=d.model, choices=MODEL_CHOICES, metavar="NAME",
-                   help=f"network: {', '.join(MODEL_CHOICES)} (basicunet: segmentation)")
+                   help=f"network: {', '.join(MODEL_CHOICES)} (basicunet*, scalespace: segmentation)")
     task = p.add_argument_group("task (what the sites approve and check against their data; contract.TaskSpec)")
     task.add_argument("--task", default=t.kind, choices=("classification", "segmentation"), help="task kind")
     task.add_argument("--classes", metavar="A,B,...", default=None,

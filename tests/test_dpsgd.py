@@ -33,6 +33,7 @@ from privacy.dpsgd import (
     PatientSampler,
     PrivateStep,
     resolve_device,
+    cross_entropy,
     resolve_grad_sample_mode,
     train_local,
 )
@@ -79,11 +80,12 @@ class SmallNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def _clipped_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float, mode: str) -> torch.Tensor:
+def _clipped_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float, mode: str,
+                 criterion=cross_entropy) -> torch.Tensor:
     """Pre-noise clipped sum of the real private step: sigma = 0, SGD lr = 0, expected batch 1 -> p.grad."""
     step = PrivateStep(
         model, torch.optim.SGD(model.parameters(), lr=0.0), _dp(0.0, clip, 0.5),
-        expected_batch_size=1, grad_sample_mode=mode,
+        expected_batch_size=1, grad_sample_mode=mode, criterion=criterion,
     )
     step.step(x, y)
     out = torch.cat([p.grad.flatten().clone() for p in model.parameters()])
@@ -170,6 +172,56 @@ def test_patient_sensitivity_bounded_by_clip_norm(mode: str) -> None:
     image_level = torch.arange(len(with_p0.labels))
     s_images = run(with_p0, image_level)
     assert (s_images - s_without).norm() > 8 * clip
+
+
+def _one_heavy_patient_3d(kind: str) -> tuple[Split, Split]:
+    """3D volumes: patient 0 has 6 copies of one volume (one label map or class: the same series exported six
+    times, so their gradients align), patients 1..5 one volume each."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(1, 1, 16, 16, 16, generator=g)
+    heavy = base.expand(6, -1, -1, -1, -1).clone()
+    others = torch.randn(5, 1, 16, 16, 16, generator=g)
+    if kind == "segmentation":
+        heavy_y = ((base[:, 0] > 0.5).long() + 2 * (base[:, 0] < -0.5).long()).expand(6, -1, -1, -1)
+        labels = torch.cat([heavy_y, torch.randint(0, 3, (5, 16, 16, 16), generator=g)])
+    else:
+        labels = torch.cat([torch.ones(6, dtype=torch.long), torch.randint(0, 2, (5,), generator=g)])
+    with_p0 = Split(images=torch.cat([heavy, others]), labels=labels,
+                    patients=torch.cat([torch.zeros(6, dtype=torch.long), torch.arange(1, 6)]))
+    without = Split(with_p0.images[6:], with_p0.labels[6:], with_p0.patients[6:] - 1)
+    return with_p0, without
+
+
+@pytest.mark.parametrize("mode", ["bk", "hooks"])  # Atoll's default and Opacus' stock; the 2D test covers every mode
+@pytest.mark.parametrize("model_name", ["scalespace", "basicunet-small", "resnet10"])
+def test_patient_sensitivity_bounded_by_clip_norm_on_3d_volumes(model_name: str, mode: str) -> None:
+    """The 3D path: segmentation (the hippocampus demo's network and BasicUNet, per-patient Dice + CE) and 3D
+    classification (resnet10). One sampled patient with many volumes moves the pre-noise sum by at most C."""
+    from contract import TaskSpec
+    from models import MODEL_KINDS, build_loss, build_task_model
+
+    kind = MODEL_KINDS[model_name]
+    task = TaskSpec(kind=kind, spatial_dims=3, size=(16, 16, 16), **(
+        {"classes": (), "labels": ("a", "b"), "loss": "dice_ce_fg"} if kind == "segmentation"
+        else {"classes": ("no", "yes")}))
+    kw = {"basicunet-small": {"features": (2, 2, 4, 4, 4, 2), "norm": ("group", {"num_groups": 2})},
+          "resnet10": {"widen_factor": 0.125}}.get(model_name, {})  # the same layers as the defaults, cheaper
+    clip = 1e-4  # below every per-volume gradient norm: each contribution is clipped to exactly C
+    with_p0, without = _one_heavy_patient_3d(kind)
+    torch.manual_seed(0)
+    init = build_task_model(model_name, task, **kw).state_dict()
+
+    def run(data: Split, idx: torch.Tensor) -> torch.Tensor:
+        model = build_task_model(model_name, task, **kw)
+        model.load_state_dict(init)
+        return _clipped_sum(model, data.images[idx], data.labels[idx], clip, mode, criterion=build_loss(task))
+
+    s_with = run(with_p0, _patient_batch(with_p0))
+    s_without = run(without, _patient_batch(without))
+    assert (s_with - s_without).norm() <= clip * (1 + 1e-3)
+    assert (s_with - s_without).norm() > 0.9 * clip
+    s_volumes = run(with_p0, torch.arange(len(with_p0.patients)))  # volume-level batch: ~6 C, the bound breaks
+    assert (s_volumes - s_without).norm() > 3 * clip
 
 
 # ---------------------------------------------------------------- custom samplers == Opacus hooks

@@ -26,7 +26,7 @@ def _dp(sigma: float, clip: float, q: float) -> Mechanism:
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
 # Smallest input each network accepts (DenseNet/ResNet downsample 32x).
-SIZE = {"atollnet": 16, "atollnet-wide": 16, "densenet121": 32, "resnet18": 32, "resnet34": 32}
+SIZE = {"atollnet": 16, "atollnet-wide": 16, "densenet121": 32, "resnet10": 32, "resnet18": 32, "resnet34": 32}
 
 
 def _one_dp_step(model: nn.Module, x: torch.Tensor, mode: str = "hooks") -> None:
@@ -60,13 +60,36 @@ def test_builds_2d_validates_and_takes_a_dp_step(name: str) -> None:
     _one_dp_step(model, x)
 
 
-@pytest.mark.parametrize("name", ["atollnet", "resnet18"])
+@pytest.mark.parametrize("name", ["atollnet", "resnet10", "resnet18"])
 def test_builds_3d_and_takes_a_dp_step(name: str) -> None:
     model = build_model(name, spatial_dims=3, num_classes=3)
     assert ModuleValidator.validate(model, strict=False) == []
     x = torch.randn(2, 1, 16, 16, 16)
     assert model(x).shape == (2, 3)
     _one_dp_step(model, x)
+
+
+def test_scalespace_trains_only_its_small_head_on_fixed_features() -> None:
+    """The DP segmentation network: a few hundred trainable parameters, all in the state dict (what sites hash and
+    exchange); the fixed Gaussian kernels are not. Its features depend on the input and the grid only."""
+    from contract import TaskSpec
+    from models import build_task_model
+
+    task = TaskSpec(kind="segmentation", spatial_dims=3, classes=(), labels=("a", "b"), size=(8, 12, 8))
+    model = build_task_model("scalespace", task)
+    assert MODEL_KINDS["scalespace"] == "segmentation" and MODEL_KINDS["resnet10"] == "classification"
+    params = dict(model.named_parameters())
+    assert sum(p.numel() for p in params.values()) < 1000
+    assert set(model.state_dict()) == set(params)  # no buffer travels
+    x = torch.randn(2, 1, 8, 12, 8)
+    assert model(x).shape == (2, 3, 8, 12, 8)
+    f1 = model.features(x)
+    assert f1.shape[1] == model.num_features
+    other = build_task_model("scalespace", task)  # other trained weights, same fixed features
+    torch.testing.assert_close(other.features(x), f1)
+    assert torch.isfinite(f1).all()
+    with pytest.raises(ValueError, match="segmentation network"):
+        build_task_model("scalespace", TaskSpec(kind="classification", classes=("a", "b")))
 
 
 def test_default_net_takes_a_step_in_atolls_default_mode() -> None:
