@@ -12,6 +12,7 @@ from flwr.app import Context
 from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 
+from atoll import simulation
 from atoll.demo import approve_run, prepare_site_keys
 from atoll.demo_data import CANARY_ID, CANARY_NAME, HOSPITALS
 from client.app import app as client_app
@@ -29,11 +30,11 @@ def _ledger_lines(root, names) -> dict[str, int]:
 
 
 def test_evaluate_after_training_scores_every_model_at_every_site_for_free(fresh_consortium, tmp_path):
-    names = [h.name for h in HOSPITALS]
+    names = [h.name for h in HOSPITALS[:2]]  # two sites: 3 models x 2 sites, each cell signed
     configs = [fresh_consortium / n / "site.toml" for n in names]
     keys = prepare_site_keys(fresh_consortium, names)
     settings = RunSettings(num_server_rounds=1, run_dir=str(tmp_path), run_name="ev", keys_dir=str(keys),
-                           num_sites=3, mechanism=Mechanism(steps=3))
+                           num_sites=2, min_sites=2, mechanism=Mechanism(steps=3))
     approve_run(configs, settings)
     seen: dict = {}
     app = ServerApp()
@@ -48,9 +49,9 @@ def test_evaluate_after_training_scores_every_model_at_every_site_for_free(fresh
         seen["ledger_after"] = _ledger_lines(fresh_consortium, names)
 
     os.environ[SIM_SITE_CONFIGS_ENV] = os.pathsep.join(str(c) for c in configs)
-    run_simulation(server_app=app, client_app=client_app, num_supernodes=3,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": 2, "logging_level": "ERROR"}})
+    backend = simulation.backend_config(len(configs))  # the demo's actors: fair share of the cores, nice 0
+    with simulation.actor_environment(int(backend["client_resources"]["num_cpus"])):
+        run_simulation(server_app=app, client_app=client_app, num_supernodes=len(configs), backend_config=backend)
     assert seen["trained"] == "completed"
     assert seen["ledger_after"] == seen["ledger_before"], "evaluation charges nothing and writes no ledger record"
     root = tmp_path / "ev"
