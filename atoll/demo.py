@@ -214,7 +214,6 @@ def simulate(settings, site_configs: list[Path], *, verbose: bool = False):
     """Run the ServerApp and one ClientApp per site config in Flower's simulation runtime."""
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
-    from flwr.simulation import run_simulation
 
     from atoll import simulation
     from client.app import app as client_app
@@ -236,12 +235,10 @@ def simulate(settings, site_configs: list[Path], *, verbose: bool = False):
     from client.site_config import load_site_config
 
     ledgers = {(c := load_site_config(p)).name: Path(c.state_dir) / "ledger.jsonl" for p in site_configs}
-    # each site's actor gets its fair share of the cores, at nice 0 (atoll/simulation.py)
-    backend = simulation.backend_config(len(site_configs), gpus_per_site=gpus, verbose=verbose)
     with round_progress(Path(settings.run_dir), settings.num_server_rounds, ledgers, enabled=None if not verbose
-                        else False), simulation.actor_environment(int(backend["client_resources"]["num_cpus"])):
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(site_configs),
-                       backend_config=backend, verbose_logging=verbose)
+                        else False):
+        # each site's actor gets its fair share of the cores, at nice 0 (atoll/simulation.py)
+        simulation.run_sites(server_app, client_app, len(site_configs), gpus_per_site=gpus, verbose=verbose)
     if "outputs" not in holder:
         raise RuntimeError("the simulation ended before the ServerApp finished; rerun with --verbose")
     return holder["outputs"]

@@ -70,3 +70,15 @@ def actor_environment(threads: int) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def run_sites(server_app: Any, client_app: Any, num_sites: int, *, gpus_per_site: float = 0.0,
+              verbose: bool = False) -> None:
+    """``flwr.simulation.run_simulation`` of ``num_sites`` sites with the resources above (the demo, the
+    benchmarks and the tests all run the sites this way, so what one measures is what the others run)."""
+    from flwr.simulation import run_simulation
+
+    backend = backend_config(num_sites, gpus_per_site=gpus_per_site, verbose=verbose)
+    with actor_environment(int(backend["client_resources"]["num_cpus"])):
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_sites,
+                       backend_config=backend, verbose_logging=verbose)

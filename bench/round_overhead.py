@@ -81,18 +81,13 @@ def child(app: str, engine: str, work: Path, rounds: int, steps: int) -> None:
                                 "lr": settings.lr, "out_dir": str(work / f"plain-{engine}-out"),
                                 "num_sites": len(configs), "model": settings.model}))
     if engine == "simulation":
-        from flwr.simulation import run_simulation
-
         from client.runtime import SIM_SITE_CONFIGS_ENV
 
         os.environ[plain.ENV] = str(conf)
         os.environ[SIM_SITE_CONFIGS_ENV] = os.pathsep.join(str(c) for c in configs)
         from atoll import simulation  # the resources atoll.demo.simulate gives the sites: same actors and threads
 
-        backend = simulation.backend_config(len(configs))
-        with simulation.actor_environment(int(backend["client_resources"]["num_cpus"])):
-            run_simulation(server_app=plain.server, client_app=plain.client, num_supernodes=len(configs),
-                           backend_config=backend)
+        simulation.run_sites(plain.server, plain.client, len(configs))
     else:
         app_dir = plain.write_app_dir(work / "plain-app")
         with LocalConsortium(app_dir, configs, insecure=True, workdir=work / f"net-{app}") as net:

@@ -10,7 +10,6 @@ import os
 import pytest
 from flwr.app import Context
 from flwr.serverapp import ServerApp
-from flwr.simulation import run_simulation
 
 from atoll import simulation
 from atoll.demo import approve_run, prepare_site_keys
@@ -49,9 +48,7 @@ def test_evaluate_after_training_scores_every_model_at_every_site_for_free(fresh
         seen["ledger_after"] = _ledger_lines(fresh_consortium, names)
 
     os.environ[SIM_SITE_CONFIGS_ENV] = os.pathsep.join(str(c) for c in configs)
-    backend = simulation.backend_config(len(configs))  # the demo's actors: fair share of the cores, nice 0
-    with simulation.actor_environment(int(backend["client_resources"]["num_cpus"])):
-        run_simulation(server_app=app, client_app=client_app, num_supernodes=len(configs), backend_config=backend)
+    simulation.run_sites(app, client_app, len(configs))  # the demo's resources: fair share of the cores, nice 0
     assert seen["trained"] == "completed"
     assert seen["ledger_after"] == seen["ledger_before"], "evaluation charges nothing and writes no ledger record"
     root = tmp_path / "ev"

@@ -22,8 +22,8 @@ import torch
 from flwr.app import Context, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.serverapp import Grid, ServerApp
-from flwr.simulation import run_simulation
 
+from atoll import simulation
 from atoll.demo import approve_run, prepare_site_keys
 from atoll.demo_data import HOSPITALS
 from client.runtime import SIM_SITE_CONFIGS_ENV
@@ -130,9 +130,7 @@ def _simulate(configs, settings, client_app):
         holder["outputs"] = run_consortium(rec, settings, context.run_id)
 
     os.environ[SIM_SITE_CONFIGS_ENV] = os.pathsep.join(str(c) for c in configs)
-    run_simulation(server_app=app, client_app=client_app, num_supernodes=len(configs),
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": 2, "logging_level": "ERROR"}})
+    simulation.run_sites(app, client_app, len(configs))  # the demo's resources: fair share of the cores, nice 0
     assert "outputs" in holder, "the ServerApp did not finish"
     return holder["outputs"], holder["grid"]
 

@@ -57,7 +57,6 @@ def test_simulated_sites_run_at_nice_zero_with_their_thread_share() -> None:
     from flwr.app import Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
-    from flwr.simulation import run_simulation
 
     if ray.is_initialized():  # a Ray started by an earlier test keeps its own settings
         ray.shutdown()
@@ -86,10 +85,8 @@ def test_simulated_sites_run_at_nice_zero_with_their_thread_share() -> None:
         for reply in grid.send_and_receive(msgs):
             got.append(dict(reply.content["m"]))
 
-    backend = simulation.backend_config(sites, cpus=cpus)
     try:
-        with simulation.actor_environment(threads):
-            run_simulation(server_app=server, client_app=client, num_supernodes=sites, backend_config=backend)
+        simulation.run_sites(server, client, sites)  # what the demo, the benchmarks and the slow tests run
     finally:
         if ray.is_initialized():
             ray.shutdown()

@@ -13,8 +13,8 @@ import re
 import pytest
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-from flwr.simulation import run_simulation
 
+from atoll import simulation
 from atoll import demo_hippocampus as hippo
 from atoll.demo import approve_run, prepare_site_keys
 from client.app import app as client_app
@@ -38,9 +38,7 @@ def _simulate(configs, settings):
         holder["outputs"] = run_consortium(grid, settings, context.run_id)
 
     os.environ[SIM_SITE_CONFIGS_ENV] = os.pathsep.join(str(c) for c in configs)
-    run_simulation(server_app=app, client_app=client_app, num_supernodes=len(configs),
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": 2, "logging_level": "ERROR"}})
+    simulation.run_sites(app, client_app, len(configs))  # the demo's resources: fair share of the cores, nice 0
     return holder["outputs"]
 
 
