@@ -40,17 +40,22 @@ class CheckpointError(RuntimeError):
     """The checkpoint is missing, unreadable or does not match the run folder; the message says which file."""
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``path`` so that it is either the old or the new content after a crash (fsync file and folder)."""
     from privacy.keys import fsync_dir
 
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
+    with open(tmp, "wb") as fh:
+        fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """``atomic_write_bytes`` of ``text`` as UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def file_prefix_sha256(path: Path, length: int) -> str:
@@ -228,19 +233,11 @@ def save_state(path: Path, strategy: Any) -> str:
 
     import torch
 
-    from privacy.keys import fsync_dir
-
     buf = io.BytesIO()
     torch.save({"strategy": strategy_state(strategy), "rng": capture_rng()}, buf)
     data = buf.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
