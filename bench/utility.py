@@ -153,43 +153,46 @@ class Consortium:
         return out
 
 
-def _pooled(con: Consortium, recipe, seeds: int) -> dict:
+class _Pooled:
     """One non-DP model on the three sites' training splits together; validation on their validation splits."""
-    import torch
 
-    from client.evaluation import evaluate_model
-    from client.ingest import SplitTensors, build_site_dataset
-    from client.site_config import load_site_config
-    from models import build_task_model
-    from privacy.dpsgd import train_local
+    def __init__(self, con: Consortium, recipe) -> None:
+        import torch
 
-    datasets = [build_site_dataset(load_site_config(con.work / n / "site.toml")) for n in con.names]
-    offset, pats = 0, []
-    for d in datasets:
-        pats.append(d.train.patients + offset)
-        offset += d.train.num_patients
-    pooled = SplitTensors(torch.cat([d.train.images for d in datasets]), torch.cat([d.train.labels for d in datasets]),
-                          torch.cat(pats))
-    xv = torch.cat([d.val.images for d in datasets])
-    yv = torch.cat([d.val.labels for d in datasets])
-    heldout = build_site_dataset(load_site_config(con.work / "heldout-test" / "site.toml"))
-    xt = torch.cat([heldout.train.images, heldout.val.images])
-    yt = torch.cat([heldout.train.labels, heldout.val.labels])
-    steps = recipe.num_server_rounds * recipe.mechanism.steps * len(con.names)
-    cpu = torch.device("cpu")
-    runs = []
-    for r in range(seeds):
-        torch.manual_seed(r)
+        from client.ingest import SplitTensors, build_site_dataset
+        from client.site_config import load_site_config
+
+        datasets = [build_site_dataset(load_site_config(con.work / n / "site.toml")) for n in con.names]
+        offset, pats = 0, []
+        for d in datasets:
+            pats.append(d.train.patients + offset)
+            offset += d.train.num_patients
+        self.train = SplitTensors(torch.cat([d.train.images for d in datasets]),
+                                  torch.cat([d.train.labels for d in datasets]), torch.cat(pats))
+        self.val = (torch.cat([d.val.images for d in datasets]), torch.cat([d.val.labels for d in datasets]))
+        heldout = build_site_dataset(load_site_config(con.work / "heldout-test" / "site.toml"))
+        self.test = (torch.cat([heldout.train.images, heldout.val.images]),
+                     torch.cat([heldout.train.labels, heldout.val.labels]))
+        self.recipe = recipe
+        self.steps = recipe.num_server_rounds * recipe.mechanism.steps * len(con.names)
+
+    def run(self, seed: int) -> dict:
+        import torch
+
+        from client.evaluation import evaluate_model
+        from models import build_task_model
+        from privacy.dpsgd import train_local
+
+        recipe, cpu = self.recipe, torch.device("cpu")
+        torch.manual_seed(seed)
         model = build_task_model(recipe.model, recipe.task)
         t0 = time.perf_counter()
-        train_local(model, pooled, dataclasses.replace(recipe.mechanism, dp=False, steps=steps), lr=recipe.lr,
-                    device="cpu", batch_size=recipe.batch_size, seed=r)
+        train_local(model, self.train, dataclasses.replace(recipe.mechanism, dp=False, steps=self.steps),
+                    lr=recipe.lr, device="cpu", batch_size=recipe.batch_size, seed=seed)
         seconds = round(time.perf_counter() - t0, 1)
-        t, v = evaluate_model(model, xt, yt, cpu), evaluate_model(model, xv, yv, cpu)
-        runs.append({"test_accuracy": t["accuracy"], "test_auc": t["auc"], "val_accuracy": v["accuracy"],
-                     "val_auc": v["auc"], "val_loss": v["loss"], "seconds": seconds})
-        print(f"pooled seed {r}: {_brief(runs[-1])}", flush=True)
-    return _row("pooled (non-DP)", None, runs, epsilon_target=None, steps=steps)
+        t, v = evaluate_model(model, *self.test, cpu), evaluate_model(model, *self.val, cpu)
+        return {"test_accuracy": t["accuracy"], "test_auc": t["auc"], "val_accuracy": v["accuracy"],
+                "val_auc": v["auc"], "val_loss": v["loss"], "seconds": seconds}
 
 
 def _brief(run: dict) -> str:
@@ -253,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
 
     from bench.conditions import conditions
+    from client.ingest import build_site_dataset
+    from client.site_config import load_site_config
     from privacy.dpsgd import DEFAULT_MOMENTUM, DEFAULT_OPTIMIZER
     from server.settings import RunSettings
 
@@ -261,78 +266,100 @@ def main(argv: list[str] | None = None) -> None:
     print(f"conditions: {start}", flush=True)
     t_all = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="atoll-bench-utility-"))
+    # Cells (setting, arm, epsilon); seeds run outermost, so a bench stopped early still has every cell's first
+    # seeds, and the JSON is rewritten (``"partial": true``) after every run.
+    cells: list[tuple[str, Arm | None, float | None]] = []
+    if "pooled" not in args.skip:
+        cells.append(("pooled (non-DP)", None, None))
+    if "fedavg" not in args.skip:
+        cells.append(("fedavg (non-DP)", None, None))
+    for arm in ([] if "default" in args.skip else [Arm("default")]) + args.arms:
+        cells += [("dp-fedavg", arm, eps) for eps in args.eps]
+    runs: dict[int, list[dict]] = {i: [] for i in range(len(cells))}
+    extra: dict[int, dict] = {i: {"epsilon_target": eps} for i, (_, _, eps) in enumerate(cells)}
+    state: dict[str, Any] = {}
+
+    def rows() -> list[dict]:
+        return [_row(setting, arm, runs[i], **extra[i]) for i, (setting, arm, _) in enumerate(cells) if runs[i]]
+
+    def write(partial: bool) -> dict:
+        result = _result(args, seeds, state, rows(), partial, t_all, start, conditions(),
+                         DEFAULT_OPTIMIZER, DEFAULT_MOMENTUM)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        return result
+
     try:
         con = Consortium(work)
         recipe = arm_settings(Arm("default", dict(QUICK) if args.quick else {}), RunSettings(run_dir=str(work)))
         fixed = {"keys-dir": str(con.keys), "num-sites": len(con.names), "min-sites": 2}
-        from client.ingest import build_site_dataset
-        from client.site_config import load_site_config
-
         largest = max(build_site_dataset(load_site_config(work / n / "site.toml")).train.num_patients
                       for n in con.names)
-        delta = 1.0 / (10 * largest)
-        rows: list[dict] = []
-        if "pooled" not in args.skip:
-            rows.append(_pooled(con, recipe, seeds))
-        if "fedavg" not in args.skip:
-            runs = []
-            for r in range(seeds):
-                s = arm_settings(Arm("fedavg"), recipe, **fixed, dp=False, seed=r, **{"run-dir": str(work / f"runs-fedavg-{r}")})
-                runs.append(con.run(s, f"fedavg-{r}"))
-                print(f"fedavg (non-DP) seed {r}: {_brief(runs[-1])}", flush=True)
-            rows.append(_row("fedavg (non-DP)", None, runs, epsilon_target=None))
-        arms = ([] if "default" in args.skip else [Arm("default")]) + args.arms
-        for arm in arms:
-            for eps in args.eps:
-                runs, sigma = [], None
-                for r in range(seeds):
-                    tag = f"{arm.name}-{eps:g}-{r}"
-                    s = arm_settings(arm, recipe, **fixed, dp=True, seed=r, **{"run-dir": str(work / f"runs-{tag}")})
-                    sigma = calibrate(s, eps, delta)
+        state.update(recipe=recipe, delta=1.0 / (10 * largest), largest=largest)
+        pooled = _Pooled(con, recipe) if "pooled" not in args.skip else None
+        for r in range(seeds):
+            for i, (setting, arm, eps) in enumerate(cells):
+                if setting.startswith("pooled"):
+                    runs[i].append(pooled.run(r))
+                    extra[i]["steps"] = pooled.steps
+                    print(f"pooled seed {r}: {_brief(runs[i][-1])}", flush=True)
+                    write(True)
+                    continue
+                tag = f"{arm.name if arm else 'fedavg'}-{eps}-{r}"
+                s = arm_settings(arm or Arm("fedavg"), recipe, **fixed, dp=eps is not None, seed=r,
+                                 **{"run-dir": str(work / f"runs-{tag}")})
+                if eps is not None:
+                    sigma = calibrate(s, eps, state["delta"])
                     s = dataclasses.replace(s, mechanism=dataclasses.replace(s.mechanism, noise_multiplier=sigma))
                     s.check()
-                    runs.append(con.run(s, tag))
-                    print(f"dp-fedavg {arm.label()} eps={eps:g} seed {r}: {_brief(runs[-1])}", flush=True)
-                rows.append(_row("dp-fedavg", arm, runs, epsilon_target=eps, noise_multiplier=round(sigma, 3),
-                                 rounds=s.num_server_rounds, local_steps=s.mechanism.steps,
-                                 sample_rate=s.mechanism.sample_rate, clip_norm=s.mechanism.clip_norm))
+                    extra[i].update(noise_multiplier=round(sigma, 3), rounds=s.num_server_rounds,
+                                    local_steps=s.mechanism.steps, sample_rate=s.mechanism.sample_rate,
+                                    clip_norm=s.mechanism.clip_norm)
+                runs[i].append(con.run(s, tag))
+                print(f"{setting} {arm.label() if arm else ''} eps={eps} seed {r}: {_brief(runs[i][-1])}", flush=True)
+                write(True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    result = write(False)
+    print_table(result["results"])
+    for eps, b in result["best_on_validation"].items():
+        print(f"best on validation at eps {eps}: {b['arm']} (val ACC {b['val_accuracy']:.3f}; its test ACC "
+              f"{b['test_accuracy']:.3f}, AUC {b['test_auc']:.3f})")
+    print(json.dumps(result))
+
+
+def _result(args, seeds: int, state: dict, rows: list[dict], partial: bool, t_all: float, start: dict, end: dict,
+            optimizer: str, momentum: float) -> dict:
+    """The bench's JSON: recipe, calibration, every row, best-on-validation, headline keys, conditions."""
     def mean(setting: str, key: str, eps: float | None = None) -> float | None:
         for r in rows:
             if r["setting"] == setting and r.get("epsilon_target") == eps and r["arm"] in (None, "default"):
                 return r[key]["mean"]
         return None
 
-    print_table(rows)
-    best = best_on_validation(rows)
-    for eps, b in best.items():
-        print(f"best on validation at eps {eps}: {b['arm']} (val ACC {b['val_accuracy']:.3f}; its test ACC "
-              f"{b['test_accuracy']:.3f}, AUC {b['test_auc']:.3f})")
-    m = recipe.mechanism
-    result = {
-        "bench": "utility", "quick": args.quick, "seeds": seeds, "eps": args.eps,
-        "recipe": {"model": recipe.model, "optimizer": DEFAULT_OPTIMIZER, "momentum": DEFAULT_MOMENTUM,
+    recipe = state.get("recipe")
+    m = recipe.mechanism if recipe else None
+    return {
+        "bench": "utility", "partial": partial, "quick": args.quick, "seeds": seeds, "eps": args.eps,
+        "recipe": {"model": recipe.model, "optimizer": optimizer, "momentum": momentum,
                    "lr": recipe.lr, "rounds": recipe.num_server_rounds, "local_steps": m.steps,
                    "sample_rate": m.sample_rate, "clip_norm": m.clip_norm, "strategy": recipe.strategy,
-                   "batch_size_non_dp": recipe.batch_size},
+                   "batch_size_non_dp": recipe.batch_size} if recipe else None,
         "arms": {a.name: a.overrides for a in args.arms},
         "calibration": {"accountant": "Opacus get_noise_multiplier with the mechanism's accountant (rdp when left "
-                                      "to the sites' policy)", "delta": delta,
-                        "delta_rule": f"1/(10 x {largest} patients, the largest site's training patients)"},
-        "chosen_on": CHOSEN_ON, "best_on_validation": best,
+                                      "to the sites' policy)", "delta": state.get("delta"),
+                        "delta_rule": f"1/(10 x {state.get('largest')} patients, the largest site's training "
+                                      "patients)"},
+        "chosen_on": CHOSEN_ON, "best_on_validation": best_on_validation(rows),
         "reference": REFERENCE, "results": rows,
         "acc_pooled": mean("pooled (non-DP)", "test_accuracy"), "acc_fedavg": mean("fedavg (non-DP)", "test_accuracy"),
         **{f"acc_dp_eps{e:g}": mean("dp-fedavg", "test_accuracy", e) for e in args.eps},
         "auc_pooled": mean("pooled (non-DP)", "test_auc"), "auc_fedavg": mean("fedavg (non-DP)", "test_auc"),
         **{f"auc_dp_eps{e:g}": mean("dp-fedavg", "test_auc", e) for e in args.eps},
         "wall_seconds": round(time.perf_counter() - t_all, 1),
-        "conditions": {"start": start, "end": conditions()},
+        "conditions": {"start": start, "end": end},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
 
 
 if __name__ == "__main__":
