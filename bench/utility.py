@@ -75,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--skip", default="", help="comma-separated reference arms to leave out: pooled, fedavg, default")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "utility.json",
                     help="where to write the JSON (default bench/results/utility.json)")
+    ap.add_argument("--markdown", type=Path, nargs="+", metavar="JSON",
+                    help="train nothing: print the README table rows of these result files (e.g. before and after)")
     args = ap.parse_args(argv)
     if args.seeds is not None and args.seeds < 1:
         ap.error("--seeds must be >= 1")
@@ -244,6 +246,31 @@ def print_table(rows: list[dict]) -> None:
               + ("  OVER TARGET" if r.get("over_target") else ""))
 
 
+def markdown(results: list[dict]) -> str:
+    """README table rows (one per row of each result file): test ACC/AUC and validation ACC/AUC, mean ± std
+    over the seeds and every run, and the epsilon spent."""
+    def cell(s: dict) -> str:
+        if s["mean"] is None:
+            return "—"
+        runs = ", ".join("nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+                         for v in s["runs"])
+        return f"**{s['mean']:.3f}** ± {s['std']:.3f} ({runs})"
+
+    lines = ["| setting | arm (overrides) | ε | σ | seeds | test ACC | test AUC | val ACC | val AUC | ε spent (max) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        for r in res["results"]:
+            arm = "—" if r["arm"] is None else (r["arm"] + (" (" + ", ".join(f"{k}={v}" for k, v in r["overrides"].items())
+                                                         + ")" if r["overrides"] else ""))
+            eps = "—" if r.get("epsilon_target") is None else f"{r['epsilon_target']:g}"
+            sigma = "—" if r.get("noise_multiplier") is None else f"{r['noise_multiplier']:.2f}"
+            spent = f"{r['epsilon_spent_max']:.2f}" if "epsilon_spent_max" in r else "—"
+            lines.append(f"| {r['setting']} | {arm} | {eps} | {sigma} | {len(r['runs'])} | {cell(r['test_accuracy'])} | "
+                         f"{cell(r['test_auc'])} | {cell(r['val_accuracy'])} | {cell(r['val_auc'])} | {spent}"
+                         + (" OVER TARGET" if r.get("over_target") else "") + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if "--task" in argv:  # the 3D hippocampus arms live in their own module
@@ -254,6 +281,9 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("--task: only 'hippocampus' (the default, without --task, is the chest X-ray bench)")
         raise SystemExit(hippocampus_main(argv))
     args = parse_args(argv)
+    if args.markdown:
+        print(markdown([json.loads(p.read_text()) for p in args.markdown]))
+        return
 
     from bench.conditions import conditions
     from client.ingest import build_site_dataset

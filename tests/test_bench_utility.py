@@ -48,3 +48,27 @@ def test_spread_reports_mean_std_range_and_every_run_leaving_out_missing_values(
     assert s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(0.1414, abs=1e-4)
     assert s["spread"] == pytest.approx(0.2) and len(s["runs"]) == 4
     assert spread([0.8])["std"] == 0.0 and spread([])["mean"] is None
+
+
+def _fake_row(arm: str, val_acc: float, test_acc: float) -> dict:
+    from bench.utility import _row
+
+    runs = [{"test_accuracy": test_acc, "test_auc": 0.9, "val_accuracy": val_acc, "val_auc": 0.8, "seconds": 1.0,
+             "epsilon_spent": {"a": 2.9, "b": 3.0}}]
+    return _row("dp-fedavg", Arm(arm, {"lr": 0.1} if arm != "default" else {}), runs, epsilon_target=3.0,
+                noise_multiplier=2.5)
+
+
+def test_the_best_recipe_is_chosen_on_validation_never_on_the_test_split() -> None:
+    from bench.utility import best_on_validation, markdown
+
+    rows = [_fake_row("default", val_acc=0.70, test_acc=0.90), _fake_row("lr01", val_acc=0.80, test_acc=0.60)]
+    best = best_on_validation(rows)
+    assert best["3"]["arm"] == "lr01" and best["3"]["test_accuracy"] == 0.60
+    table = markdown([{"results": rows}])
+    assert "| dp-fedavg | lr01 (lr=0.1) | 3 | 2.50 | 1 | **0.600**" in table and "OVER TARGET" not in table
+    over = _fake_row("default", 0.7, 0.9)
+    over["runs"][0]["epsilon_spent"]["b"] = 3.5
+    from bench.utility import _row
+
+    assert _row("dp-fedavg", Arm("default"), over["runs"], epsilon_target=3.0)["over_target"] is True
