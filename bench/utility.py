@@ -108,6 +108,9 @@ def _row(setting: str, arm: Arm | None, runs: list[dict], **extra: Any) -> dict:
            **extra}
     for key in ("test_accuracy", "test_auc", "val_accuracy", "val_auc", "seconds"):
         row[key] = spread([r.get(key) for r in runs])
+    for key in ("test_ema_accuracy", "test_ema_auc", "test_accuracy_argmax"):
+        if any(key in r for r in runs):
+            row[key] = spread([r.get(key) for r in runs])
     spent = [max(r["epsilon_spent"].values()) for r in runs if r.get("epsilon_spent")
              and all(v is not None for v in r["epsilon_spent"].values())]
     if spent:
@@ -150,6 +153,12 @@ class Consortium:
                "epsilon_spent": {n: s.get("epsilon") for n, s in sites.items()} if settings.mechanism.dp else {},
                "contributed": sorted(n for n, s in sites.items() if s.get("status") == "contributed"),
                "seconds": seconds}
+        if "decision_threshold" in last:  # decision-threshold = "validation": chosen from released val counts
+            out["decision_threshold"] = last["decision_threshold"]
+            out["test_accuracy_argmax"] = test.get("test_accuracy_argmax", test["test_accuracy"])
+        if "ema" in test:  # server-ema > 0: the server's EMA of the global model (never sent to the sites, so
+            # the sites released no validation metrics for it: reported, not chosen on)
+            out["test_ema_accuracy"], out["test_ema_auc"] = test["ema"]["test_accuracy"], test["ema"]["test_auc"]
         shutil.rmtree(site_root, ignore_errors=True)
         shutil.rmtree(settings.run_dir, ignore_errors=True)
         return out
