@@ -36,6 +36,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import shutil
 import sys
 import tempfile
@@ -121,6 +122,11 @@ def _row(setting: str, arm: Arm | None, runs: list[dict], **extra: Any) -> dict:
     return row
 
 
+def _decides_on_validation(settings) -> bool:
+    """decision-threshold = "validation" (a run config key of this Atoll, when it has it)."""
+    return getattr(getattr(settings, "server_options", None), "decision_threshold", "argmax") == "validation"
+
+
 class Consortium:
     """The demo consortium written once; every federated run gets a fresh copy of the sites (unspent budgets)."""
 
@@ -139,6 +145,10 @@ class Consortium:
         site_root = self.work / f"sites-{tag}"
         for n in self.names:
             shutil.copytree(self.work / n, site_root / n, ignore=shutil.ignore_patterns("ledger.jsonl", "approvals.jsonl"))
+            if _decides_on_validation(settings):  # the sites' policy lists the counts the threshold is chosen on
+                toml = site_root / n / "site.toml"
+                toml.write_text(re.sub(r"released_metrics = \[", 'released_metrics = ["val_threshold_counts", ',
+                                       toml.read_text(), count=1))
         cfgs = [site_root / n / "site.toml" for n in self.names]
         approve_run(cfgs, settings)
         t0 = time.perf_counter()
