@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=None, help="demo runs (default 5; 2 with --quick)")
     ap.add_argument("--quick", action="store_true", help="2 runs")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds one demo run may take (default 1800)")
+    ap.add_argument("--parallel", type=int, default=1,
+                    help="demo runs at a time (default 1: one after another, so that wall times compare); each "
+                         "needs ~2-3 GiB; its accuracy does not depend on it")
     args = ap.parse_args(argv)
     n = args.runs or (2 if args.quick else 5)
     if n < 1:
@@ -70,16 +73,20 @@ def main(argv: list[str] | None = None) -> int:
 
     start = conditions()
     print(f"conditions: {start}", flush=True)
-    runs = []
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(r: int) -> dict:
+        x = run_once(Path(tmp) / f"demo-{r}", demo_args, args.timeout)
+        print(f"demo run {r}: test ACC {x['test_accuracy']:.3f} AUC {x['test_auc']:.3f}, epsilon "
+              + ", ".join(f"{k} {v:.2f}" for k, v in x["epsilon"].items())
+              + f", demo {x['demo_wall_seconds']} s (command {x['command_seconds']} s)", flush=True)
+        return x
+
     with tempfile.TemporaryDirectory(prefix="atoll-demo-runs-") as tmp:
-        for r in range(n):
-            runs.append(run_once(Path(tmp) / f"demo-{r}", demo_args, args.timeout))
-            x = runs[-1]
-            print(f"demo run {r}: test ACC {x['test_accuracy']:.3f} AUC {x['test_auc']:.3f}, epsilon "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in x["epsilon"].items())
-                  + f", demo {x['demo_wall_seconds']} s (command {x['command_seconds']} s)", flush=True)
+        with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:  # each run is its own process
+            runs = list(pool.map(one, range(n)))
     acc, auc = _stats([r["test_accuracy"] for r in runs]), _stats([r["test_auc"] for r in runs])
-    result = {"bench": "demo_runs", "runs": n, "demo_args": demo_args, "accuracy_spread": round(acc["spread"], 4),
+    result = {"bench": "demo_runs", "runs": n, "parallel": args.parallel, "demo_args": demo_args, "accuracy_spread": round(acc["spread"], 4),
               "accuracy_mean": round(acc["mean"], 4), "test_accuracy": acc, "test_auc": auc,
               "demo_wall_seconds": _stats([r["demo_wall_seconds"] for r in runs]), "each": runs,
               "conditions": {"start": start, "end": conditions()}}
