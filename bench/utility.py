@@ -273,6 +273,8 @@ def markdown(results: list[dict]) -> str:
             return "—"
         runs = ", ".join("nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
                          for v in s["runs"])
+        if sum(v is not None for v in s["runs"]) < 2:  # one run: no spread to show
+            return f"**{s['mean']:.3f}**"
         return f"**{s['mean']:.3f}** ± {s['std']:.3f} ({runs})"
 
     lines = ["| setting | arm (overrides) | ε | σ | seeds | test ACC | test AUC | val ACC | val AUC | ε spent (max) |",
