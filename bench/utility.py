@@ -145,8 +145,9 @@ class Consortium:
         site_root = self.work / f"sites-{tag}"
         for n in self.names:
             shutil.copytree(self.work / n, site_root / n, ignore=shutil.ignore_patterns("ledger.jsonl", "approvals.jsonl"))
-            if _decides_on_validation(settings):  # the sites' policy lists the counts the threshold is chosen on
-                toml = site_root / n / "site.toml"
+            toml = site_root / n / "site.toml"
+            if _decides_on_validation(settings) and "val_threshold_counts" not in toml.read_text():
+                # the sites' policy lists the counts the threshold is chosen on (the demo's sites may already)
                 toml.write_text(re.sub(r"released_metrics = \[", 'released_metrics = ["val_threshold_counts", ',
                                        toml.read_text(), count=1))
         cfgs = [site_root / n / "site.toml" for n in self.names]
