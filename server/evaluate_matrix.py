@@ -94,7 +94,7 @@ def evaluated_cell(task: TaskSpec, released: dict[str, float], missing: dict[str
     missing: the site's ``missing`` record (metric -> reason code) for released metrics without a value.
     threshold: small-count suppression threshold.
     """
-    names = [m for m in task.metric_names() if m.startswith("val_")]
+    names = [m for m in task.metric_names() if m.startswith("val_") and m != "val_threshold_counts"]  # pooled
     n_raw = released.get(wire.NUM_EXAMPLES)
     n = int(n_raw) if isinstance(n_raw, (int, float)) and math.isfinite(n_raw) else None
     cell = Cell("evaluated", num_examples=None if n is None else suppress_count(n, threshold), signed=signed)
