@@ -78,6 +78,10 @@ def _settings(run):
     s = dict(run.settings)
     s["task"] = run.task
     s["mechanism"] = Mechanism(**{k: tuple(v) if isinstance(v, list) else v for k, v in s["mechanism"].items()})
+    if isinstance(s.get("server_options"), dict):
+        from contract.server_options import ServerOptions
+
+        s["server_options"] = ServerOptions(**s["server_options"])
     known = set(RunSettings.__dataclass_fields__)
     return RunSettings(**{k: v for k, v in s.items() if k in known})
 

@@ -82,3 +82,17 @@ def choose(pooled: Mapping[str, float]) -> tuple[float, float] | None:
             best = key
     assert best is not None
     return best[2], best[0]
+
+
+def accuracy_at(released: Mapping[str, float], t: float) -> float | None:
+    """Accuracy at grid threshold ``t`` from one site's released counts (coarsened, so approximate to within the
+    suppression step); None when the site did not release them all or ``t`` is not a grid point."""
+    keys = metric_keys()
+    if not all(k in released for k in keys) or round(t, 2) not in GRID:
+        return None
+    i = GRID.index(round(t, 2))
+    pos, neg = released[f"{METRIC}_pos"], released[f"{METRIC}_neg"]
+    if pos + neg <= 0:
+        return None
+    correct = min(pos, released[f"{METRIC}_{i:02d}_pos"]) + max(0.0, neg - released[f"{METRIC}_{i:02d}_neg"])
+    return correct / (pos + neg)

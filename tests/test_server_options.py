@@ -199,3 +199,16 @@ def test_round_book_records_the_chosen_threshold_and_does_not_average_the_counts
     out = book.as_dict()
     assert out["decision_threshold"]["sites"] == ["a"] and out["decision_threshold"]["threshold"] == 0.3
     assert not any(k.startswith("val_threshold_counts") for k in out["aggregated"])
+
+
+def test_atoll_run_evaluate_scores_a_site_at_the_runs_threshold_from_its_released_counts():
+    from contract.task import TaskSpec
+    from server.evaluate_matrix import evaluated_cell
+
+    released = {"num-examples": 20.0, "val_accuracy": 0.5, "val_auc": 1.0,
+                **threshold.counts([0.3] * 10 + [0.1] * 10, [1] * 10 + [0] * 10)}
+    assert threshold.accuracy_at(released, 0.3) == 1.0 and threshold.accuracy_at(released, 0.5) == 0.5
+    cell = evaluated_cell(TaskSpec(), released, {}, decision_threshold=0.3)
+    assert cell.metrics["val_accuracy_at_threshold"] == 1.0
+    assert not any(k.startswith("val_threshold_counts") for k in {**cell.metrics, **cell.missing})
+    assert "val_accuracy_at_threshold" not in evaluated_cell(TaskSpec(), released, {}).metrics
