@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=None, help="runs per arm (default 2; 1 with --quick)")
     ap.add_argument("--eps", type=float, action="append", default=None, help="epsilon targets (default 3 and 8)")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {', '.join(ARMS)}")
+    ap.add_argument("--work", default=None, help="reuse (and keep) a folder holding an already generated demo "
+                                                 "consortium (its sites' preprocessing caches too)")
     args = ap.parse_args()
 
     import torch
@@ -59,8 +61,9 @@ def main() -> None:
     seeds = args.seeds or (1 if args.quick else 2)
     targets = args.eps or ([8.0] if args.quick else [3.0, 8.0])
     q = recipe.mechanism.sample_rate
-    work = Path(tempfile.mkdtemp(prefix="atoll-bench-server-"))
-    generate_consortium(work)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="atoll-bench-server-"))
+    if not (work / "consortium.json").is_file():
+        generate_consortium(work)
     names = [h.name for h in HOSPITALS]
     keys = prepare_site_keys(work, names)
     largest = max(build_site_dataset(load_site_config(work / n / "site.toml")).train.num_patients for n in names)
@@ -131,10 +134,12 @@ def main() -> None:
               "acc_threshold_gain": round(statistics.fmean(
                   [(r["test_accuracy_threshold"] or r["test_accuracy_argmax"]) - r["test_accuracy_argmax"]
                    for r in results]), 4)}
-    dest = REPO / "bench" / "results" / "server_probe.json"
+    dest = REPO / "bench" / "results" / ("server_probe.json" if args.arms == ",".join(ARMS) and not args.eps
+                                         else f"server_probe-{args.arms.replace(',', '-')}.json")
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(result, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))
 
 
