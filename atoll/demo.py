@@ -272,17 +272,34 @@ def evaluate_heldout(out: Path, settings, outputs) -> list[dict]:
         ds = fit_task(settings.task, cfg, build_site_dataset(cfg))
     images = torch.cat([ds.train.images, ds.val.images])
     labels = torch.cat([ds.train.labels, ds.val.labels])
+    from client.task_metrics import accuracy_at_threshold
+    from server.server_ema import ema_path
+
+    by_validation = settings.server_options.decision_threshold == "validation"
+
+    def score(path: Path, chosen: dict | None) -> dict:
+        model = build_task_model(settings.model, settings.task)
+        model.load_state_dict(torch.load(path, weights_only=True))
+        m = task_metrics(settings.task, model, images, labels, torch.device("cpu"))
+        row = {"test_images": m.pop("n"), **{k.replace("val_", "test_", 1): v for k, v in m.items()
+                                             if not k.startswith("val_threshold_counts")}}
+        if chosen:  # the threshold the server chose from the sites' released validation counts (never this set)
+            acc = accuracy_at_threshold(model, images, labels, torch.device("cpu"), chosen["threshold"])
+            row.update(test_threshold=chosen["threshold"], test_accuracy_at_threshold=acc)
+            if by_validation:  # the run's model decides at that threshold: its accuracy is that one
+                row.update(test_accuracy_argmax=row["test_accuracy"], test_accuracy=acc)
+        return row
+
     scores = []
     for entry in [{"round": 0}] + outputs.history:
         rnd = entry["round"]
         path = outputs.weights_path(rnd)
         if not path.exists():
             continue
-        model = build_task_model(settings.model, settings.task)
-        model.load_state_dict(torch.load(path, weights_only=True))
-        m = task_metrics(settings.task, model, images, labels, torch.device("cpu"))
-        scores.append({"round": rnd, "test_images": m.pop("n"),
-                       **{k.replace("val_", "test_", 1): v for k, v in m.items()}})
+        row = {"round": rnd, **score(path, entry.get("decision_threshold"))}
+        if ema_path(path).is_file():  # the server's EMA (server-ema > 0), at the global model's threshold
+            row["ema"] = score(ema_path(path), entry.get("decision_threshold"))
+        scores.append(row)
     return scores
 
 

@@ -103,15 +103,36 @@ class AggregationParams:
 
     strategy: str = "fedavg"
     num_malicious: int = 0
+    # contract.server_options.ServerOptions.non_default(): server momentum / FedAdam / EMA / threshold rule, by
+    # config key; pinned only when set, so a manifest without them hashes as before
+    server_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.strategy, str) or not re.match(r"^[a-z]{2,32}$", self.strategy):
             raise ManifestError(f"aggregation.strategy must be a strategy name, got {self.strategy!r}")
         if not _is_int(self.num_malicious) or self.num_malicious < 0:
             raise ManifestError(f"aggregation.num_malicious must be an integer >= 0, got {self.num_malicious!r}")
+        from contract.server_options import ServerOptions
+
+        if not isinstance(self.server_options, Mapping):
+            raise ManifestError("aggregation.server_options must be an object of server option keys")
+        try:
+            opts = ServerOptions.from_config(dict(self.server_options), where="aggregation.server_options")
+        except (TypeError, ValueError) as exc:
+            raise ManifestError(str(exc)) from None
+        unknown = set(self.server_options) - set(ServerOptions().to_config())
+        if unknown:
+            raise ManifestError(f"aggregation.server_options: unknown key(s) {', '.join(sorted(unknown))}")
+        object.__setattr__(self, "server_options", opts.non_default())
+
+    def __hash__(self) -> int:
+        return hash((self.strategy, self.num_malicious, tuple(sorted(self.server_options.items()))))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"strategy": self.strategy, "num_malicious": self.num_malicious}
+        out = {"strategy": self.strategy, "num_malicious": self.num_malicious}
+        if self.server_options:
+            out["server_options"] = dict(sorted(self.server_options.items()))
+        return out
 
 
 @dataclass(frozen=True)
@@ -177,8 +198,9 @@ class RunManifest:
         if not isinstance(tr, Mapping) or not {"batch_size", "lr"} <= set(tr) <= {"batch_size", "lr", "proximal_mu"}:
             raise ManifestError(f"{where}: training must be an object with the fields batch_size, lr, proximal_mu")
         agg = data.get("aggregation", {})
-        if not isinstance(agg, Mapping) or not set(agg) <= {"strategy", "num_malicious"}:
-            raise ManifestError(f"{where}: aggregation must be an object with the fields strategy, num_malicious")
+        if not isinstance(agg, Mapping) or not set(agg) <= {"strategy", "num_malicious", "server_options"}:
+            raise ManifestError(f"{where}: aggregation must be an object with the fields strategy, num_malicious "
+                                "(and optionally server_options)")
         try:
             task = TaskSpec.from_manifest(data["task"], where=f"{where}: task")
             mechanism = Mechanism.from_dict(data["mechanism"], where=f"{where}: mechanism")
@@ -497,7 +519,9 @@ def describe_manifest(manifest: RunManifest) -> str:
         + (f", FedProx proximal term mu={t.proximal_mu:g}" if t.proximal_mu else ""),
         f"  Aggregation    {manifest.aggregation.strategy}"
         + (f", tolerating {manifest.aggregation.num_malicious} malicious site(s)"
-           if manifest.aggregation.num_malicious else ""),
+           if manifest.aggregation.num_malicious else "")
+        + (", server post-processing " + ", ".join(f"{k}={v}" for k, v in manifest.aggregation.server_options.items())
+           if manifest.aggregation.server_options else ""),
     ]
     if mech.dp:
         acct = f", accountant {mech.accountant}" if mech.accountant else ", accountant of this site's policy"

@@ -39,7 +39,8 @@ def build_run_manifest(cfg: RoundConfig, *, app_hash: str | None = None) -> RunM
                        num_rounds=cfg.num_rounds, outputs=_outputs(cfg.model, cfg.task),
                        metrics=cfg.task.metric_names(), secure_aggregation=cfg.secagg,
                        aggregation=AggregationParams(strategy=_strategy_name(cfg.strategy),
-                                                     num_malicious=cfg.num_malicious))
+                                                     num_malicious=cfg.num_malicious,
+                                                     server_options=cfg.server_options.non_default()))
 
 
 def _strategy_name(name: str) -> str:

@@ -15,6 +15,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from contract._fields import KINDS, coerce, key_of
 from contract.mechanism import Mechanism
+from contract.server_options import ServerOptions
 from contract.task import TaskSpec
 
 # Record keys inside a reply's RecordDict.
@@ -71,11 +72,13 @@ class RoundConfig:
                                   # the site signs it into its round record (countersignature). "" = none sent
     task: TaskSpec = field(default_factory=TaskSpec)
     mechanism: Mechanism = field(default_factory=Mechanism)
+    server_options: ServerOptions = field(default_factory=ServerOptions)  # server-side post-processing (approved)
 
     def to_record(self) -> ConfigRecord:
         rec = {key_of(f.name): getattr(self, f.name) for f in fields(self) if f.name not in _NESTED}
         rec.update(self.task.to_config())
         rec.update(self.mechanism.to_config())
+        rec.update(self.server_options.to_config())
         return ConfigRecord(rec)
 
     @classmethod
@@ -92,13 +95,14 @@ class RoundConfig:
                 continue
             kwargs[f.name] = coerce(rec[key], KINDS[str(f.type)], key, "round config field")
         as_dict = dict(rec)
-        return cls(**kwargs, task=TaskSpec.from_config(as_dict), mechanism=Mechanism.from_config(as_dict))
+        return cls(**kwargs, task=TaskSpec.from_config(as_dict), mechanism=Mechanism.from_config(as_dict),
+                   server_options=ServerOptions.from_config(as_dict))
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-_NESTED = ("task", "mechanism")
+_NESTED = ("task", "mechanism", "server_options")
 
 
 def refusal_record(code: str, message: str) -> ConfigRecord:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from contract.threshold import METRIC as THRESHOLD_METRIC
 from privacy.audit import AuditResult, SiteVerdict
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
@@ -139,14 +140,23 @@ def _released_section(result: AuditResult, history: list[dict]) -> str:
                 continue
             for part in ("train", "val"):
                 for k, val in (s.get(part) or {}).items():
+                    if k.startswith(THRESHOLD_METRIC):  # ~40 counts per round: one line, not 40
+                        continue
                     seen.setdefault(site, {}).setdefault(f"{part}: {k}", []).append(val)
+            if any(k.startswith(THRESHOLD_METRIC) for k in (s.get("val") or {})):
+                chosen = (entry.get("decision_threshold") or {}).get("threshold")
+                seen.setdefault(site, {}).setdefault(
+                    f"val: {THRESHOLD_METRIC} (counts, NOT DP; decision threshold chosen)", []).append(
+                    "—" if chosen is None else chosen)
             if s.get("status") in ("refused", "rejected", "error"):
                 refused.setdefault(site, []).append(f"round {entry.get('round')}: {s.get('status')} "
                                                     f"[{s.get('code', '')}] {s.get('message', '')}")
     rows = []
     for name in sorted(set(result.sites) | set(seen)):
         v = result.sites.get(name)
-        allowed = ", ".join(v.released_metrics) if v and v.released_metrics else "—"
+        allowed = ", ".join(f"{m} (per-threshold validation counts, in the clear, not DP)"
+                            if m == THRESHOLD_METRIC else m for m in v.released_metrics) \
+            if v and v.released_metrics else "—"
         mech = sorted({(p.noise_multiplier, p.clip_norm) for p in v.points if p.dp}) if v else []
         upd = ("model update, DP-SGD " + "; ".join(f"σ={s:g}, C={c:g}" for s, c in mech)) if mech else "model update"
         if v and v.non_dp_rounds:

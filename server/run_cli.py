@@ -36,7 +36,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND = 0, 1, 2, 3  # as atoll.cli.EX
 # need neither MONAI nor Flower's strategies (tests/test_cli_startup.py keeps the lists equal).
 MODEL_CHOICES = ("atollnet", "atollnet-wide", "densenet121", "resnet10", "resnet18", "resnet34", "basicunet",
                  "basicunet-small", "scalespace")
-STRATEGY_CHOICES = ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+STRATEGY_CHOICES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum",
+                    "bulyan")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -194,9 +195,21 @@ def add_run_shape_arguments(p: argparse.ArgumentParser) -> None:
                    help="fedprox: weight mu of the sites' proximal term (required > 0 with --strategy fedprox)")
     p.add_argument("--num-malicious", type=int, default=d.num_malicious,
                    help="krum/multikrum/bulyan: malicious sites the rule tolerates (required >= 1 with them)")
+    so = d.server_options  # contract.server_options: post-processing of the aggregate (README "Server options")
+    p.add_argument("--server-lr", type=float, default=so.server_lr, help="fedavgm: server learning rate")
+    p.add_argument("--server-momentum", type=float, default=so.server_momentum,
+                   help="fedavgm: server momentum in [0, 1) (required > 0 unless --server-lr != 1)")
+    for key, default in (("eta", so.fedadam_eta), ("beta1", so.fedadam_beta1), ("beta2", so.fedadam_beta2),
+                         ("tau", so.fedadam_tau)):
+        p.add_argument(f"--fedadam-{key}", type=float, default=default, help=f"fedadam: Flower's FedAdam {key}")
+    p.add_argument("--server-ema", type=float, default=so.server_ema,
+                   help="decay of the server's EMA of the global model, saved beside each round (0 = off)")
+    p.add_argument("--decision-threshold", choices=("argmax", "validation"), default=so.decision_threshold,
+                   help="binary tasks: argmax, or the threshold chosen from the sites' released "
+                        "val_threshold_counts (validation splits, released in the clear)")
     p.add_argument("--secagg", action="store_true",
                    help="aggregate under SecAgg+ (the server sees only the sum of the masked updates; "
-                        "needs strategy fedavg and no max-update-norm; see docs/security.md)")
+                        "needs strategy fedavg, fedavgm or fedadam and no max-update-norm; see docs/security.md)")
 
 
 def run_shape_config(args: argparse.Namespace) -> dict:
@@ -209,7 +222,10 @@ def run_shape_config(args: argparse.Namespace) -> dict:
             "modalities": args.modalities, "local-steps": args.local_steps, "lr": args.lr,
             "batch-size": args.batch_size, "sample-rate": args.sample_rate, "noise-multiplier": args.noise_multiplier,
             "clip-norm": args.clip_norm, "accountant": args.accountant, "dp": not args.no_dp, "secagg": args.secagg,
-            "strategy": args.strategy, "proximal-mu": args.proximal_mu, "num-malicious": args.num_malicious}
+            "strategy": args.strategy, "proximal-mu": args.proximal_mu, "num-malicious": args.num_malicious,
+            "server-lr": args.server_lr, "server-momentum": args.server_momentum, "fedadam-eta": args.fedadam_eta,
+            "fedadam-beta1": args.fedadam_beta1, "fedadam-beta2": args.fedadam_beta2, "fedadam-tau": args.fedadam_tau,
+            "server-ema": args.server_ema, "decision-threshold": args.decision_threshold}
 
 
 def _err(text: str) -> None:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from contract import Mechanism, MechanismError, TaskError, TaskSpec
 from contract._fields import KINDS, coerce, key_of
+from contract.server_options import ServerOptions
 
 if TYPE_CHECKING:  # imported where used: `atoll run --help` and a settings check must not wait for Flower/NumPy
     from contract.wire import RoundConfig
@@ -57,6 +58,8 @@ class RunSettings:
     resume: bool = False
     task: TaskSpec = field(default_factory=TaskSpec)
     mechanism: Mechanism = field(default_factory=Mechanism)
+    # server momentum / FedAdam / server EMA / decision threshold: post-processing of what the sites released
+    server_options: ServerOptions = field(default_factory=ServerOptions)
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> "RunSettings":
@@ -72,6 +75,7 @@ class RunSettings:
         try:
             kwargs["task"] = TaskSpec.from_config(run_config, where="run config")
             kwargs["mechanism"] = Mechanism.from_config(run_config, where="run config")
+            kwargs["server_options"] = ServerOptions.from_config(run_config, where="run config")
         except (TaskError, MechanismError, ValueError) as exc:
             raise SettingsError(str(exc)) from None
         s = cls(**kwargs)
@@ -94,6 +98,7 @@ class RunSettings:
             task = TaskSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["task"].items()
                                if k in task_fields}).check(where)
             mechanism = Mechanism.from_dict(data["mechanism"], where=f"{where} mechanism")
+            server_options = ServerOptions(**data.get("server_options", {}))  # absent: a run before the options
             kwargs: dict[str, Any] = {}
             for f in fields(cls):
                 if f.name in _NESTED or f.name not in data:
@@ -101,7 +106,7 @@ class RunSettings:
                 kwargs[f.name] = coerce(data[f.name], KINDS[str(f.type)], f.name, where)
         except (TaskError, MechanismError, TypeError, ValueError) as exc:
             raise SettingsError(str(exc)) from None
-        s = cls(**kwargs, task=task, mechanism=mechanism)
+        s = cls(**kwargs, task=task, mechanism=mechanism, server_options=server_options)
         s.check()
         return s
 
@@ -118,6 +123,11 @@ class RunSettings:
         need(self.min_sites >= 1, "min-sites", "must be >= 1")
         need(self.max_update_norm >= 0, "max-update-norm", "must be >= 0 (0 = no bound)")
         self._check_strategy(need)
+        for key, what in self.server_options.problems(self.strategy):
+            need(False, key, what)
+        need(self.server_options.decision_threshold == "argmax"
+             or (self.task.is_classification and len(self.task.classes) == 2), "decision-threshold",
+             "\"validation\" needs a binary classification task (a threshold on the positive class's probability)")
         need(self.round_timeout > 0, "round-timeout", "must be > 0")
         need(bool(self.run_dir) and Path(self.run_dir).is_absolute(), "run-dir",
              "must be an absolute path (relative paths resolve against the SuperLink's working directory)")
@@ -143,8 +153,9 @@ class RunSettings:
     def _check_secagg(self, need) -> None:
         """SecAgg+ hides single updates from the server, so nothing may need a single update."""
         strategy = self.strategy.strip().lower().replace("-", "").replace("_", "")
-        need(strategy == "fedavg", "strategy",
-             f"is {self.strategy!r} but must be \"fedavg\" when secagg = true: under SecAgg+ the server only "
+        need(strategy in ("fedavg", "fedavgm", "fedadam"), "strategy",
+             f"is {self.strategy!r} but must be \"fedavg\" (or \"fedavgm\" / \"fedadam\", which only "
+             "post-process the sum) when secagg = true: under SecAgg+ the server only "
              "sees the sum of the sites' masked updates, so a robust rule (median, trimmed mean, Krum, Bulyan) "
              "has no single update to act on, and FedProx is not available on the legacy SecAgg+ path")
         need(self.max_update_norm == 0, "max-update-norm",
@@ -181,7 +192,7 @@ class RunSettings:
     def to_run_config(self) -> dict[str, Any]:
         """As Flower's `--run-config` keys (the inverse of from_run_config)."""
         out = {key_of(f.name): getattr(self, f.name) for f in fields(self) if f.name not in _NESTED}
-        return {**out, **self.task.to_config(), **self.mechanism.to_config()}
+        return {**out, **self.task.to_config(), **self.mechanism.to_config(), **self.server_options.to_config()}
 
     def name_for(self, flower_run_id: int) -> str:
         return self.run_name or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{flower_run_id % 100000:05d}"
@@ -192,7 +203,8 @@ class RunSettings:
         return RoundConfig(run_id=run_name, server_round=server_round, num_rounds=self.num_server_rounds,
                            model=self.model, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
                            secagg=self.secagg, strategy=self.strategy, proximal_mu=self.proximal_mu,
-                           num_malicious=self.num_malicious, task=self.task, mechanism=self.mechanism)
+                           num_malicious=self.num_malicious, task=self.task, mechanism=self.mechanism,
+                           server_options=self.server_options)
 
 
-_NESTED = ("task", "mechanism")
+_NESTED = ("task", "mechanism", "server_options")

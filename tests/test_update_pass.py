@@ -222,6 +222,7 @@ def test_other_npy_layouts_fall_back_to_flowers_decoder():
 
 def test_only_weighted_mean_strategies_sum_on_admission():
     assert sums_in_one_pass("fedavg") and sums_in_one_pass("FedProx")
+    assert sums_in_one_pass("fedavgm") and sums_in_one_pass("fedadam")  # they post-process the one-pass mean
     assert not any(sums_in_one_pass(n) for n in ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"))
 
 
