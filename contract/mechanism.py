@@ -215,7 +215,8 @@ class Mechanism:
         if self.adaptive_clip:
             out.update({"adaptive_clip": True, "target_unclipped_quantile": float(self.target_unclipped_quantile),
                         "clip_lr": float(self.clip_lr), "count_noise": float(self.count_noise),
-                        GRADIENT_NOISE_KEY: self.gradient_noise()})
+                        # null for an impossible split (a refusal record): JSON has no infinity
+                        GRADIENT_NOISE_KEY: self.gradient_noise() if math.isfinite(self.gradient_noise()) else None})
         return out
 
     @classmethod

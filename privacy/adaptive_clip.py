@@ -38,6 +38,7 @@ import math
 
 import torch
 from opacus.optimizers import AdaClipDPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from contract.mechanism import Mechanism
 
@@ -71,6 +72,19 @@ class CentredAdaClipOptimizer(AdaClipDPOptimizer):
         self.mechanism = mechanism
         self.released_counts: list[float] = []
         self.clip_norms: list[float] = []
+
+    def clip_and_accumulate(self) -> None:
+        """Opacus' per-sample clipping and counting; an empty batch (Opacus' own code cannot reshape it) adds a zero
+        sum and a zero count, so the step still releases noise on both (fix 3)."""
+        if self.grad_samples and len(self.grad_samples[0]) == 0:
+            for p in self.params:
+                _check_processed_flag(p.grad_sample)
+                if p.summed_grad is None:
+                    p.summed_grad = torch.zeros_like(p)
+                _mark_as_processed(p.grad_sample)
+            self.unclipped_num = torch.zeros((), device=self.params[0].device) + self.unclipped_num
+            return
+        super().clip_and_accumulate()
 
     @property
     def gradient_noise_multiplier(self) -> float:
