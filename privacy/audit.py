@@ -122,6 +122,9 @@ class RoundPoint:
     independent_epsilon: float | None
     independent_method: str
     released_metrics: list[str]
+    #: adaptive clipping: clip_norm is the starting C; σ_b of the count and σ_z of the gradient (else None)
+    count_noise: float | None = None
+    gradient_noise_multiplier: float | None = None
 
 
 @dataclass
@@ -246,6 +249,16 @@ def google_epsilon(hist: tuple[tuple[float, float, int], ...], delta: float, met
     for s, q, n in hist:
         acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(s)), n)
     return float(acc.get_epsilon(delta))
+
+
+def _adaptive_point(rec: dict, dp: bool) -> dict[str, float]:
+    """The report's σ_b / σ_z of an adaptive record (a malformed one is flagged by check_split, drawn as fixed)."""
+    if rec.get("adaptive_clip") is not True or not dp:
+        return {}
+    try:
+        return {"count_noise": float(rec["count_noise"]), "gradient_noise_multiplier": float(rec[GRADIENT_NOISE_KEY])}
+    except (KeyError, TypeError, ValueError):
+        return {}
 
 
 def _hist_of(value: Any) -> tuple[tuple[float, float, int], ...]:
@@ -564,7 +577,8 @@ class _Auditor:
                           steps=int(rec.get("steps", 0)), accountant=accountant, delta=delta, epsilon_before=before,
                           epsilon_after=after, max_epsilon=max_eps, opacus_epsilon=opacus,
                           independent_epsilon=independent, independent_method=f"dp_accounting {method.upper()}",
-                          released_metrics=list(rec.get("released_metrics") or []))
+                          released_metrics=list(rec.get("released_metrics") or []),
+                          **_adaptive_point(rec, dp))
 
     def check_split(self, rec: dict, source: str, line: int, dp: bool) -> None:
         """Adaptive clipping: the record's σ must be what the gradient noise σ_z and the count noise σ_b add up to.
