@@ -527,6 +527,10 @@ def describe_manifest(manifest: RunManifest) -> str:
         acct = f", accountant {mech.accountant}" if mech.accountant else ", accountant of this site's policy"
         lines.append(f"  Privacy        DP-SGD: noise multiplier {mech.noise_multiplier:g}, clip norm "
                      f"{mech.clip_norm:g}, sample rate {mech.sample_rate:g}{acct}")
+        if mech.adaptive_clip:  # contract.mechanism: the same charge, the noise split with a released count
+            lines.append(f"                 adaptive clipping from C {mech.clip_norm:g} (target unclipped quantile "
+                         f"{mech.target_unclipped_quantile:g}, step {mech.clip_lr:g}); count noise "
+                         f"{mech.count_noise:g}, gradient noise {mech.gradient_noise():.4g}")
     else:
         lines.append("  Privacy        DP OFF: model updates leave WITHOUT differential privacy")
     lines.append("  Leaves the site each round:")

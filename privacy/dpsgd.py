@@ -62,7 +62,7 @@ from torch import nn
 
 from contract.mechanism import Mechanism
 
-from . import fast_clipping
+from . import adaptive_clip, fast_clipping
 from .ghost_conv import fast_layers
 
 GRAD_SAMPLE_MODES: tuple[str, ...] = ("bk", "fast", "hooks", "functorch", "ghost", "ghost-conv")
@@ -211,6 +211,8 @@ class PrivateStep:
         generator: torch.Generator | None = None,
         criterion: Criterion = cross_entropy,
     ) -> None:
+        if dp.adaptive_clip:  # its own route: per-sample gradients into privacy.adaptive_clip's optimizer
+            grad_sample_mode = adaptive_clip.resolve_mode(grad_sample_mode)
         grad_sample_mode = resolve_grad_sample_mode(model, grad_sample_mode)
         self.mode = grad_sample_mode
         self.model = model
@@ -253,7 +255,9 @@ class PrivateStep:
                 model, batch_first=True, loss_reduction="sum", strict=True,
                 force_functorch=grad_sample_mode == "functorch",
             )
-            self.optimizer = DPOptimizer(
+            self.optimizer = adaptive_clip.make_optimizer(
+                optimizer, dp, expected_batch_size=expected_batch_size, generator=generator,
+            ) if dp.adaptive_clip else DPOptimizer(
                 optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.clip_norm,
                 expected_batch_size=expected_batch_size, loss_reduction="mean", generator=generator,
             )

@@ -171,13 +171,21 @@ def _released_section(result: AuditResult, history: list[dict]) -> str:
             '<th class="l">refusals / rejections</th></tr>' + "".join(rows) + "</table>")
 
 
+def _clip(p) -> str:
+    """C, or for adaptive clipping its start and the noise split (σ_b on the count, σ_z on the gradient)."""
+    if p.count_noise is None:
+        return f"{p.clip_norm:g}"
+    return (f'{p.clip_norm:g} <span class="muted">(adaptive start; σ_b={p.count_noise:g}, '
+            f'σ_z={p.gradient_noise_multiplier:.4g})</span>')
+
+
 def _mechanism_table(result: AuditResult) -> str:
     rows = []
     for name in sorted(result.sites):
         for p in result.sites[name].points:
             rows.append(
                 f'<tr><td class="l">{_e(name)}</td><td class="l">{_e(p.run_id)}</td><td>{p.server_round}</td>'
-                f'<td>{"yes" if p.dp else "<b>NO</b>"}</td><td>{p.noise_multiplier:g}</td><td>{p.clip_norm:g}</td>'
+                f'<td>{"yes" if p.dp else "<b>NO</b>"}</td><td>{p.noise_multiplier:g}</td><td>{_clip(p)}</td>'
                 f'<td>{p.sample_rate:.4g}</td><td>{p.steps}</td><td>{_e(p.accountant)}</td><td>{p.delta:.2e}</td>'
                 f'<td>{_eps(p.epsilon_before)}</td><td>{_eps(p.epsilon_after)}</td><td>{_eps(p.opacus_epsilon)}</td>'
                 f'<td>{_eps(p.independent_epsilon)}<br><span class="muted">({_e(p.independent_method)})</span></td>'

@@ -185,6 +185,14 @@ def add_run_shape_arguments(p: argparse.ArgumentParser) -> None:
     mech.add_argument("--clip-norm", metavar="C", type=float, default=m.clip_norm, help="DP-SGD per-patient clip norm C")
     mech.add_argument("--accountant", default=m.accountant, choices=("", "rdp", "prv"),
                       help="accountant the sites must charge with (default: each site's policy's)")
+    mech.add_argument("--adaptive-clip", action="store_true",
+                      help="adaptive clipping (Andrew et al. 2021): --clip-norm is the starting C; needs --count-noise")
+    mech.add_argument("--target-unclipped-quantile", metavar="GAMMA", type=float, default=m.target_unclipped_quantile,
+                      help="adaptive clipping: fraction of sampled patients C should leave unclipped")
+    mech.add_argument("--clip-lr", metavar="ETA", type=float, default=m.clip_lr,
+                      help="adaptive clipping: geometric step of C per DP step")
+    mech.add_argument("--count-noise", metavar="SIGMA_B", type=float, default=m.count_noise,
+                      help="adaptive clipping: noise std of the released unclipped count (> noise multiplier / 2)")
     p.add_argument("--lr", metavar="X", type=float, default=d.lr, help="local learning rate (SGD with momentum 0.9)")
     p.add_argument("--batch-size", metavar="N", type=int, default=d.batch_size, help="minibatch size without DP")
     p.add_argument("--no-dp", action="store_true", help="ask for non-DP training (sites refuse unless allowed)")
@@ -225,7 +233,9 @@ def run_shape_config(args: argparse.Namespace) -> dict:
             "strategy": args.strategy, "proximal-mu": args.proximal_mu, "num-malicious": args.num_malicious,
             "server-lr": args.server_lr, "server-momentum": args.server_momentum, "fedadam-eta": args.fedadam_eta,
             "fedadam-beta1": args.fedadam_beta1, "fedadam-beta2": args.fedadam_beta2, "fedadam-tau": args.fedadam_tau,
-            "server-ema": args.server_ema, "decision-threshold": args.decision_threshold}
+            "server-ema": args.server_ema, "decision-threshold": args.decision_threshold,
+            "adaptive-clip": args.adaptive_clip, "target-unclipped-quantile": args.target_unclipped_quantile,
+            "clip-lr": args.clip_lr, "count-noise": args.count_noise}
 
 
 def _err(text: str) -> None:
