@@ -194,6 +194,12 @@ def add_run_shape_arguments(p: argparse.ArgumentParser) -> None:
                    help="fedprox: weight mu of the sites' proximal term (required > 0 with --strategy fedprox)")
     p.add_argument("--num-malicious", type=int, default=d.num_malicious,
                    help="krum/multikrum/bulyan: malicious sites the rule tolerates (required >= 1 with them)")
+    p.add_argument("--augment-multiplicity", metavar="K", type=int, default=d.augment_multiplicity,
+                   help="K random views (flip, shift) of each sampled image, their gradients averaged before "
+                        "clipping: same privacy charge, K-fold compute (1 = off; classification only)")
+    p.add_argument("--ema-decay", metavar="D", type=float, default=d.ema_decay,
+                   help="sites release the moving average (decay D in [0, 1)) of their DP iterates within a "
+                        "round instead of the last one: post-processing, no extra charge (0 = off)")
     p.add_argument("--secagg", action="store_true",
                    help="aggregate under SecAgg+ (the server sees only the sum of the masked updates; "
                         "needs strategy fedavg and no max-update-norm; see docs/security.md)")
@@ -209,7 +215,8 @@ def run_shape_config(args: argparse.Namespace) -> dict:
             "modalities": args.modalities, "local-steps": args.local_steps, "lr": args.lr,
             "batch-size": args.batch_size, "sample-rate": args.sample_rate, "noise-multiplier": args.noise_multiplier,
             "clip-norm": args.clip_norm, "accountant": args.accountant, "dp": not args.no_dp, "secagg": args.secagg,
-            "strategy": args.strategy, "proximal-mu": args.proximal_mu, "num-malicious": args.num_malicious}
+            "strategy": args.strategy, "proximal-mu": args.proximal_mu, "num-malicious": args.num_malicious,
+            "augment-multiplicity": args.augment_multiplicity, "ema-decay": args.ema_decay}
 
 
 def _err(text: str) -> None:
