@@ -59,7 +59,8 @@ def main() -> None:
     rounds, steps = (2, 50) if args.quick else (recipe.num_server_rounds, recipe.mechanism.steps)
     repeats = args.repeats or (1 if args.quick else 2)
     q = recipe.mechanism.sample_rate
-    arms = [a for a in ARMS if a[0] in args.arms.split(",")]
+    by_label = {a[0]: a for a in ARMS}
+    arms = [by_label[name] for name in args.arms.split(",")]  # in the order asked
     epsilons = [float(e) for e in args.eps.split(",")]
 
     work = Path(tempfile.mkdtemp(prefix="atoll-bench-recipe-"))
@@ -102,6 +103,10 @@ def main() -> None:
                     "epsilon_spent": {n: s.get("epsilon") for n, s in last.items()},
                     "seconds_per_round": round(seconds / rounds, 1)})
                 print(f"eps={eps} {label} run {r}: {runs[-1]}", flush=True)
+                partial = REPO / "bench" / "results" / "recipe_probe.partial.json"  # what a cut-short run leaves
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                partial.write_text(json.dumps({"conditions": conditions, "done": results, "current": {
+                    "epsilon_target": eps, "arm": label, "runs": runs}}, indent=2))
             results.append({"epsilon_target": eps, "noise_multiplier": round(sigma, 3), "arm": label,
                             "augment_multiplicity": k, "ema_decay": decay,
                             **{m: _mean([run[m] for run in runs]) for m in

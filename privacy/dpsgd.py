@@ -453,7 +453,7 @@ def train_local(
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     ema = IterateEMA(model, ema_decay) if ema_decay > 0 else None
 
-    def proximal_step() -> None:
+    def after_step() -> None:
         """After each optimizer step: FedProx's decoupled pull, then fold the iterate into the EMA (both read
         only the released iterate and the round's global weights)."""
         if anchor is not None:
@@ -481,7 +481,7 @@ def train_local(
             loss = loss_fn(model(x), labels[idx].repeat_interleave(augment_multiplicity, dim=0)) / len(x)
             loss.backward()
             opt.step()
-            proximal_step()
+            after_step()
             losses.append(loss.item())
     else:
         sampler = PatientSampler(patients, dp.sample_rate, generator)
@@ -497,7 +497,7 @@ def train_local(
                 for _ in range(steps):
                     idx = sampler.sample().to(dev)
                     loss_value = private.step(images[idx], labels[idx])
-                    proximal_step()
+                    after_step()
                     if loss_value is None:
                         empty_steps += 1
                     else:
