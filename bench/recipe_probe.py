@@ -5,8 +5,9 @@ with the lead's default recipe, the noise multiplier calibrated with Opacus' RDP
 most patients ends at the target epsilon (as bench/utility.py). Arms differ only by run-config keys
 ``augment-multiplicity`` / ``ema-decay``; both keep (sigma, q, steps), so every arm spends the same epsilon.
 
-Choosing a value: only from the sites' VALIDATION metrics (released in the clear, mean over sites of the last
-round's val_auc, then val_accuracy); the held-out TEST numbers are reported beside them, never used to choose.
+Choosing a value: only from the sites' VALIDATION metrics (released in the clear; the last round's val_auc as
+the server aggregates it over the sites, then val_accuracy); the held-out TEST numbers are reported beside them,
+never used to choose.
 Each run of an arm trains on the sites' data and spends their budget like any run: this is a benchmark on the
 synthetic demo hospitals, not a sweep to run on real site data.
 
@@ -96,9 +97,9 @@ def main() -> None:
                 seconds = time.perf_counter() - t0
                 test = evaluate_heldout(work, settings, outputs)[-1]
                 last = outputs.history[-1]["sites"]
+                val = outputs.history[-1].get("aggregated", {})  # the sites' released val metrics, aggregated
                 runs.append({
-                    "val_auc": _mean([s.get("val_auc") for s in last.values()]),
-                    "val_accuracy": _mean([s.get("val_accuracy") for s in last.values()]),
+                    "val_auc": val.get("val_auc"), "val_accuracy": val.get("val_accuracy"),
                     "test_accuracy": test["test_accuracy"], "test_auc": test["test_auc"],
                     "epsilon_spent": {n: s.get("epsilon") for n, s in last.items()},
                     "seconds_per_round": round(seconds / rounds, 1)})
