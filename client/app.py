@@ -196,7 +196,8 @@ def train(msg: Message, context: Context) -> Message:
         f"{cfg.seed}|{cfg.run_id}|{cfg.server_round}|{site.name}".encode()).digest()[:4], "big")
     result = train_local(model, train_split, cfg.mechanism, lr=cfg.lr, device=site.device,
                          batch_size=cfg.batch_size, seed=seed, criterion=build_loss(cfg.task),
-                         proximal_mu=cfg.proximal_mu)
+                         proximal_mu=cfg.proximal_mu, augment_multiplicity=cfg.augment_multiplicity,
+                         ema_decay=cfg.ema_decay)
     update = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     raw_metrics = {wire.NUM_EXAMPLES: len(train_split.labels), "train_loss": result.train_loss,
                    "train_seconds": result.seconds,

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from contract import Mechanism, MechanismError, TaskError, TaskSpec
+from contract.recipe import check_decay, check_multiplicity
 
 MANIFEST_VERSION = 2  # 2: the task and the DP mechanism as their own sections
 APPROVALS_FILE = "approvals.jsonl"
@@ -81,6 +82,8 @@ class TrainingParams:
     batch_size: int
     lr: float
     proximal_mu: float = 0.0  # fedprox: weight of the proximal term pulling the site's model to the global one
+    augment_multiplicity: int = 1  # K augmented views per sampled image, averaged before clipping (1 = off)
+    ema_decay: float = 0.0    # the site releases the EMA of its DP iterates within a round (0 = off)
 
     def __post_init__(self) -> None:
         if not _is_num(self.lr) or self.lr <= 0:
@@ -91,9 +94,24 @@ class TrainingParams:
         if not _is_num(self.proximal_mu) or self.proximal_mu < 0:
             raise ManifestError(f"training.proximal_mu must be a finite number >= 0, got {self.proximal_mu!r}")
         object.__setattr__(self, "proximal_mu", float(self.proximal_mu))
+        try:
+            check_multiplicity(self.augment_multiplicity, "training.augment_multiplicity")
+            object.__setattr__(self, "ema_decay", check_decay(self.ema_decay, "training.ema_decay"))
+        except ValueError as exc:
+            raise ManifestError(str(exc)) from None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"batch_size": self.batch_size, "lr": self.lr, "proximal_mu": self.proximal_mu}
+        out: dict[str, Any] = {"batch_size": self.batch_size, "lr": self.lr, "proximal_mu": self.proximal_mu}
+        # The recipe options appear only when set, so the manifests (and hashes) sites approved before they
+        # existed stay what they were.
+        if self.augment_multiplicity != 1:
+            out["augment_multiplicity"] = self.augment_multiplicity
+        if self.ema_decay:
+            out["ema_decay"] = self.ema_decay
+        return out
+
+
+TRAINING_FIELDS = ("batch_size", "lr", "proximal_mu", "augment_multiplicity", "ema_decay")
 
 
 @dataclass(frozen=True)
@@ -195,8 +213,8 @@ class RunManifest:
         if data["atoll_run_manifest"] != MANIFEST_VERSION:
             raise ManifestError(f"{where}: atoll_run_manifest must be {MANIFEST_VERSION}, got {data['atoll_run_manifest']!r}")
         tr = data["training"]
-        if not isinstance(tr, Mapping) or not {"batch_size", "lr"} <= set(tr) <= {"batch_size", "lr", "proximal_mu"}:
-            raise ManifestError(f"{where}: training must be an object with the fields batch_size, lr, proximal_mu")
+        if not isinstance(tr, Mapping) or not {"batch_size", "lr"} <= set(tr) <= set(TRAINING_FIELDS):
+            raise ManifestError(f"{where}: training must be an object with the fields {', '.join(TRAINING_FIELDS)}")
         agg = data.get("aggregation", {})
         if not isinstance(agg, Mapping) or not set(agg) <= {"strategy", "num_malicious", "server_options"}:
             raise ManifestError(f"{where}: aggregation must be an object with the fields strategy, num_malicious "
@@ -225,7 +243,9 @@ class RunManifest:
                 task=task,
                 mechanism=mechanism,
                 training=TrainingParams(batch_size=tr["batch_size"], lr=tr["lr"],
-                                        proximal_mu=tr.get("proximal_mu", 0.0)),
+                                        proximal_mu=tr.get("proximal_mu", 0.0),
+                                        augment_multiplicity=tr.get("augment_multiplicity", 1),
+                                        ema_decay=tr.get("ema_decay", 0.0)),
                 aggregation=AggregationParams(**agg),
                 num_rounds=data["num_rounds"],
                 outputs=tuple(specs),
@@ -516,7 +536,10 @@ def describe_manifest(manifest: RunManifest) -> str:
         f"  Model          {manifest.model}: {len(manifest.outputs)} tensors, {n_params:,} parameters",
         f"  Rounds         {manifest.num_rounds}",
         f"  Local training {mech.steps} steps per round, learning rate {t.lr:g}, batch size {t.batch_size}"
-        + (f", FedProx proximal term mu={t.proximal_mu:g}" if t.proximal_mu else ""),
+        + (f", FedProx proximal term mu={t.proximal_mu:g}" if t.proximal_mu else "")
+        + (f", {t.augment_multiplicity} augmented views per image (averaged before clipping)"
+           if t.augment_multiplicity != 1 else "")
+        + (f", releases the moving average (decay {t.ema_decay:g}) of its DP iterates" if t.ema_decay else ""),
         f"  Aggregation    {manifest.aggregation.strategy}"
         + (f", tolerating {manifest.aggregation.num_malicious} malicious site(s)"
            if manifest.aggregation.num_malicious else "")

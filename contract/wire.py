@@ -67,6 +67,8 @@ class RoundConfig:
     secagg: bool = False          # the update leaves masked under SecAgg+ (part of what a site approves)
     strategy: str = "fedavg"      # how the server combines the updates (sites approve it)
     proximal_mu: float = 0.0      # fedprox: the site adds the proximal term (mu/2)||w - w_global||^2
+    augment_multiplicity: int = 1  # K augmented views per sampled image, averaged before clipping (1 = off)
+    ema_decay: float = 0.0        # the site releases the EMA of its DP iterates within the round (0 = off)
     num_malicious: int = 0        # krum | multikrum | bulyan: sites the rule tolerates
     prev_digest: str = ""         # hash of the consortium's signed digest of the previous round (privacy.anchor);
                                   # the site signs it into its round record (countersignature). "" = none sent

@@ -215,6 +215,12 @@ def add_run_shape_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decision-threshold", choices=("argmax", "validation"), default=so.decision_threshold,
                    help="binary tasks: argmax, or the threshold chosen from the sites' released "
                         "val_threshold_counts (validation splits, released in the clear)")
+    p.add_argument("--augment-multiplicity", metavar="K", type=int, default=d.augment_multiplicity,
+                   help="K random views (flip, shift) of each sampled image, their gradients averaged before "
+                        "clipping: same privacy charge, K-fold compute (1 = off; classification only)")
+    p.add_argument("--ema-decay", metavar="D", type=float, default=d.ema_decay,
+                   help="sites release the moving average (decay D in [0, 1)) of their DP iterates within a "
+                        "round instead of the last one: post-processing, no extra charge (0 = off)")
     p.add_argument("--secagg", action="store_true",
                    help="aggregate under SecAgg+ (the server sees only the sum of the masked updates; "
                         "needs strategy fedavg, fedavgm or fedadam and no max-update-norm; see docs/security.md)")
@@ -235,7 +241,8 @@ def run_shape_config(args: argparse.Namespace) -> dict:
             "fedadam-beta1": args.fedadam_beta1, "fedadam-beta2": args.fedadam_beta2, "fedadam-tau": args.fedadam_tau,
             "server-ema": args.server_ema, "decision-threshold": args.decision_threshold,
             "adaptive-clip": args.adaptive_clip, "target-unclipped-quantile": args.target_unclipped_quantile,
-            "clip-lr": args.clip_lr, "count-noise": args.count_noise}
+            "clip-lr": args.clip_lr, "count-noise": args.count_noise,
+            "augment-multiplicity": args.augment_multiplicity, "ema-decay": args.ema_decay}
 
 
 def _err(text: str) -> None:

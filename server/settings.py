@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from contract import Mechanism, MechanismError, TaskError, TaskSpec
 from contract._fields import KINDS, coerce, key_of
 from contract.server_options import ServerOptions
+from contract.recipe import MAX_AUGMENT_MULTIPLICITY
 
 if TYPE_CHECKING:  # imported where used: `atoll run --help` and a settings check must not wait for Flower/NumPy
     from contract.wire import RoundConfig
@@ -42,6 +43,9 @@ class RunSettings:
     batch_size: int = 64
     strategy: str = "fedavg"
     proximal_mu: float = 0.0      # fedprox: weight of the proximal term (mu/2)||w - w_global||^2 at the sites
+    # Site-side recipe options (privacy.dpsgd; both keep the mechanism and its charge, README "Run config"):
+    augment_multiplicity: int = 1  # K random views of each sampled image, gradients averaged before clipping
+    ema_decay: float = 0.0        # sites release the EMA (decay d) of their DP iterates within a round; 0 = off
     num_malicious: int = 0        # krum | multikrum | bulyan: how many sites the rule must tolerate (f >= 1)
     max_update_norm: float = 0.0  # reject updates with ||update - global|| above this; 0 = no bound
     min_sites: int = 2
@@ -117,6 +121,7 @@ class RunSettings:
         need(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1")
         need(self.lr > 0, "lr", "must be > 0")
         need(self.batch_size >= 1, "batch-size", "must be >= 1")
+        self._check_recipe(need)
         for key, what in (*self.mechanism.problems(), *self.task.problems()):
             need(False, key, what)
         need(self.task.spatial_dims == 3 or min(self.task.size) >= 8, "image-size", "must be >= 8")
@@ -133,6 +138,15 @@ class RunSettings:
              "must be an absolute path (relative paths resolve against the SuperLink's working directory)")
         if self.secagg:
             self._check_secagg(need)
+
+    def _check_recipe(self, need) -> None:
+        """The site-side training options: the same bounds train_local enforces, named by run-config key."""
+        need(1 <= self.augment_multiplicity <= MAX_AUGMENT_MULTIPLICITY, "augment-multiplicity",
+             f"must be a whole number in [1, {MAX_AUGMENT_MULTIPLICITY}] (1 = no augmentation), "
+             f"got {self.augment_multiplicity}")
+        need(self.augment_multiplicity == 1 or self.task.kind == "classification", "augment-multiplicity",
+             f"must be 1 for task {self.task.kind!r}: augmented views apply to classification only")
+        need(0 <= self.ema_decay < 1, "ema-decay", f"must be in [0, 1) (0 = off), got {self.ema_decay}")
 
     def _check_strategy(self, need) -> None:
         """Every strategy setting must act: no fedprox without a proximal term, no Krum tolerating nobody."""
@@ -203,6 +217,7 @@ class RunSettings:
         return RoundConfig(run_id=run_name, server_round=server_round, num_rounds=self.num_server_rounds,
                            model=self.model, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
                            secagg=self.secagg, strategy=self.strategy, proximal_mu=self.proximal_mu,
+                           augment_multiplicity=self.augment_multiplicity, ema_decay=self.ema_decay,
                            num_malicious=self.num_malicious, task=self.task, mechanism=self.mechanism,
                            server_options=self.server_options)
 
