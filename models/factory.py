@@ -117,6 +117,8 @@ _REGISTRY: dict[str, Builder] = {
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+#: networks TorchScript cannot compile (kymatio's scattering): `atoll run export` writes no models/model.ts for them
+NOT_SCRIPTABLE = frozenset({"scatternet"})
 #: networks whose builder takes the task's ``image_size`` (to check it and to prepare their fixed features)
 _TAKES_IMAGE_SIZE = frozenset({"scatternet"})
 #: which task kind each network serves (a classifier cannot segment, and the other way round)

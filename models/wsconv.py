@@ -28,10 +28,10 @@ WS_EPS = 1e-5
 
 def standardize_weight(weight: torch.Tensor, eps: float = WS_EPS) -> torch.Tensor:
     """``(w - mean) / sqrt(var + eps)`` per output filter, over its fan-in (all dims but the first)."""
-    dims = tuple(range(1, weight.dim()))
-    mean = weight.mean(dim=dims, keepdim=True)
-    var = weight.var(dim=dims, keepdim=True, unbiased=False)
-    return (weight - mean) / torch.sqrt(var + eps)
+    w = weight.flatten(1)  # written to stay TorchScript-compatible (the exported bundle scripts the network)
+    mean = w.mean(dim=1, keepdim=True)
+    var = w.var(dim=1, keepdim=True, unbiased=False)
+    return ((w - mean) / torch.sqrt(var + eps)).view_as(weight)
 
 
 class _WSMixin:
