@@ -114,6 +114,7 @@ def test_standardised_weight_has_zero_mean_unit_variance_per_filter_and_keeps_th
     ws_net.load_state_dict(plain.state_dict())
     x = torch.rand(2, 1, 28, 28)
     assert not torch.allclose(ws_net(x), plain(x))  # same weights, standardised: another function
+    torch.testing.assert_close(torch.jit.script(ws_net)(x), ws_net(x))  # `atoll run export` scripts it (model.ts)
     assert build_model("atollnet-ws", spatial_dims=3)(torch.rand(2, 1, 16, 16, 16)).shape == (2, 2)
 
 
