@@ -40,9 +40,11 @@ def _val_metrics(outputs) -> dict[str, float]:
     out: dict[str, list[float]] = {}
     for s in sites.values():
         metrics = dict(s)
-        metrics.update(s.get("metrics") or {})
+        for nested in ("metrics", "val"):  # history keeps a site's released validation metrics under "val"
+            if isinstance(s.get(nested), dict):
+                metrics.update(s[nested])
         for k in ("val_accuracy", "val_auc"):
-            v = metrics.get(k)
+            v = metrics.get(k, metrics.get(k.removeprefix("val_")))
             if isinstance(v, (int, float)):
                 out.setdefault(k, []).append(float(v))
     return {k: statistics.fmean(v) for k, v in out.items()}
