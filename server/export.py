@@ -320,7 +320,10 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, round_: int | None = 
         (tmp / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2))
         (tmp / "configs" / "inference.json").write_text(json.dumps(infer, indent=2))
         torch.save(net.state_dict(), tmp / "models" / "model.pt")
-        _torchscript(tmp)
+        from models.factory import NOT_SCRIPTABLE
+
+        if run.settings["model"] not in NOT_SCRIPTABLE:  # scatternet: the bundle's Python network_def serves it
+            _torchscript(tmp)
         card = build_card(run, meta, **(card_facts or {}))
         (tmp / "docs" / "model_card.json").write_text(json.dumps(card, indent=2))
         (tmp / "docs" / "README.md").write_text(card_markdown(card))

@@ -34,8 +34,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND = 0, 1, 2, 3  # as atoll.cli.EX
 
 # Names as models.MODEL_NAMES and server.robust.STRATEGIES hold them, listed here so that `--help` and a typo
 # need neither MONAI nor Flower's strategies (tests/test_cli_startup.py keeps the lists equal).
-MODEL_CHOICES = ("atollnet", "atollnet-wide", "densenet121", "resnet10", "resnet18", "resnet34", "basicunet",
-                 "basicunet-small", "scalespace")
+MODEL_CHOICES = ("atollnet", "atollnet-wide", "atollnet-ws", "scatternet", "densenet121", "resnet10", "resnet18",
+                 "resnet34", "basicunet", "basicunet-small", "scalespace")
 STRATEGY_CHOICES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum",
                     "bulyan")
 
