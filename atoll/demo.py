@@ -44,8 +44,14 @@ def demo_settings(rounds: int, *, dp: bool, run_dir: Path, keys_dir: Path, num_s
     base = RunSettings()
     mechanism = dataclasses.replace(base.mechanism, dp=dp, **{k: o[k] for k in _MECHANISM_KEYS if k in o})
     task = base.task if "image_size" not in o else dataclasses.replace(base.task, size=(o["image_size"],) * 2)
+    # The demo's binary task decides at the threshold the server picks from the sites' released validation counts
+    # (README "Server options"; bench/utility): under DP the ranking (AUC) survives but argmax's 0.5 drifts.
+    server_options = base.server_options
+    if task.kind == "classification" and len(task.classes) == 2:
+        server_options = dataclasses.replace(server_options, decision_threshold="validation")
     return RunSettings(num_server_rounds=rounds, run_dir=str(run_dir), keys_dir=str(keys_dir), min_sites=2,
-                       num_sites=num_sites, task=task, mechanism=mechanism, **{k: o[k] for k in _RUN_KEYS if k in o})
+                       num_sites=num_sites, task=task, mechanism=mechanism, server_options=server_options,
+                       **{k: o[k] for k in _RUN_KEYS if k in o})
 
 
 def setup_console_logging(verbose: bool) -> None:
