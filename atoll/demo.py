@@ -335,6 +335,8 @@ def summarise(out: Path, manifest: dict, settings, outputs, wall: float) -> dict
         "status_reason": status.get("reason", ""),
         "test_accuracy": final.get("test_accuracy"),
         "test_auc": final.get("test_auc"),
+        "test_threshold": final.get("test_threshold"),
+        "test_accuracy_argmax": final.get("test_accuracy_argmax"),
         "dp": settings.mechanism.dp,
         "task": settings.task.to_manifest(),
         "epsilon": epsilon,
@@ -365,6 +367,9 @@ def print_summary(s: dict, out: Path) -> None:
     if s["test_accuracy"] is not None:
         print(f"  held-out test (official PneumoniaMNIST test split, 624 images): "
               f"accuracy {s['test_accuracy']:.3f}, AUC {s['test_auc']:.3f}")
+        if s.get("test_threshold") is not None and s.get("test_accuracy_argmax") is not None:
+            print(f"  decided at threshold {s['test_threshold']:.2f}, chosen from the sites' released validation "
+                  f"counts (argmax would score accuracy {s['test_accuracy_argmax']:.3f})")
         print(f"  reference: {s['reference']}")
     print_privacy(s)
     print(f"  wall time {s['wall_seconds']:.0f} s; summary: {out / 'summary.json'}; run folder: {out / s['run_dir']}")
