@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         r = bench_model(name.strip(), repeats, with_old=not args.no_old)
         rows.append(r)
         print(f"{r['model']:12} {r['update_mb']:7.1f} {r['numpy_gbps']:7.2f} {r['atoll_gbps']:7.2f} "
-              f"{r['atoll_bound_gbps']:7.2f} {r['old_gbps'] or nan:7.2f} {r['old_bound_gbps'] or nan:7.2f} {r['ratio']:6.2f} "
+              f"{r['atoll_bound_gbps']:7.2f} {r['old_gbps'] or nan:7.2f} {r['old_bound_gbps'] or nan:7.2f} "
+              f"{r['ratio']:6.2f} "
               f"{r['ratio_bound']:6.2f} {r['old_ratio'] or nan:6.2f}", flush=True)
     worst = min(min(r["ratio"], r["ratio_bound"]) for r in rows)
     olds = [min(r["old_ratio"], r["old_ratio_bound"]) for r in rows if not args.no_old]
