@@ -117,7 +117,9 @@ for key in ("find-links", "extra-index-url", "index-url"):
     for item in settings.get(key, "").split():
         path = item[len("file://"):] if item.startswith("file://") else item
         if path.startswith("/") and os.path.isdir(path):
-            mounts.append(path)
+            # a file:// "simple" index links its wheels relative to itself (../files/...): mount its parent
+            mounts.append(os.path.dirname(path.rstrip("/")) if os.path.basename(path.rstrip("/")) == "simple"
+                          else path)
 with open(os.path.join(conf, "pip.conf"), "w") as f:
     f.write("[global]\n")
     for key, value in settings.items():
