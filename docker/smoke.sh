@@ -208,9 +208,9 @@ phase_run() {
     done
     "$ENGINE" network rm "$NET" >/dev/null 2>&1 || true
     rm -rf "$run"
-    mkdir -p "$run/pki" "$run/lead/flwr" "$run/site-keys" "$run/superlink-state" "$run/pacs"
+    mkdir -p "$run/pki" "$run/lead/flwr" "$run/site-keys" "$run/superlink-state" "$WORK/pacs"
     for s in "${SITES[@]}"; do mkdir -p "$run/$s/site" "$run/$s/keys" "$run/$s/state"; done
-    chown -R "$APP_UID:$APP_UID" "$run"   # the images run as uid 49999; the files stay 0600 for it
+    chown -R "$APP_UID:$APP_UID" "$run" "$WORK/pacs"   # the images run as uid 49999; files stay 0600 for it
     "$ENGINE" network create --internal --subnet "$SUBNET.0/24" "$NET" >/dev/null
     local link_ip="$SUBNET.10"
     local hosts=(--add-host "superlink:$link_ip")
@@ -226,9 +226,11 @@ EOF
     chown -R "$APP_UID:$APP_UID" "$run/lead"
 
     say "sites: the demo's DICOM exports, site identity, node key (atoll site init / enroll, in $SITE_IMAGE)"
-    oneoff --entrypoint atoll -v "$run/pacs:/out" "$SITE_IMAGE" demo --data-only --out /out/pacs >/dev/null
+    # the demo's exports are kept between runs ($WORK/pacs): writing 5,000 DICOM files takes minutes
+    [ -f "$WORK/pacs/pacs/consortium.json" ] \
+        || oneoff --entrypoint atoll -v "$WORK/pacs:/out" "$SITE_IMAGE" demo --data-only --out /out/pacs >/dev/null
     for s in "${SITES[@]}"; do
-        oneoff --entrypoint sh -v "$run/$s/site:/site" -v "$run/pacs/pacs/$s:/data:ro" -v "$run/$s/keys:/keys" \
+        oneoff --entrypoint sh -v "$run/$s/site:/site" -v "$WORK/pacs/pacs/$s:/data:ro" -v "$run/$s/keys:/keys" \
             -v "$run/pki/pki/ca.crt:/ca.crt:ro" "$SITE_IMAGE" -c "
             set -e
             atoll site init --out /site/new --name $s --dicom /data/dicom --labels /data/labels.csv \
@@ -273,7 +275,7 @@ EOF
 
     local s
     for s in "${SITES[@]}"; do
-        local site_mounts=(-v "$run/$s/site:/site:ro" -v "$run/pacs/pacs/$s:/data:ro" -v "$run/$s/state:/state")
+        local site_mounts=(-v "$run/$s/site:/site:ro" -v "$WORK/pacs/pacs/$s:/data:ro" -v "$run/$s/state:/state")
         say "$s: check the data and approve the run (atoll site check / approve)"
         oneoff --entrypoint atoll "${site_mounts[@]}" "$SITE_IMAGE" site check --config /site/site.toml | tail -3
         oneoff --entrypoint atoll "${site_mounts[@]}" -v "$run/lead/run-manifest.json:/manifest.json:ro" \
