@@ -23,7 +23,7 @@ die() { echo "make-base.sh: $*" >&2; exit 1; }
 command -v debootstrap >/dev/null || die "debootstrap is not installed (apt-get install debootstrap)"
 [ "$(id -u)" = 0 ] || die "debootstrap needs root: run it with sudo"
 
-if [ "${1:-}" != "--force" ] && "$ENGINE" image exists "$TAG" 2>/dev/null; then
+if [ "${1:-}" != "--force" ] && "$ENGINE" image inspect "$TAG" >/dev/null 2>&1; then
     echo "make-base.sh: $TAG exists already (--force rebuilds it)"
     exit 0
 fi
