@@ -174,7 +174,11 @@ assert not os.path.exists("/etc/pip.conf") and not os.path.exists("/run/atoll-bu
 
 # -- 3. run -----------------------------------------------------------------------------------------------
 CONTAINERS=()
-HARDEN=(--read-only --cap-drop ALL --security-opt no-new-privileges --tmpfs /tmp --tmpfs /home/app)
+# /home/app (FLWR_HOME: Flower unpacks each run's FAB there) is a tmpfs the app user must own: podman mounts
+# tmpfs as root 0755 (its `U` option chowns it to the container's user); docker's tmpfs is 1777 already.
+if [ "$ENGINE" = podman ]; then HOME_TMPFS=/home/app:rw,U; else HOME_TMPFS=/home/app:rw,mode=1777; fi
+HARDEN=(--read-only --cap-drop ALL --security-opt no-new-privileges --label atoll-smoke=1
+        --tmpfs /tmp:rw,mode=1777 --tmpfs "$HOME_TMPFS")
 FLWR_ENV=(-e FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 -e FLWR_TELEMETRY_ENABLED=0 -e FLWR_DISABLE_UPDATE_CHECK=1)
 
 cleanup() {
@@ -189,7 +193,13 @@ cleanup() {
             "$ENGINE" logs --tail 25 "$c" 2>&1 | sed 's/^/    /' || true
         done
     fi
-    for c in "${CONTAINERS[@]}"; do "$ENGINE" rm -f "$c" >/dev/null 2>&1 || true; done
+    # every container this script started carries the label atoll-smoke=1 (one-offs included)
+    local left
+    left=$("$ENGINE" ps -aq --filter label=atoll-smoke=1 2>/dev/null || true)
+    if [ -n "$left" ]; then
+        "$ENGINE" kill $left >/dev/null 2>&1 || true
+        "$ENGINE" rm -f $left >/dev/null 2>&1 || true
+    fi
     "$ENGINE" network rm "$NET" >/dev/null 2>&1 || true
     exit "$rc"
 }
@@ -201,6 +211,7 @@ phase_run() {
     image_exists "$SITE_IMAGE" || die "$SITE_IMAGE is missing (run: $0 build)"
     image_exists "$SUPERLINK_IMAGE" || die "$SUPERLINK_IMAGE is missing (run: $0 build)"
     trap cleanup EXIT
+    trap 'exit 143' TERM INT
     local run="$WORK/run" start
     start=$(date +%s)
     for c in "$P-superlink" "${SITES[@]/#/$P-}"; do
