@@ -152,7 +152,7 @@ build_one() {
         die "building $tag (whole log: $log)"
     fi
     end=$(date +%s)
-    grep -E '^STEP [0-9]+/[0-9]+: (FROM|RUN pip)' "$log" | cut -c1-110 || true
+    grep -E 'STEP [0-9]+/[0-9]+: (FROM|RUN pip)' "$log" | cut -c1-110 | sed 's/^/    /' || true
     echo "BUILD $tag: $(( end - start )) s, $(image_size_mb "$tag") MB"
     echo "$tag $(( end - start )) $(image_size_mb "$tag")" >> "$WORK/build-times.txt"
 }
@@ -348,7 +348,7 @@ PY
         fi
     done
     [ "$dirty" = 0 ] || die "a site container wrote outside /state"
-    echo "RUN: one round, ${#SITES[@]} sites, $(( $(date +%s) - start )) s from an empty folder"
+    echo "RUN: one round, ${#SITES[@]} sites, $(( $(date +%s) - start )) s (new PKI, sites, SuperLink; demo exports reused)"
 }
 
 case "$PHASE" in
