@@ -193,15 +193,24 @@ cleanup() {
             "$ENGINE" logs --tail 25 "$c" 2>&1 | sed 's/^/    /' || true
         done
     fi
-    # every container this script started carries the label atoll-smoke=1 (one-offs included)
+    remove_leftovers
+    exit "$rc"
+}
+
+# Every container this script starts carries the label atoll-smoke=1 (one-offs included); the network is ours.
+remove_leftovers() {
     local left
     left=$("$ENGINE" ps -aq --filter label=atoll-smoke=1 2>/dev/null || true)
     if [ -n "$left" ]; then
+        # shellcheck disable=SC2086
         "$ENGINE" kill $left >/dev/null 2>&1 || true
+        # shellcheck disable=SC2086
         "$ENGINE" rm -f $left >/dev/null 2>&1 || true
     fi
-    "$ENGINE" network rm "$NET" >/dev/null 2>&1 || true
-    exit "$rc"
+    if "$ENGINE" network inspect "$NET" >/dev/null 2>&1; then
+        "$ENGINE" network rm "$NET" >/dev/null 2>&1 || sleep 3
+        "$ENGINE" network rm "$NET" >/dev/null 2>&1 || true
+    fi
 }
 
 # A one-off command in an image: the lead's or a site's CLI, as the same hardened, unprivileged container.
@@ -214,14 +223,12 @@ phase_run() {
     trap 'exit 143' TERM INT
     local run="$WORK/run" start
     start=$(date +%s)
-    for c in "$P-superlink" "${SITES[@]/#/$P-}"; do
-        "$ENGINE" rm -f "$c" "$c-exec" >/dev/null 2>&1 || true
-    done
-    "$ENGINE" network rm "$NET" >/dev/null 2>&1 || true
+    remove_leftovers
     rm -rf "$run"
     mkdir -p "$run/pki" "$run/lead/flwr" "$run/site-keys" "$run/superlink-state" "$WORK/pacs"
     for s in "${SITES[@]}"; do mkdir -p "$run/$s/site" "$run/$s/keys" "$run/$s/state"; done
     chown -R "$APP_UID:$APP_UID" "$run" "$WORK/pacs"   # the images run as uid 49999; files stay 0600 for it
+    "$ENGINE" network inspect "$NET" >/dev/null 2>&1 && die "network $NET exists and cannot be removed: $ENGINE network rm $NET"
     "$ENGINE" network create --internal --subnet "$SUBNET.0/24" "$NET" >/dev/null
     local link_ip="$SUBNET.10"
     local hosts=(--add-host "superlink:$link_ip")
