@@ -201,12 +201,10 @@ cleanup() {
 remove_leftovers() {
     local left
     left=$("$ENGINE" ps -aq --filter label=atoll-smoke=1 2>/dev/null || true)
-    if [ -n "$left" ]; then
-        # shellcheck disable=SC2086
-        "$ENGINE" kill $left >/dev/null 2>&1 || true
-        # shellcheck disable=SC2086
-        "$ENGINE" rm -f $left >/dev/null 2>&1 || true
-    fi
+    # one by one, newest first (`ps` order): a launcher goes before the SuperNode whose namespace it shares
+    local c
+    for c in $left; do "$ENGINE" kill "$c" >/dev/null 2>&1 || true; done
+    for c in $left; do "$ENGINE" rm -f "$c" >/dev/null 2>&1 || true; done
     if "$ENGINE" network inspect "$NET" >/dev/null 2>&1; then
         "$ENGINE" network rm "$NET" >/dev/null 2>&1 || sleep 3
         "$ENGINE" network rm "$NET" >/dev/null 2>&1 || true
