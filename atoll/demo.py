@@ -44,8 +44,14 @@ def demo_settings(rounds: int, *, dp: bool, run_dir: Path, keys_dir: Path, num_s
     base = RunSettings()
     mechanism = dataclasses.replace(base.mechanism, dp=dp, **{k: o[k] for k in _MECHANISM_KEYS if k in o})
     task = base.task if "image_size" not in o else dataclasses.replace(base.task, size=(o["image_size"],) * 2)
+    # The demo's binary task decides at the threshold the server picks from the sites' released validation counts
+    # (README "Server options"; bench/utility): under DP the ranking (AUC) survives but argmax's 0.5 drifts.
+    server_options = base.server_options
+    if task.kind == "classification" and len(task.classes) == 2:
+        server_options = dataclasses.replace(server_options, decision_threshold="validation")
     return RunSettings(num_server_rounds=rounds, run_dir=str(run_dir), keys_dir=str(keys_dir), min_sites=2,
-                       num_sites=num_sites, task=task, mechanism=mechanism, **{k: o[k] for k in _RUN_KEYS if k in o})
+                       num_sites=num_sites, task=task, mechanism=mechanism, server_options=server_options,
+                       **{k: o[k] for k in _RUN_KEYS if k in o})
 
 
 def setup_console_logging(verbose: bool) -> None:
@@ -107,6 +113,7 @@ def run_demo(out: Path, rounds: int = 3, *, dp: bool = True, verbose: bool = Fal
              f"DP-SGD {settings.mechanism.describe()}" if dp else "no DP", ", ".join(hospitals))
     outputs = simulate(settings, configs, verbose=verbose)
     summary = summarise(out, manifest, settings, outputs, time.perf_counter() - t_start)
+    summary["wall_seconds"] = round(time.perf_counter() - t_start, 1)  # the whole demo, held-out evaluation included
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary, out)
     return summary
@@ -271,17 +278,34 @@ def evaluate_heldout(out: Path, settings, outputs) -> list[dict]:
         ds = fit_task(settings.task, cfg, build_site_dataset(cfg))
     images = torch.cat([ds.train.images, ds.val.images])
     labels = torch.cat([ds.train.labels, ds.val.labels])
+    from client.task_metrics import accuracy_at_threshold
+    from server.server_ema import ema_path
+
+    by_validation = settings.server_options.decision_threshold == "validation"
+
+    def score(path: Path, chosen: dict | None) -> dict:
+        model = build_task_model(settings.model, settings.task)
+        model.load_state_dict(torch.load(path, weights_only=True))
+        m = task_metrics(settings.task, model, images, labels, torch.device("cpu"))
+        row = {"test_images": m.pop("n"), **{k.replace("val_", "test_", 1): v for k, v in m.items()
+                                             if not k.startswith("val_threshold_counts")}}
+        if chosen:  # the threshold the server chose from the sites' released validation counts (never this set)
+            acc = accuracy_at_threshold(model, images, labels, torch.device("cpu"), chosen["threshold"])
+            row.update(test_threshold=chosen["threshold"], test_accuracy_at_threshold=acc)
+            if by_validation:  # the run's model decides at that threshold: its accuracy is that one
+                row.update(test_accuracy_argmax=row["test_accuracy"], test_accuracy=acc)
+        return row
+
     scores = []
     for entry in [{"round": 0}] + outputs.history:
         rnd = entry["round"]
         path = outputs.weights_path(rnd)
         if not path.exists():
             continue
-        model = build_task_model(settings.model, settings.task)
-        model.load_state_dict(torch.load(path, weights_only=True))
-        m = task_metrics(settings.task, model, images, labels, torch.device("cpu"))
-        scores.append({"round": rnd, "test_images": m.pop("n"),
-                       **{k.replace("val_", "test_", 1): v for k, v in m.items()}})
+        row = {"round": rnd, **score(path, entry.get("decision_threshold"))}
+        if ema_path(path).is_file():  # the server's EMA (server-ema > 0), at the global model's threshold
+            row["ema"] = score(ema_path(path), entry.get("decision_threshold"))
+        scores.append(row)
     return scores
 
 
@@ -311,6 +335,8 @@ def summarise(out: Path, manifest: dict, settings, outputs, wall: float) -> dict
         "status_reason": status.get("reason", ""),
         "test_accuracy": final.get("test_accuracy"),
         "test_auc": final.get("test_auc"),
+        "test_threshold": final.get("test_threshold"),
+        "test_accuracy_argmax": final.get("test_accuracy_argmax"),
         "dp": settings.mechanism.dp,
         "task": settings.task.to_manifest(),
         "epsilon": epsilon,
@@ -341,6 +367,9 @@ def print_summary(s: dict, out: Path) -> None:
     if s["test_accuracy"] is not None:
         print(f"  held-out test (official PneumoniaMNIST test split, 624 images): "
               f"accuracy {s['test_accuracy']:.3f}, AUC {s['test_auc']:.3f}")
+        if s.get("test_threshold") is not None and s.get("test_accuracy_argmax") is not None:
+            print(f"  decided at threshold {s['test_threshold']:.2f}, chosen from the sites' released validation "
+                  f"counts (argmax would score accuracy {s['test_accuracy_argmax']:.3f})")
         print(f"  reference: {s['reference']}")
     print_privacy(s)
     print(f"  wall time {s['wall_seconds']:.0f} s; summary: {out / 'summary.json'}; run folder: {out / s['run_dir']}")

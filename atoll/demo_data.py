@@ -245,7 +245,8 @@ noise_multiplier = [0.5, 10.0]
 clip_norm = [0.1, 10.0]
 local_steps = [1, 2000]
 allow_non_dp = true
-released_metrics = ["num-examples", "train_loss", "train_seconds", "val_loss", "val_accuracy", "val_auc"]
+released_metrics = ["num-examples", "train_loss", "train_seconds", "val_loss", "val_accuracy", "val_auc",
+                    "val_threshold_counts"]
 """
 
 

@@ -33,6 +33,8 @@ def add_parser(run_sub: argparse._SubParsersAction, formatter) -> None:
     p.add_argument("--round", type=int, default=None, metavar="N",
                    help="export the global model after round N (default: the last completed round)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in DIR")
+    p.add_argument("--ema", action="store_true",
+                   help="export the server's EMA of the global model (run config server-ema > 0) instead")
     p.add_argument("--heldout", metavar="FILE", default=None,
                    help="held-out test metrics for the card: a demo's summary.json or {\"round\": N, \"metrics\": "
                         "{...}} (default: the demo's summary.json two folders above the run, when it is this run's)")
@@ -76,6 +78,10 @@ def _settings(run):
     s = dict(run.settings)
     s["task"] = run.task
     s["mechanism"] = Mechanism(**{k: tuple(v) if isinstance(v, list) else v for k, v in s["mechanism"].items()})
+    if isinstance(s.get("server_options"), dict):
+        from contract.server_options import ServerOptions
+
+        s["server_options"] = ServerOptions(**s["server_options"])
     known = set(RunSettings.__dataclass_fields__)
     return RunSettings(**{k: v for k, v in s.items() if k in known})
 
@@ -101,7 +107,7 @@ def run_export(args: argparse.Namespace) -> int:
     from server.model_card import CardInputError, heldout_from_summary, load_dataset_cards
 
     try:
-        run = read_run(args.run_dir, args.round)
+        run = read_run(args.run_dir, args.round, ema=args.ema)
     except ExportError as exc:
         _err(str(exc))
         missing = (not Path(args.run_dir).is_dir() or not (Path(args.run_dir) / "settings.json").is_file()
@@ -146,7 +152,7 @@ def run_export(args: argparse.Namespace) -> int:
     print("verifying the run's privacy ledger (atoll audit verify) for the model card ...", flush=True)
     audit = _audit(run.root, args.keys, args.site_ledger)
     try:
-        card = export_bundle(run.root, args.out, round_=run.round, overwrite=args.overwrite,
+        card = export_bundle(run.root, args.out, round_=run.round, overwrite=args.overwrite, ema=args.ema,
                              card_facts={"heldout": heldout, "dataset_cards": cards, "audit": audit,
                                          "manifest": manifest, "exported_at": exported_at(),
                                          "registry_counts": registry})

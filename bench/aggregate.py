@@ -16,8 +16,9 @@ run side by side on the same in-memory Flower records, interleaved, median of th
   (no checks, no hash): the arithmetic floor.
 
 Throughput = bytes of the 10 updates / wall time. Headline ``ratio`` = the worst, over the three models and both
-bound settings, of Atoll GB/s / numpy GB/s (target >= 0.5). ``--quick``: 3 repeats instead of 7. Prints the
-conditions (load, cores, threads) and one JSON object on the last line; writes bench/results/aggregate.json.
+bound settings, of Atoll GB/s / numpy GB/s (target >= 0.5). ``--quick``: 3 repeats instead of 7; ``--no-old``
+skips the slow "before" path. Prints the conditions (load, cores, threads) and one JSON object on the last line;
+writes bench/results/aggregate.json.
 """
 
 from __future__ import annotations
@@ -194,7 +195,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def bench_model(name: str, repeats: int) -> dict:
+def bench_model(name: str, repeats: int, with_old: bool = True) -> dict:
     sd = _state(name)
     global_ = ArrayRecord(sd)
     w_in = state_dict_sha256(sd)
@@ -213,19 +214,25 @@ def bench_model(name: str, repeats: int) -> dict:
     # a norm bound every update meets (so that every path does the whole work)
     bound = 10.0 * max(math.sqrt(sum(float(((u[k].numpy().astype(np.float64) - global_[k].numpy()) ** 2).sum())
                                      for k in global_.keys())) for u in updates[:1])
-    times: dict[str, list[float]] = {k: [] for k in ("numpy", "atoll", "atoll_bound", "old", "old_bound")}
+    paths = ("numpy", "atoll", "atoll_bound") + (("old", "old_bound") if with_old else ())
+    times: dict[str, list[float]] = {k: [] for k in paths}
     for _ in range(repeats):  # interleaved: load changes hit every path alike
         times["numpy"].append(_timed(lambda: _numpy(updates)))
         us = _fresh(updates)
         times["atoll"].append(_timed(lambda: _atoll(prev, us, new_records, None)))
         us = _fresh(updates)
         times["atoll_bound"].append(_timed(lambda: _atoll(prev, us, new_records, bound)))
+        if not with_old:
+            continue
         g, us = _fresh([global_])[0], _fresh(updates)
         times["old"].append(_timed(lambda: _old(g, us, old_records, None)))
         g, us = _fresh([global_])[0], _fresh(updates)
         times["old_bound"].append(_timed(lambda: _old(g, us, old_records, bound)))
     gbps = {k: nbytes / statistics.median(v) / 1e9 for k, v in times.items()}
-    return {"model": name, "tensors": len(sd), "update_mb": round(nbytes / N_UPDATES / 1e6, 1),
+    nan = float("nan")
+    gbps.setdefault("old", nan)
+    gbps.setdefault("old_bound", nan)
+    row = {"model": name, "tensors": len(sd), "update_mb": round(nbytes / N_UPDATES / 1e6, 1),
             **{f"{k}_gbps": round(v, 3) for k, v in gbps.items()},
             "ratio": round(gbps["atoll"] / gbps["numpy"], 3),
             "ratio_bound": round(gbps["atoll_bound"] / gbps["numpy"], 3),
@@ -233,6 +240,7 @@ def bench_model(name: str, repeats: int) -> dict:
             "old_ratio_bound": round(gbps["old_bound"] / gbps["numpy"], 3),
             "speedup_vs_old": round(gbps["atoll"] / gbps["old"], 2),
             "speedup_vs_old_bound": round(gbps["atoll_bound"] / gbps["old_bound"], 2)}
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}  # --no-old: null
 
 
 def conditions() -> dict:
@@ -246,21 +254,25 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 repeats instead of 7 (same three models)")
     ap.add_argument("--models", default="densenet121,resnet18,float50m", help="comma-separated subset")
+    ap.add_argument("--no-old", action="store_true", help="skip the slow pre-rewrite path (the 'before' columns)")
     args = ap.parse_args(argv)
     repeats = 3 if args.quick else 7
     cond = conditions()
     print(f"conditions: {json.dumps(cond)}; {N_UPDATES} updates per round, median of {repeats} interleaved repeats")
     rows = []
+    nan = float("nan")
     print(f"{'model':12} {'MB/upd':>7} {'numpy':>7} {'atoll':>7} {'+bound':>7} {'old':>7} {'old+bnd':>7} "
           f"{'ratio':>6} {'r+bnd':>6} {'old r':>6}  (GB/s of update bytes)")
     for name in args.models.split(","):
-        r = bench_model(name.strip(), repeats)
+        r = bench_model(name.strip(), repeats, with_old=not args.no_old)
         rows.append(r)
         print(f"{r['model']:12} {r['update_mb']:7.1f} {r['numpy_gbps']:7.2f} {r['atoll_gbps']:7.2f} "
-              f"{r['atoll_bound_gbps']:7.2f} {r['old_gbps']:7.2f} {r['old_bound_gbps']:7.2f} {r['ratio']:6.2f} "
-              f"{r['ratio_bound']:6.2f} {r['old_ratio']:6.2f}", flush=True)
+              f"{r['atoll_bound_gbps']:7.2f} {r['old_gbps'] or nan:7.2f} {r['old_bound_gbps'] or nan:7.2f} "
+              f"{r['ratio']:6.2f} "
+              f"{r['ratio_bound']:6.2f} {r['old_ratio'] or nan:6.2f}", flush=True)
     worst = min(min(r["ratio"], r["ratio_bound"]) for r in rows)
-    out = {"ratio": worst, "target": 0.5, "old_ratio": min(min(r["old_ratio"], r["old_ratio_bound"]) for r in rows),
+    olds = [min(r["old_ratio"], r["old_ratio_bound"]) for r in rows if not args.no_old]
+    out = {"ratio": worst, "target": 0.5, "old_ratio": min(olds) if olds else None,
            "models": rows, "conditions": {**cond, "load_1m_after": round(os.getloadavg()[0], 2)},
            "repeats": repeats, "updates": N_UPDATES}
     results = Path(__file__).resolve().parent / "results"

@@ -10,9 +10,11 @@ Binomial(N, q) with mean q*N. A DP step is therefore compared with a plain step 
 the plain step takes B examples, the DP step a Poisson batch of N = B / Q patients sampled at rate Q
 (Q = 0.1), the batch sizes drawn once from a seeded generator and shared by every DP mode of a row.
 
-Rows: AtollNet (28 and 64 px), ResNet18 and DenseNet121 at 64 px, batch 64; the 3D networks: AtollNet as a
-3D classifier (32^3 volumes, batch 16) and the segmentation U-Nets ``basicunet-small`` / ``basicunet`` on
-32 x 48 x 32 volumes (the hippocampus demo's grid, batch 6) with the task's per-patient Dice + CE loss.
+Rows: AtollNet (28 and 64 px), ResNet18 and DenseNet121 at 64 px, batch 64; the 3D networks: AtollNet and
+MONAI's ResNet10 as 3D classifiers (32^3 volumes, batch 16) and the hippocampus task's segmentation networks
+``scalespace`` (fixed features + a per-voxel head, models/scalespace.py) and the U-Nets ``basicunet-small`` /
+``basicunet`` on 32 x 48 x 32 volumes (the hippocampus demo's grid, batch 6) with the task's per-patient Dice +
+CE loss.
 Modes: ``bk`` (Atoll's fast clipping, privacy/fast_clipping.py, the ``auto`` choice for these networks) and
 Opacus ``hooks`` (the reference); ``--modes`` adds the others of ``privacy.dpsgd.GRAD_SAMPLE_MODES``.
 
@@ -95,7 +97,8 @@ class Row:
 
 ROWS_2D = [Row(DEFAULT_MODEL, 28, 64), Row(DEFAULT_MODEL, 64, 64), Row("resnet18", 64, 64),
            Row("densenet121", 64, 64)]
-ROWS_3D = [Row(DEFAULT_MODEL, "32x32x32", 16), Row("basicunet-small", "32x48x32", 6, seg=True),
+ROWS_3D = [Row(DEFAULT_MODEL, "32x32x32", 16), Row("resnet10", "32x32x32", 16),
+           Row("scalespace", "32x48x32", 6, seg=True), Row("basicunet-small", "32x48x32", 6, seg=True),
            Row("basicunet", "32x48x32", 6, seg=True)]
 QUICK = [Row(DEFAULT_MODEL, 28, 64)]
 

@@ -24,7 +24,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from contract import wire
+from contract import threshold, wire
 from client import secagg as client_secagg
 from client.approval import ApprovalStore, RunManifest, RunNotApproved
 from client.egress import EgressBlocked, EgressPolicy, check_reply, release_metrics
@@ -138,7 +138,8 @@ def _approved_manifest(site: SiteRuntime, cfg: wire.RoundConfig) -> RunManifest:
 
 def _checked(site: SiteRuntime, manifest: RunManifest, content: RecordDict) -> RecordDict:
     """Egress guard: only the approved tensors and the policy's metrics may leave."""
-    allowed = set(manifest.metrics) & (set(site.config.privacy.released_metrics) | {wire.NUM_EXAMPLES})
+    allowed = threshold.expand(set(manifest.metrics) & (set(site.config.privacy.released_metrics)
+                                                        | {wire.NUM_EXAMPLES}))
     policy = EgressPolicy.from_manifest(manifest)
     check_reply(content, EgressPolicy(policy.tensors, frozenset(allowed) | {wire.NUM_EXAMPLES}))
     return content
@@ -147,7 +148,7 @@ def _checked(site: SiteRuntime, manifest: RunManifest, content: RecordDict) -> R
 def _released(site: SiteRuntime, metrics: dict[str, float], reasons: dict[str, str] | None = None) -> RecordDict:
     """Only what the hospital's policy lists as released in the clear leaves the site; a metric without a
     finite value is named in "missing" with its reason instead of blocking the whole reply."""
-    allowed = set(site.config.privacy.released_metrics) | {wire.NUM_EXAMPLES}
+    allowed = threshold.expand(set(site.config.privacy.released_metrics) | {wire.NUM_EXAMPLES})
     values, missing = release_metrics(metrics, allowed, reasons)
     return RecordDict({wire.METRICS: values, **({wire.MISSING: missing} if missing is not None else {})})
 
@@ -195,7 +196,8 @@ def train(msg: Message, context: Context) -> Message:
         f"{cfg.seed}|{cfg.run_id}|{cfg.server_round}|{site.name}".encode()).digest()[:4], "big")
     result = train_local(model, train_split, cfg.mechanism, lr=cfg.lr, device=site.device,
                          batch_size=cfg.batch_size, seed=seed, criterion=build_loss(cfg.task),
-                         proximal_mu=cfg.proximal_mu)
+                         proximal_mu=cfg.proximal_mu, augment_multiplicity=cfg.augment_multiplicity,
+                         ema_decay=cfg.ema_decay)
     update = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     raw_metrics = {wire.NUM_EXAMPLES: len(train_split.labels), "train_loss": result.train_loss,
                    "train_seconds": result.seconds,

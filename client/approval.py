@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from contract import Mechanism, MechanismError, TaskError, TaskSpec
+from contract.recipe import check_decay, check_multiplicity
 
 MANIFEST_VERSION = 2  # 2: the task and the DP mechanism as their own sections
 APPROVALS_FILE = "approvals.jsonl"
@@ -81,6 +82,8 @@ class TrainingParams:
     batch_size: int
     lr: float
     proximal_mu: float = 0.0  # fedprox: weight of the proximal term pulling the site's model to the global one
+    augment_multiplicity: int = 1  # K augmented views per sampled image, averaged before clipping (1 = off)
+    ema_decay: float = 0.0    # the site releases the EMA of its DP iterates within a round (0 = off)
 
     def __post_init__(self) -> None:
         if not _is_num(self.lr) or self.lr <= 0:
@@ -91,9 +94,24 @@ class TrainingParams:
         if not _is_num(self.proximal_mu) or self.proximal_mu < 0:
             raise ManifestError(f"training.proximal_mu must be a finite number >= 0, got {self.proximal_mu!r}")
         object.__setattr__(self, "proximal_mu", float(self.proximal_mu))
+        try:
+            check_multiplicity(self.augment_multiplicity, "training.augment_multiplicity")
+            object.__setattr__(self, "ema_decay", check_decay(self.ema_decay, "training.ema_decay"))
+        except ValueError as exc:
+            raise ManifestError(str(exc)) from None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"batch_size": self.batch_size, "lr": self.lr, "proximal_mu": self.proximal_mu}
+        out: dict[str, Any] = {"batch_size": self.batch_size, "lr": self.lr, "proximal_mu": self.proximal_mu}
+        # The recipe options appear only when set, so the manifests (and hashes) sites approved before they
+        # existed stay what they were.
+        if self.augment_multiplicity != 1:
+            out["augment_multiplicity"] = self.augment_multiplicity
+        if self.ema_decay:
+            out["ema_decay"] = self.ema_decay
+        return out
+
+
+TRAINING_FIELDS = ("batch_size", "lr", "proximal_mu", "augment_multiplicity", "ema_decay")
 
 
 @dataclass(frozen=True)
@@ -103,15 +121,36 @@ class AggregationParams:
 
     strategy: str = "fedavg"
     num_malicious: int = 0
+    # contract.server_options.ServerOptions.non_default(): server momentum / FedAdam / EMA / threshold rule, by
+    # config key; pinned only when set, so a manifest without them hashes as before
+    server_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.strategy, str) or not re.match(r"^[a-z]{2,32}$", self.strategy):
             raise ManifestError(f"aggregation.strategy must be a strategy name, got {self.strategy!r}")
         if not _is_int(self.num_malicious) or self.num_malicious < 0:
             raise ManifestError(f"aggregation.num_malicious must be an integer >= 0, got {self.num_malicious!r}")
+        from contract.server_options import ServerOptions
+
+        if not isinstance(self.server_options, Mapping):
+            raise ManifestError("aggregation.server_options must be an object of server option keys")
+        try:
+            opts = ServerOptions.from_config(dict(self.server_options), where="aggregation.server_options")
+        except (TypeError, ValueError) as exc:
+            raise ManifestError(str(exc)) from None
+        unknown = set(self.server_options) - set(ServerOptions().to_config())
+        if unknown:
+            raise ManifestError(f"aggregation.server_options: unknown key(s) {', '.join(sorted(unknown))}")
+        object.__setattr__(self, "server_options", opts.non_default())
+
+    def __hash__(self) -> int:
+        return hash((self.strategy, self.num_malicious, tuple(sorted(self.server_options.items()))))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"strategy": self.strategy, "num_malicious": self.num_malicious}
+        out = {"strategy": self.strategy, "num_malicious": self.num_malicious}
+        if self.server_options:
+            out["server_options"] = dict(sorted(self.server_options.items()))
+        return out
 
 
 @dataclass(frozen=True)
@@ -174,11 +213,12 @@ class RunManifest:
         if data["atoll_run_manifest"] != MANIFEST_VERSION:
             raise ManifestError(f"{where}: atoll_run_manifest must be {MANIFEST_VERSION}, got {data['atoll_run_manifest']!r}")
         tr = data["training"]
-        if not isinstance(tr, Mapping) or not {"batch_size", "lr"} <= set(tr) <= {"batch_size", "lr", "proximal_mu"}:
-            raise ManifestError(f"{where}: training must be an object with the fields batch_size, lr, proximal_mu")
+        if not isinstance(tr, Mapping) or not {"batch_size", "lr"} <= set(tr) <= set(TRAINING_FIELDS):
+            raise ManifestError(f"{where}: training must be an object with the fields {', '.join(TRAINING_FIELDS)}")
         agg = data.get("aggregation", {})
-        if not isinstance(agg, Mapping) or not set(agg) <= {"strategy", "num_malicious"}:
-            raise ManifestError(f"{where}: aggregation must be an object with the fields strategy, num_malicious")
+        if not isinstance(agg, Mapping) or not set(agg) <= {"strategy", "num_malicious", "server_options"}:
+            raise ManifestError(f"{where}: aggregation must be an object with the fields strategy, num_malicious "
+                                "(and optionally server_options)")
         try:
             task = TaskSpec.from_manifest(data["task"], where=f"{where}: task")
             mechanism = Mechanism.from_dict(data["mechanism"], where=f"{where}: mechanism")
@@ -203,7 +243,9 @@ class RunManifest:
                 task=task,
                 mechanism=mechanism,
                 training=TrainingParams(batch_size=tr["batch_size"], lr=tr["lr"],
-                                        proximal_mu=tr.get("proximal_mu", 0.0)),
+                                        proximal_mu=tr.get("proximal_mu", 0.0),
+                                        augment_multiplicity=tr.get("augment_multiplicity", 1),
+                                        ema_decay=tr.get("ema_decay", 0.0)),
                 aggregation=AggregationParams(**agg),
                 num_rounds=data["num_rounds"],
                 outputs=tuple(specs),
@@ -494,15 +536,24 @@ def describe_manifest(manifest: RunManifest) -> str:
         f"  Model          {manifest.model}: {len(manifest.outputs)} tensors, {n_params:,} parameters",
         f"  Rounds         {manifest.num_rounds}",
         f"  Local training {mech.steps} steps per round, learning rate {t.lr:g}, batch size {t.batch_size}"
-        + (f", FedProx proximal term mu={t.proximal_mu:g}" if t.proximal_mu else ""),
+        + (f", FedProx proximal term mu={t.proximal_mu:g}" if t.proximal_mu else "")
+        + (f", {t.augment_multiplicity} augmented views per image (averaged before clipping)"
+           if t.augment_multiplicity != 1 else "")
+        + (f", releases the moving average (decay {t.ema_decay:g}) of its DP iterates" if t.ema_decay else ""),
         f"  Aggregation    {manifest.aggregation.strategy}"
         + (f", tolerating {manifest.aggregation.num_malicious} malicious site(s)"
-           if manifest.aggregation.num_malicious else ""),
+           if manifest.aggregation.num_malicious else "")
+        + (", server post-processing " + ", ".join(f"{k}={v}" for k, v in manifest.aggregation.server_options.items())
+           if manifest.aggregation.server_options else ""),
     ]
     if mech.dp:
         acct = f", accountant {mech.accountant}" if mech.accountant else ", accountant of this site's policy"
         lines.append(f"  Privacy        DP-SGD: noise multiplier {mech.noise_multiplier:g}, clip norm "
                      f"{mech.clip_norm:g}, sample rate {mech.sample_rate:g}{acct}")
+        if mech.adaptive_clip:  # contract.mechanism: the same charge, the noise split with a released count
+            lines.append(f"                 adaptive clipping from C {mech.clip_norm:g} (target unclipped quantile "
+                         f"{mech.target_unclipped_quantile:g}, step {mech.clip_lr:g}); count noise "
+                         f"{mech.count_noise:g}, gradient noise {mech.gradient_noise():.4g}")
     else:
         lines.append("  Privacy        DP OFF: model updates leave WITHOUT differential privacy")
     lines.append("  Leaves the site each round:")

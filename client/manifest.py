@@ -35,11 +35,14 @@ def build_run_manifest(cfg: RoundConfig, *, app_hash: str | None = None) -> RunM
     """The manifest of the run `cfg` belongs to (independent of the round number)."""
     return RunManifest(app_hash=app_hash or installed_app_hash(), model=cfg.model, task=cfg.task,
                        mechanism=cfg.mechanism,
-                       training=TrainingParams(batch_size=cfg.batch_size, lr=cfg.lr, proximal_mu=cfg.proximal_mu),
+                       training=TrainingParams(batch_size=cfg.batch_size, lr=cfg.lr, proximal_mu=cfg.proximal_mu,
+                                               augment_multiplicity=cfg.augment_multiplicity,
+                                               ema_decay=cfg.ema_decay),
                        num_rounds=cfg.num_rounds, outputs=_outputs(cfg.model, cfg.task),
                        metrics=cfg.task.metric_names(), secure_aggregation=cfg.secagg,
                        aggregation=AggregationParams(strategy=_strategy_name(cfg.strategy),
-                                                     num_malicious=cfg.num_malicious))
+                                                     num_malicious=cfg.num_malicious,
+                                                     server_options=cfg.server_options.non_default()))
 
 
 def _strategy_name(name: str) -> str:

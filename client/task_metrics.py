@@ -1,7 +1,9 @@
 """Validation metrics by task, under the names ``TaskSpec.metric_names`` declares (and a site policy lists).
 
 Classification: ``val_loss``, ``val_accuracy``, ``val_auc`` (binary ROC AUC; for more than two classes the macro
-one-vs-rest AUC) and, for more than two classes, ``val_recall_<class>`` per class. Segmentation: ``val_dice_<label>``
+one-vs-rest AUC), for two classes the ``val_threshold_counts`` scalars (contract.threshold: coarsened counts per
+threshold, from which the server picks the decision threshold) and, for more than two classes,
+``val_recall_<class>`` per class. Segmentation: ``val_dice_<label>``
 per foreground label and their mean ``val_dice`` (MONAI's DiceMetric). A value that is not defined on this split
 (AUC or recall of a class the split lacks) is NaN here; the egress path decides what to do with NaN.
 """
@@ -13,6 +15,7 @@ import math
 import torch
 
 from client.evaluation import evaluate_model
+from contract import threshold
 from contract.task import TaskSpec
 
 
@@ -20,12 +23,32 @@ def classification_metrics(task: TaskSpec, model: torch.nn.Module, images: torch
                            device: torch.device) -> dict[str, float]:
     m = evaluate_model(model, images, labels, device)
     out = {"n": m["n"], "val_loss": m["loss"], "val_accuracy": m["accuracy"], "val_auc": m["auc"]}
+    if len(task.classes) == 2 and len(images):  # released only where the site's policy lists val_threshold_counts
+        out.update(threshold.counts(_positive_probs(model, images, device).tolist(), labels.tolist()))
     if len(task.classes) > 2:
         pred = _predict(model, images, device)
         for i, name in enumerate(task.classes):
             mask = labels == i
             out[f"val_recall_{name}"] = float((pred[mask] == i).float().mean()) if bool(mask.any()) else math.nan
     return out
+
+
+@torch.no_grad()
+def _positive_probs(model: torch.nn.Module, images: torch.Tensor, device: torch.device,
+                    batch: int = 512) -> torch.Tensor:
+    """p(class 1) per image (binary tasks)."""
+    model.eval().to(device)
+    return torch.cat([torch.softmax(model(images[i:i + batch].to(device)).float(), 1)[:, 1].cpu()
+                      for i in range(0, len(images), batch)])
+
+
+def accuracy_at_threshold(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                          device: torch.device, threshold: float) -> float:
+    """Accuracy of a binary classifier that predicts class 1 when p(class 1) >= ``threshold`` (0.5 ~ argmax)."""
+    if not len(images):
+        return math.nan
+    pred = (_positive_probs(model, images, device) >= threshold).long()
+    return float((pred == labels.long()).float().mean())
 
 
 @torch.no_grad()

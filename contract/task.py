@@ -127,8 +127,8 @@ class TaskSpec:
         """
         if self.is_classification:
             base = (*COMMON_METRICS, "val_accuracy", "val_auc")
-            if len(self.classes) == 2:
-                return base
+            if len(self.classes) == 2:  # + the counts a decision threshold is chosen from (contract.threshold)
+                return (*base, "val_threshold_counts")
             return (*base, *(f"val_recall_{c}" for c in self.classes))
         return (*COMMON_METRICS, "val_dice", *(f"val_dice_{lab}" for lab in self.labels))
 

@@ -15,6 +15,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from contract._fields import KINDS, coerce, key_of
 from contract.mechanism import Mechanism
+from contract.server_options import ServerOptions
 from contract.task import TaskSpec
 
 # Record keys inside a reply's RecordDict.
@@ -66,16 +67,20 @@ class RoundConfig:
     secagg: bool = False          # the update leaves masked under SecAgg+ (part of what a site approves)
     strategy: str = "fedavg"      # how the server combines the updates (sites approve it)
     proximal_mu: float = 0.0      # fedprox: the site adds the proximal term (mu/2)||w - w_global||^2
+    augment_multiplicity: int = 1  # K augmented views per sampled image, averaged before clipping (1 = off)
+    ema_decay: float = 0.0        # the site releases the EMA of its DP iterates within the round (0 = off)
     num_malicious: int = 0        # krum | multikrum | bulyan: sites the rule tolerates
     prev_digest: str = ""         # hash of the consortium's signed digest of the previous round (privacy.anchor);
                                   # the site signs it into its round record (countersignature). "" = none sent
     task: TaskSpec = field(default_factory=TaskSpec)
     mechanism: Mechanism = field(default_factory=Mechanism)
+    server_options: ServerOptions = field(default_factory=ServerOptions)  # server-side post-processing (approved)
 
     def to_record(self) -> ConfigRecord:
         rec = {key_of(f.name): getattr(self, f.name) for f in fields(self) if f.name not in _NESTED}
         rec.update(self.task.to_config())
         rec.update(self.mechanism.to_config())
+        rec.update(self.server_options.to_config())
         return ConfigRecord(rec)
 
     @classmethod
@@ -92,13 +97,14 @@ class RoundConfig:
                 continue
             kwargs[f.name] = coerce(rec[key], KINDS[str(f.type)], key, "round config field")
         as_dict = dict(rec)
-        return cls(**kwargs, task=TaskSpec.from_config(as_dict), mechanism=Mechanism.from_config(as_dict))
+        return cls(**kwargs, task=TaskSpec.from_config(as_dict), mechanism=Mechanism.from_config(as_dict),
+                   server_options=ServerOptions.from_config(as_dict))
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-_NESTED = ("task", "mechanism")
+_NESTED = ("task", "mechanism", "server_options")
 
 
 def refusal_record(code: str, message: str) -> ConfigRecord:

@@ -17,6 +17,8 @@ from contract.task import TaskSpec
 from .atollnet import AtollNet
 from .compat import make_dp_compatible
 from .scalespace import ScaleSpaceSeg
+from .scatternet import ScatterNet
+from .wsconv import atollnet_ws
 
 DEFAULT_MODEL = "atollnet"
 
@@ -32,6 +34,20 @@ def _atollnet_wide(spatial_dims: int, in_channels: int, num_classes: int, **kw: 
     kw.setdefault("channels", (32, 64, 128, 128))
     kw.setdefault("groups", 16)
     return _atollnet(spatial_dims, in_channels, num_classes, **kw)
+
+
+def _atollnet_ws(spatial_dims: int, in_channels: int, num_classes: int, **kw: Any) -> nn.Module:
+    # De et al. 2022: weight-standardised convolutions + GroupNorm. Its per-sample gradients go through Opacus'
+    # functorch path, not fast clipping (models.wsconv says why); exactness: tests/test_features_models.py.
+    return atollnet_ws(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes, **kw)
+
+
+def _scatternet(spatial_dims: int, in_channels: int, num_classes: int, **kw: Any) -> nn.Module:
+    # Tramer & Boneh 2021: fixed kymatio scattering (J=2, L=8) + GroupNorm + a small CNN head (models.scatternet).
+    if spatial_dims != 2:
+        raise ValueError(f"model 'scatternet' works on 2D images only (kymatio Scattering2D); this task has "
+                         f"spatial_dims={spatial_dims}: choose atollnet, atollnet-ws or resnet10 for volumes")
+    return ScatterNet(in_channels=in_channels, num_classes=num_classes, **kw)
 
 
 def _densenet121(spatial_dims: int, in_channels: int, num_classes: int, **kw: Any) -> nn.Module:
@@ -89,6 +105,8 @@ def _scalespace(spatial_dims: int, in_channels: int, num_classes: int, **kw: Any
 _REGISTRY: dict[str, Builder] = {
     "atollnet": _atollnet,
     "atollnet-wide": _atollnet_wide,
+    "atollnet-ws": _atollnet_ws,
+    "scatternet": _scatternet,
     "densenet121": _densenet121,
     "resnet10": _resnet10,
     "resnet18": _resnet(18),
@@ -99,6 +117,10 @@ _REGISTRY: dict[str, Builder] = {
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+#: networks TorchScript cannot compile (kymatio's scattering): `atoll run export` writes no models/model.ts for them
+NOT_SCRIPTABLE = frozenset({"scatternet"})
+#: networks whose builder takes the task's ``image_size`` (to check it and to prepare their fixed features)
+_TAKES_IMAGE_SIZE = frozenset({"scatternet"})
 #: which task kind each network serves (a classifier cannot segment, and the other way round)
 MODEL_KINDS: dict[str, str] = {name: "segmentation" if name.startswith("basicunet") or name == "scalespace"
                                else "classification" for name in MODEL_NAMES}
@@ -144,5 +166,7 @@ def build_task_model(name: str, task: TaskSpec, **kw: Any) -> nn.Module:
     if kind is not None and kind != task.kind:
         served = ", ".join(n for n, k in MODEL_KINDS.items() if k == task.kind)
         raise ValueError(f"model {name!r} is a {kind} network; a {task.kind} task needs one of {served}")
+    if name in _TAKES_IMAGE_SIZE:
+        kw.setdefault("image_size", tuple(task.size))
     return build_model(name, spatial_dims=task.spatial_dims, in_channels=task.in_channels,
                        num_classes=task.num_outputs, **kw)

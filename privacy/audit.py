@@ -56,6 +56,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from contract.mechanism import ADAPTIVE_KEYS, GRADIENT_NOISE_KEY, gradient_noise_multiplier
 from privacy.accounting import AccountingError, canonical_history, compute_epsilon
 from privacy.anchor import CONSORTIUM_PUB_FILE, DIGESTS_FILE
 from privacy.ledger import (
@@ -121,6 +122,9 @@ class RoundPoint:
     independent_epsilon: float | None
     independent_method: str
     released_metrics: list[str]
+    #: adaptive clipping: clip_norm is the starting C; σ_b of the count and σ_z of the gradient (else None)
+    count_noise: float | None = None
+    gradient_noise_multiplier: float | None = None
 
 
 @dataclass
@@ -247,6 +251,16 @@ def google_epsilon(hist: tuple[tuple[float, float, int], ...], delta: float, met
     return float(acc.get_epsilon(delta))
 
 
+def _adaptive_point(rec: dict, dp: bool) -> dict[str, float]:
+    """The report's σ_b / σ_z of an adaptive record (a malformed one is flagged by check_split, drawn as fixed)."""
+    if rec.get("adaptive_clip") is not True or not dp:
+        return {}
+    try:
+        return {"count_noise": float(rec["count_noise"]), "gradient_noise_multiplier": float(rec[GRADIENT_NOISE_KEY])}
+    except (KeyError, TypeError, ValueError):
+        return {}
+
+
 def _hist_of(value: Any) -> tuple[tuple[float, float, int], ...]:
     if not isinstance(value, list):
         raise AccountingError(f"history {value!r} is not a list")
@@ -276,6 +290,8 @@ def _hist_minus(hist: tuple, charge: tuple[float, float, int]) -> tuple:
 
 
 MECHANISM_FIELDS = ("dp", "noise_multiplier", "clip_norm", "sample_rate", "steps")
+#: adaptive clipping (contract.mechanism.ADAPTIVE_KEYS + the σ_z used); absent from every fixed-clip record
+ADAPTIVE_FIELDS = (*ADAPTIVE_KEYS, GRADIENT_NOISE_KEY)
 DELTA_FIELDS = ("accountant", "delta", "patients", "policy_delta", "allow_large_delta")
 _FLOAT_RTOL = 1e-12
 
@@ -306,6 +322,8 @@ def asked_mechanism(settings: dict[str, Any]) -> dict[str, Any]:
            "clip_norm": pick("clip_norm"), "sample_rate": pick("sample_rate", "q"),
            "steps": pick("steps", "local_steps"), "accountant": pick("accountant"),
            "num_rounds": pick("num_server_rounds", "num_rounds")}
+    for k in ADAPTIVE_KEYS:  # contract.Mechanism.to_dict: present only when the run asked adaptive clipping
+        out[k] = pick(k)
     if out.get("accountant") == "":  # contract.Mechanism: "" = each site charges with its policy's accountant
         del out["accountant"]
     return {k: v for k, v in out.items() if v is not None}
@@ -374,6 +392,16 @@ class _Auditor:
             if k in asked and not _same(rec.get(k), asked[k]):
                 self.add("error", f"{rec.get(k)!r} but the run asked {asked[k]!r} (settings.json): the site's record "
                                   "does not describe the mechanism of this run", rec, source=source, line=line, field=k)
+        adaptive = asked.get("adaptive_clip") is True
+        if (rec.get("adaptive_clip", False) is True) != adaptive:
+            self.add("error", f"{rec.get('adaptive_clip', False)!r} but the run asked "
+                              f"{'adaptive' if adaptive else 'fixed'} clipping (settings.json)", rec, source=source,
+                     line=line, field="adaptive_clip")
+        elif adaptive:
+            for k in ADAPTIVE_KEYS[1:]:
+                if k in asked and not _same(rec.get(k), asked[k]):
+                    self.add("error", f"{rec.get(k)!r} but the run asked {asked[k]!r} (settings.json)", rec,
+                             source=source, line=line, field=k)
         if "accountant" in asked and rec.get("accountant") != asked["accountant"]:
             self.add("error", f"{rec.get('accountant')!r} but the run asked {asked['accountant']!r} (settings.json)",
                      rec, source=source, line=line, field="accountant")
@@ -489,6 +517,7 @@ class _Auditor:
         except (KeyError, TypeError, ValueError, IndexError, AccountingError, LedgerError) as exc:
             self.add("error", f"cannot read the accounting fields: {exc}", rec, source=source, line=line)
             return None
+        self.check_split(rec, source, line, dp)
         want_charge = (float(rec.get("noise_multiplier", -1)) if dp else 0.0, float(rec.get("sample_rate", -1)),
                        int(rec.get("steps", -1)))
         if charge != want_charge:
@@ -548,7 +577,51 @@ class _Auditor:
                           steps=int(rec.get("steps", 0)), accountant=accountant, delta=delta, epsilon_before=before,
                           epsilon_after=after, max_epsilon=max_eps, opacus_epsilon=opacus,
                           independent_epsilon=independent, independent_method=f"dp_accounting {method.upper()}",
-                          released_metrics=list(rec.get("released_metrics") or []))
+                          released_metrics=list(rec.get("released_metrics") or []),
+                          **_adaptive_point(rec, dp))
+
+    def check_split(self, rec: dict, source: str, line: int, dp: bool) -> None:
+        """Adaptive clipping: the record's σ must be what the gradient noise σ_z and the count noise σ_b add up to.
+
+        The accountant composes the recorded σ (the ``charge``); that holds only if the released pair (noised
+        gradient sum, noised centred count of unclipped patients, sensitivity 1/2) is a Gaussian mechanism of
+        noise multiplier σ: σ_b > σ/2 and σ_z >= (σ⁻² − (2σ_b)⁻²)^(-1/2) (Andrew et al. 2021, Thm 1;
+        contract.mechanism.gradient_noise_multiplier). A record that claims adaptive clipping with a split that
+        cannot give σ, or a σ_z below what σ and σ_b leave, under-counts its epsilon: an error."""
+        present = [k for k in ADAPTIVE_FIELDS if k in rec]
+        if not present:
+            return  # fixed clipping (every record before adaptive clipping existed reads so)
+
+        def bad(what: str, fld: str) -> None:
+            self.add("error", what, rec, source=source, line=line, field=fld)
+
+        if rec.get("adaptive_clip") is not True:
+            return bad(f"{rec.get('adaptive_clip')!r}, yet the record carries adaptive-clipping fields "
+                       f"{', '.join(present)}: which mechanism ran cannot be told", "adaptive_clip")
+        if not dp:
+            return bad("adaptive clipping in a non-DP record", "adaptive_clip")
+        try:
+            sigma, sb = float(rec["noise_multiplier"]), float(rec["count_noise"])
+            sz = float(rec[GRADIENT_NOISE_KEY])
+            gamma, lr = float(rec["target_unclipped_quantile"]), float(rec["clip_lr"])
+        except (KeyError, TypeError, ValueError) as exc:
+            return bad(f"an adaptive-clipping record must carry noise_multiplier, count_noise, "
+                       f"{GRADIENT_NOISE_KEY}, target_unclipped_quantile and clip_lr as numbers ({exc!r})",
+                       "count_noise")
+        if not (math.isfinite(sb) and sb > 0):
+            return bad(f"σ_b={sb!r}: the count of unclipped patients is released, it needs noise σ_b > 0",
+                       "count_noise")
+        if not sigma < 2 * sb:
+            return bad(f"impossible split: σ={sigma:g} needs σ_b > σ/2 = {sigma / 2:g}, the record says σ_b={sb:g}; "
+                       "no gradient noise makes the released pair a Gaussian mechanism of σ", "count_noise")
+        derived = gradient_noise_multiplier(sigma, sb)
+        if not (math.isfinite(sz) and sz >= derived * (1 - 1e-12)):
+            return bad(f"σ_z={sz!r} on the gradient is below the {derived:.6g} that σ={sigma:g} and σ_b={sb:g} "
+                       "leave: the update carried less noise than the accountant was charged for (under-count)",
+                       GRADIENT_NOISE_KEY)
+        if not (0 <= gamma <= 1 and math.isfinite(lr) and lr > 0):
+            bad(f"target_unclipped_quantile {gamma!r} / clip_lr {lr!r} out of range ([0, 1] / > 0)",
+                "target_unclipped_quantile")
 
     # ---------------------------------------------------------- server copy
 
@@ -698,7 +771,8 @@ class _Auditor:
                     if record_hash(rs) != rec.get("reservation_sha256"):
                         self.add("error", "is not the hash of the reservation it completes", rec, source=src,
                                  line=line, field="reservation_sha256")
-                    for k in ("run_id", "server_round", *MECHANISM_FIELDS, *DELTA_FIELDS, "charge", "max_epsilon",
+                    for k in ("run_id", "server_round", *MECHANISM_FIELDS, *ADAPTIVE_FIELDS, *DELTA_FIELDS, "charge",
+                              "max_epsilon",
                               "weights_in_sha256", "policy_sha256"):
                         if not _same(rs.get(k), rec.get(k)):
                             self.add("error", f"{rs.get(k)!r} in the reservation, {rec.get(k)!r} in the round record",

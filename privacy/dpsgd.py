@@ -41,6 +41,17 @@ bench/dp_overhead.py):
   gradients from ``privacy.ghost_conv`` and no wasted summed weight gradient.
 * ``hooks`` / ``functorch`` / ``ghost``: stock Opacus; ``ghost-conv``: Opacus' two-backward ghost clipping
   with ``privacy.ghost_conv``'s conv norms.
+
+Training-recipe options that keep the mechanism (README "Run config"; each tested in tests/test_dpsgd.py):
+
+* **Augmentation multiplicity** ``K = augment_multiplicity`` (De et al. 2022): the ONE image drawn for a sampled
+  patient becomes K random views (``privacy.augment``, randomness from the DP generator); their per-sample
+  gradients are averaged BEFORE Opacus clips, so the patient still adds one clipped term of norm <= C.
+  This needs materialised per-sample gradients (``p.grad_sample``), so K > 1 runs on ``hooks`` (what ``auto``
+  picks), ``fast`` or ``functorch``; ``bk`` and the ghost modes only ever see per-view norms and would clip
+  each view separately (K terms of norm C per patient), so they refuse K > 1.
+* **EMA of the iterates** ``ema_decay`` (``privacy.weight_ema``): the site releases the moving average of its
+  DP iterates within the round — post-processing, no extra charge.
 """
 
 from __future__ import annotations
@@ -61,9 +72,12 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 
 from contract.mechanism import Mechanism
+from contract.recipe import check_decay, check_multiplicity
 
-from . import fast_clipping
+from . import adaptive_clip, fast_clipping
+from .augment import augment_views, average_views
 from .ghost_conv import fast_layers
+from .weight_ema import IterateEMA
 
 GRAD_SAMPLE_MODES: tuple[str, ...] = ("bk", "fast", "hooks", "functorch", "ghost", "ghost-conv")
 DEFAULT_GRAD_SAMPLE_MODE = "auto"  # "bk" when every trainable layer is Conv/Linear/GroupNorm, else "hooks"
@@ -76,12 +90,22 @@ DEFAULT_OPTIMIZER = "sgd"
 DEFAULT_MOMENTUM = 0.9
 
 
-def resolve_grad_sample_mode(model: nn.Module, mode: str = DEFAULT_GRAD_SAMPLE_MODE) -> str:
-    """``auto`` -> the fastest mode that can clip ``model`` exactly (``bk``, else Opacus' ``hooks``)."""
+#: Modes that materialise per-sample gradients, so K augmented views can be averaged before clipping.
+MULTIPLICITY_MODES: tuple[str, ...] = ("hooks", "fast", "functorch")
+
+
+def resolve_grad_sample_mode(model: nn.Module, mode: str = DEFAULT_GRAD_SAMPLE_MODE,
+                             augment_multiplicity: int = 1) -> str:
+    """``auto`` -> the fastest mode that can clip ``model`` exactly (``bk``, else Opacus' ``hooks``; ``hooks``
+    whenever ``augment_multiplicity > 1``, see the module docstring)."""
     if mode == "auto":
-        return "hooks" if fast_clipping.unsupported_layers(model) else "bk"
+        return "hooks" if augment_multiplicity > 1 or fast_clipping.unsupported_layers(model) else "bk"
     if mode not in GRAD_SAMPLE_MODES:
         raise ValueError(f"grad_sample_mode must be 'auto' or one of {GRAD_SAMPLE_MODES}, got {mode!r}")
+    if augment_multiplicity > 1 and mode not in MULTIPLICITY_MODES:
+        raise ValueError(f"grad_sample_mode {mode!r} cannot average augmented views before clipping (it never holds "
+                         f"per-sample gradients); with augment_multiplicity > 1 use 'auto' or one of "
+                         f"{MULTIPLICITY_MODES}")
     return mode
 
 
@@ -197,7 +221,9 @@ class PrivateStep:
     Opacus hook and attribute and restores the model's classes. The bench uses this exact object, so the
     timings it reports are those of training.
 
-    Modes: ``"auto"`` or one of ``GRAD_SAMPLE_MODES`` (module docstring).
+    Modes: ``"auto"`` or one of ``GRAD_SAMPLE_MODES`` (module docstring). ``augment_multiplicity = K > 1``
+    expands each image into K views drawn with ``augment_generator`` (a fresh OS-entropy one when None) and
+    averages their per-sample gradients before Opacus clips.
     """
 
     def __init__(
@@ -210,8 +236,16 @@ class PrivateStep:
         grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
         generator: torch.Generator | None = None,
         criterion: Criterion = cross_entropy,
+        augment_multiplicity: int = 1,
+        augment_generator: torch.Generator | None = None,
     ) -> None:
-        grad_sample_mode = resolve_grad_sample_mode(model, grad_sample_mode)
+        self.k = check_multiplicity(augment_multiplicity)
+        if dp.adaptive_clip:  # its own route: per-sample gradients into privacy.adaptive_clip's optimizer
+            grad_sample_mode = adaptive_clip.resolve_mode(grad_sample_mode)
+        grad_sample_mode = resolve_grad_sample_mode(model, grad_sample_mode, self.k)
+        if self.k > 1 and augment_generator is None:
+            augment_generator = torch.Generator().manual_seed(secrets.randbits(63))
+        self.augment_generator = augment_generator
         self.mode = grad_sample_mode
         self.model = model
         self._fast_ctx = None
@@ -253,7 +287,9 @@ class PrivateStep:
                 model, batch_first=True, loss_reduction="sum", strict=True,
                 force_functorch=grad_sample_mode == "functorch",
             )
-            self.optimizer = DPOptimizer(
+            self.optimizer = adaptive_clip.make_optimizer(
+                optimizer, dp, expected_batch_size=expected_batch_size, generator=generator,
+            ) if dp.adaptive_clip else DPOptimizer(
                 optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.clip_norm,
                 expected_batch_size=expected_batch_size, loss_reduction="mean", generator=generator,
             )
@@ -276,6 +312,16 @@ class PrivateStep:
         loss_value: float | None = None
         if len(x) == 0:
             self._empty_batch()
+        elif self.k > 1:
+            # K views per image (rows b*K .. b*K+K-1); their per-sample gradients are averaged into one per
+            # image BEFORE DPOptimizer clips: one clipped term per sampled patient (module docstring).
+            views = augment_views(x, self.k, self.augment_generator)
+            loss = self.loss_fn(self.gsm(views), y.repeat_interleave(self.k, dim=0))
+            loss.backward()
+            for p in self.optimizer.params:
+                if getattr(p, "grad_sample", None) is not None:
+                    p.grad_sample = average_views(p.grad_sample, self.k)
+            loss_value = loss.item() / len(views)
         else:
             loss = self.loss_fn(self.gsm(x), y)
             if self.bk:
@@ -333,6 +379,8 @@ def train_local(
     momentum: float = DEFAULT_MOMENTUM,
     criterion: Criterion = cross_entropy,
     proximal_mu: float = 0.0,
+    augment_multiplicity: int = 1,
+    ema_decay: float = 0.0,
 ) -> LocalTrainResult:
     """Train ``model`` in place for exactly ``mechanism.steps`` optimizer steps.
 
@@ -366,11 +414,20 @@ def train_local(
         DP-SGD update — every patient still contributes one clipped gradient per step, and the privacy charge is
         unchanged (tests/test_dpsgd.py). Putting it inside the clipped loss instead would spend part of every
         patient's clip bound on a data-free term.
+    augment_multiplicity: K >= 1 random augmented views of every image a step uses (``privacy.augment``:
+        2D flip + shift, 3D flips); under DP their per-sample gradients are averaged before clipping, so each
+        sampled patient still contributes one clipped gradient (module docstring); without DP the loss is the
+        mean over the views. Classification only (a label map would need the same transform). 1 = off.
+    ema_decay: d in [0, 1): release the exponential moving average of the iterates of this call, starting from
+        the weights it started from (``privacy.weight_ema``), instead of the last iterate. Post-processing of
+        the DP iterates: the privacy charge is unchanged. 0 = off.
     """
     if isinstance(proximal_mu, bool) or not isinstance(proximal_mu, (int, float)) or not (
             math.isfinite(proximal_mu) and proximal_mu >= 0):
         raise ValueError(f"proximal_mu must be a finite number >= 0, got {proximal_mu!r}")
     check_mechanism(mechanism)
+    check_multiplicity(augment_multiplicity)
+    check_decay(ema_decay)
     steps = mechanism.steps
     dp = mechanism if mechanism.dp else None
     if not (math.isfinite(lr) and lr > 0):
@@ -379,6 +436,9 @@ def train_local(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     check_optimizer(optimizer, momentum)
     images, labels, patients = _check_data(data)
+    if augment_multiplicity > 1 and labels.ndim > 1:
+        raise ValueError("augment_multiplicity > 1 applies to classification only (a label map would need the same "
+                         "spatial transform as its image)")
     dev = resolve_device(device)
     home = next(model.parameters()).device
     use_seed = seed is not None and (dp is None or reproducible_dp)
@@ -395,12 +455,17 @@ def train_local(
     model.train()
     opt = make_optimizer(model.parameters(), optimizer, lr=lr, momentum=momentum)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    ema = IterateEMA(model, ema_decay) if ema_decay > 0 else None
 
-    def proximal_step() -> None:
+    def after_step() -> None:
+        """After each optimizer step: FedProx's decoupled pull, then fold the iterate into the EMA (both read
+        only the released iterate and the round's global weights)."""
         if anchor is not None:
             with torch.no_grad():
                 for p, p0 in zip(model.parameters(), anchor):
                     p.sub_(p - p0, alpha=lr * proximal_mu)
+        if ema is not None:
+            ema.update()
 
     loss_fn = criterion("sum")
     losses: list[float] = []
@@ -416,17 +481,18 @@ def train_local(
             idx = perm[pos : pos + batch_size].to(dev)
             pos += batch_size
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(images[idx]), labels[idx]) / len(idx)
+            x = augment_views(images[idx], augment_multiplicity, generator)
+            loss = loss_fn(model(x), labels[idx].repeat_interleave(augment_multiplicity, dim=0)) / len(x)
             loss.backward()
             opt.step()
-            proximal_step()
+            after_step()
             losses.append(loss.item())
     else:
         sampler = PatientSampler(patients, dp.sample_rate, generator)
         expected = max(1, round(dp.sample_rate * sampler.num_patients))
         private = PrivateStep(
             model, opt, dp, expected_batch_size=expected, grad_sample_mode=grad_sample_mode, generator=noise_gen,
-            criterion=criterion,
+            criterion=criterion, augment_multiplicity=augment_multiplicity, augment_generator=generator,
         )
         try:
             with warnings.catch_warnings():
@@ -435,13 +501,15 @@ def train_local(
                 for _ in range(steps):
                     idx = sampler.sample().to(dev)
                     loss_value = private.step(images[idx], labels[idx])
-                    proximal_step()
+                    after_step()
                     if loss_value is None:
                         empty_steps += 1
                     else:
                         losses.append(loss_value)
         finally:
             private.close()
+    if ema is not None:
+        ema.copy_to_model()
     if dev != home:
         model.to(home)
     seconds = time.perf_counter() - t0

@@ -31,7 +31,8 @@ Rules that keep epsilon from ever being under-counted:
 
 Record bodies (envelope fields are documented in :mod:`privacy.ledger`):
 
-``reservation``: run_id, server_round, dp, noise_multiplier, clip_norm, sample_rate, steps,
+``reservation``: run_id, server_round, dp, noise_multiplier, clip_norm, sample_rate, steps, (adaptive clipping
+    only: adaptive_clip, target_unclipped_quantile, clip_lr, count_noise, gradient_noise_multiplier),
     charge ``[sigma or 0, q, steps]``, accountant, delta, history (canonical lifetime history including this
     charge), epsilon_before, epsilon_after, max_epsilon, weights_in_sha256, policy_sha256, and the basis of delta:
     patients (training patients), policy_delta (the policy's declared delta, 0 = auto), allow_large_delta.
@@ -54,7 +55,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from contract.mechanism import RECORD_KEYS, Mechanism
+from contract.mechanism import ADAPTIVE_KEYS, GRADIENT_NOISE_KEY, RECORD_KEYS, Mechanism
 from privacy.accounting import canonical_history, compute_epsilon
 from privacy.ledger import LedgerError, LedgerTransaction, SiteLedger, epsilon_json, record_hash
 from privacy.ledger_state import FULL_CHECK_EVERY, RunningState, StateFile
@@ -70,6 +71,7 @@ REFUSAL_CODES: tuple[str, ...] = (BUDGET_EXCEEDED, NOISE_OUT_OF_POLICY, CLIP_OUT
                                   BAD_REQUEST)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _MECHANISM = RECORD_KEYS
+ADAPTIVE_RECORD_KEYS = (*ADAPTIVE_KEYS, GRADIENT_NOISE_KEY)
 
 
 class BudgetRefused(Exception):
@@ -331,6 +333,9 @@ class BudgetGuard:
                 return BAD_REQUEST, f"the round request's {name.replace('_', ' ')} {v!r} is not a finite number"
         if isinstance(m.steps, bool) or not isinstance(m.steps, int):
             return BAD_REQUEST, f"the round request's local steps {m.steps!r} is not an integer"
+        if m.adaptive_clip and m.problems():  # an impossible noise split (contract.mechanism) is never charged
+            key, what = m.problems()[0]
+            return BAD_REQUEST, f"the round request's '{key}' {what}"
         # the policy's rules live in privacy.policy, shared with `atoll site check` and `atoll site approve`
         return mechanism_problem(p, m)
 
@@ -343,7 +348,7 @@ class BudgetGuard:
         want = self._mechanism(req)
         for r in sorted(open_reservations, key=lambda r: r["seq"], reverse=True):
             if (r.get("type") == "reservation" and all(r.get(k) == v for k, v in want.items())
-                    and r.get("weights_in_sha256") == weights_in):
+                    and req.mechanism.matches_record(r) and r.get("weights_in_sha256") == weights_in):
                 return r
         return None
 
@@ -352,7 +357,7 @@ class BudgetGuard:
         want = self._mechanism(req)
         for r in reversed(records):
             if (r.get("type") == "round" and all(r.get(k) == v for k, v in want.items())
-                    and r.get("weights_in_sha256") == weights_in):
+                    and req.mechanism.matches_record(r) and r.get("weights_in_sha256") == weights_in):
                 return r
         return None
 
@@ -432,6 +437,7 @@ class BudgetGuard:
             after = self._eps(st, hist)
             before = self._eps(st, before_hist)
             body = {"type": "round", **{k: rsv[k] for k in ("run_id", "server_round", *_MECHANISM)},
+                    **{k: rsv[k] for k in ADAPTIVE_RECORD_KEYS if k in rsv},  # adaptive clipping: as reserved
                     "charge": rsv["charge"], "accountant": self.policy.accountant, "delta": self.delta,
                     "history": history_json(hist), "epsilon_before": epsilon_json(before),
                     "epsilon_after": epsilon_json(after), "max_epsilon": self.policy.max_epsilon,

@@ -329,6 +329,9 @@ def _metrics(v: Any, where: str) -> tuple[str, ...]:
             raise PolicyError(
                 f"{where}[{i}]: {m!r} is not a metric name (letters, digits, _ . -; starting with a letter)"
             )
+        if m.startswith("val_threshold_count") and m != "val_threshold_counts":  # contract.threshold.METRIC
+            raise PolicyError(f"{where}[{i}]: {m!r} is not a metric a site releases; list \"val_threshold_counts\" "
+                              "to release the whole set of decision-threshold counts (or nothing of it)")
         if m in seen:
             raise PolicyError(f"{where}[{i}]: {m!r} is listed twice; remove the duplicate")
         seen.append(m)

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from contract.threshold import METRIC as THRESHOLD_METRIC
 from privacy.audit import AuditResult, SiteVerdict
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
@@ -139,14 +140,23 @@ def _released_section(result: AuditResult, history: list[dict]) -> str:
                 continue
             for part in ("train", "val"):
                 for k, val in (s.get(part) or {}).items():
+                    if k.startswith(THRESHOLD_METRIC):  # ~40 counts per round: one line, not 40
+                        continue
                     seen.setdefault(site, {}).setdefault(f"{part}: {k}", []).append(val)
+            if any(k.startswith(THRESHOLD_METRIC) for k in (s.get("val") or {})):
+                chosen = (entry.get("decision_threshold") or {}).get("threshold")
+                seen.setdefault(site, {}).setdefault(
+                    f"val: {THRESHOLD_METRIC} (counts, NOT DP; decision threshold chosen)", []).append(
+                    "—" if chosen is None else chosen)
             if s.get("status") in ("refused", "rejected", "error"):
                 refused.setdefault(site, []).append(f"round {entry.get('round')}: {s.get('status')} "
                                                     f"[{s.get('code', '')}] {s.get('message', '')}")
     rows = []
     for name in sorted(set(result.sites) | set(seen)):
         v = result.sites.get(name)
-        allowed = ", ".join(v.released_metrics) if v and v.released_metrics else "—"
+        allowed = ", ".join(f"{m} (per-threshold validation counts, in the clear, not DP)"
+                            if m == THRESHOLD_METRIC else m for m in v.released_metrics) \
+            if v and v.released_metrics else "—"
         mech = sorted({(p.noise_multiplier, p.clip_norm) for p in v.points if p.dp}) if v else []
         upd = ("model update, DP-SGD " + "; ".join(f"σ={s:g}, C={c:g}" for s, c in mech)) if mech else "model update"
         if v and v.non_dp_rounds:
@@ -161,13 +171,21 @@ def _released_section(result: AuditResult, history: list[dict]) -> str:
             '<th class="l">refusals / rejections</th></tr>' + "".join(rows) + "</table>")
 
 
+def _clip(p) -> str:
+    """C, or for adaptive clipping its start and the noise split (σ_b on the count, σ_z on the gradient)."""
+    if p.count_noise is None:
+        return f"{p.clip_norm:g}"
+    return (f'{p.clip_norm:g} <span class="muted">(adaptive start; σ_b={p.count_noise:g}, '
+            f'σ_z={p.gradient_noise_multiplier:.4g})</span>')
+
+
 def _mechanism_table(result: AuditResult) -> str:
     rows = []
     for name in sorted(result.sites):
         for p in result.sites[name].points:
             rows.append(
                 f'<tr><td class="l">{_e(name)}</td><td class="l">{_e(p.run_id)}</td><td>{p.server_round}</td>'
-                f'<td>{"yes" if p.dp else "<b>NO</b>"}</td><td>{p.noise_multiplier:g}</td><td>{p.clip_norm:g}</td>'
+                f'<td>{"yes" if p.dp else "<b>NO</b>"}</td><td>{p.noise_multiplier:g}</td><td>{_clip(p)}</td>'
                 f'<td>{p.sample_rate:.4g}</td><td>{p.steps}</td><td>{_e(p.accountant)}</td><td>{p.delta:.2e}</td>'
                 f'<td>{_eps(p.epsilon_before)}</td><td>{_eps(p.epsilon_after)}</td><td>{_eps(p.opacus_epsilon)}</td>'
                 f'<td>{_eps(p.independent_epsilon)}<br><span class="muted">({_e(p.independent_method)})</span></td>'

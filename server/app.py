@@ -23,6 +23,7 @@ from server import robust
 from server.outputs import RunFolderError, RunOutputs
 from server.released_updates import keep_released
 from server.secagg import SecAggRounds
+from server.server_opt import is_server_optimizer
 from server.settings import RunSettings, SettingsError
 from server.sitebook import RoundBook, SiteTrust
 from server.validation import make_validator
@@ -101,6 +102,12 @@ def build_strategy(settings: RunSettings) -> Strategy:
     """Flower's strategy for the run (FedAvg or a robust one), every connected site each round."""
     n = settings.num_sites or settings.min_sites
     extra: dict = {}
+    opts = settings.server_options
+    params = robust.strategy_parameters(settings.strategy)
+    if "server_momentum" in params:  # fedavgm
+        extra.update(server_learning_rate=opts.server_lr, server_momentum=opts.server_momentum)
+    if "tau" in params:  # fedadam
+        extra.update(eta=opts.fedadam_eta, beta_1=opts.fedadam_beta1, beta_2=opts.fedadam_beta2, tau=opts.fedadam_tau)
     if "proximal_mu" in robust.strategy_parameters(settings.strategy):
         extra["proximal_mu"] = settings.proximal_mu
     if "num_malicious_nodes" in robust.strategy_parameters(settings.strategy):
@@ -205,6 +212,8 @@ def _one_round(grid: Grid, strategy: Strategy, settings: RunSettings, run_name: 
             out.record_round(book, time.perf_counter() - t0)
         raise RunStopped(f"round {rnd}: the strategy could not aggregate the accepted updates"
                          + (f" ({secagg.problem})" if secagg is not None else ""))
+    if is_server_optimizer(strategy):  # FedAvgM / FedAdam: a step on the released aggregate, nothing else
+        new_arrays = strategy.step(rnd, arrays, new_arrays)
     train_wall = time.perf_counter() - t0
     digest = out.digest(rnd, new_arrays, book.accepted_records)  # signed before the weights are saved
     ev_cfg = dataclasses.replace(settings.round_config(run_name, rnd), prev_digest=prev).to_record()
@@ -213,6 +222,10 @@ def _one_round(grid: Grid, strategy: Strategy, settings: RunSettings, run_name: 
     for m in ev_replies:
         book.admit_evaluate_reply(m)
     weights_sha = out.save_weights(rnd, new_arrays)
+    if settings.server_options.server_ema > 0:  # beside the round's weights, before the commit names the round
+        from server.server_ema import save_round_ema
+
+        save_round_ema(out.weights_path, rnd, new_arrays.to_torch_state_dict(), settings.server_options.server_ema)
     if secagg is None:  # each site's released weights, for `atoll run evaluate` (none exist under SecAgg+)
         keep_released(out.root, rnd, book, accepted)
     out.record_round(book, train_wall)

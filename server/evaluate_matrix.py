@@ -85,7 +85,8 @@ class Cell:
 
 
 def evaluated_cell(task: TaskSpec, released: dict[str, float], missing: dict[str, str], *,
-                   threshold: int = DEFAULT_THRESHOLD, signed: bool = False) -> Cell:
+                   threshold: int = DEFAULT_THRESHOLD, signed: bool = False,
+                   decision_threshold: float | None = None) -> Cell:
     """A site's released validation metrics for one model, filtered and suppressed for publication.
 
     Parameters
@@ -93,8 +94,10 @@ def evaluated_cell(task: TaskSpec, released: dict[str, float], missing: dict[str
     released: the MetricRecord the site sent (``num-examples`` and the metrics its policy releases).
     missing: the site's ``missing`` record (metric -> reason code) for released metrics without a value.
     threshold: small-count suppression threshold.
+    decision_threshold: the run's threshold chosen from the released validation counts (decision-threshold =
+        "validation"); the cell then adds ``val_accuracy_at_threshold`` from the site's own released counts.
     """
-    names = [m for m in task.metric_names() if m.startswith("val_")]
+    names = [m for m in task.metric_names() if m.startswith("val_") and m != "val_threshold_counts"]  # pooled
     n_raw = released.get(wire.NUM_EXAMPLES)
     n = int(n_raw) if isinstance(n_raw, (int, float)) and math.isfinite(n_raw) else None
     cell = Cell("evaluated", num_examples=None if n is None else suppress_count(n, threshold), signed=signed)
@@ -110,6 +113,12 @@ def evaluated_cell(task: TaskSpec, released: dict[str, float], missing: dict[str
             cell.missing[name] = code if code in wire.MISSING_REASONS else "NOT_FINITE"
         else:
             cell.missing[name] = WITHHELD  # the site's policy does not release it
+    if decision_threshold is not None and not small:
+        from contract.threshold import accuracy_at
+
+        acc = accuracy_at(released, decision_threshold)
+        if acc is not None:
+            cell.metrics["val_accuracy_at_threshold"] = acc
     return cell
 
 

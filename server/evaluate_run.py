@@ -54,10 +54,13 @@ def load_run_settings(root: Path) -> RunSettings:
         raise EvaluationError(f"{path} is not valid JSON ({exc})") from None
     task = {k: tuple(v) if isinstance(v, list) else v for k, v in data.pop("task", {}).items()}
     mech = data.pop("mechanism", {})
+    opts = data.pop("server_options", {})
     names = {f.name for f in dataclasses.fields(RunSettings)}
     try:
+        from contract.server_options import ServerOptions
+
         return RunSettings(**{k: v for k, v in data.items() if k in names}, task=TaskSpec(**task),
-                           mechanism=Mechanism(**mech))
+                           mechanism=Mechanism(**mech), server_options=ServerOptions(**opts))
     except (TypeError, ValueError) as exc:
         raise EvaluationError(f"{path} does not hold this Atoll's run settings ({exc})") from None
 
@@ -65,7 +68,7 @@ def load_run_settings(root: Path) -> RunSettings:
 def completed_rounds(root: Path) -> list[int]:
     """Rounds whose global weights the run saved (0 = the initial model)."""
     folder = Path(root) / "weights"
-    return sorted(int(p.stem.split("-")[1]) for p in folder.glob("round-*.pt") if p.stem.split("-")[1].isdigit())
+    return sorted(int(p.stem[6:]) for p in folder.glob("round-*.pt") if p.stem[6:].isdigit())  # not -ema
 
 
 def chosen_round(root: Path, requested: int) -> int:
@@ -100,6 +103,8 @@ def models_to_evaluate(root: Path, settings: RunSettings, rnd: int) -> tuple[lis
 
     root = Path(root)
     rows: list[tuple[ModelRow, Path]] = []
+    from server.server_ema import ema_path
+
     g = root / "weights" / f"round-{rnd:03d}.pt"
     rows.append((ModelRow(GLOBAL, "global", rnd, weights_sha256=state_dict_sha256(torch.load(g, weights_only=True))),
                  g))
@@ -113,11 +118,27 @@ def models_to_evaluate(root: Path, settings: RunSettings, rnd: int) -> tuple[lis
         r, path = kept[site]
         sd = torch.load(path, weights_only=True)
         rows.append((ModelRow(f"{site} local", "local", r, site=site, weights_sha256=state_dict_sha256(sd)), path))
+    ema = ema_path(g)
+    if ema.is_file():  # the server's EMA of the global model (server-ema > 0)
+        rows.insert(1, (ModelRow(f"{GLOBAL} EMA", "global", rnd,
+                                 weights_sha256=state_dict_sha256(torch.load(ema, weights_only=True))), ema))
     missing = [s for s in history_sites(root) if s not in kept]
     if missing:
         notes.append(f"no released update kept up to round {rnd} for {', '.join(missing)} (the site contributed no "
                      "accepted update, or the run predates this Atoll): no local model of it is evaluated")
     return rows, notes
+
+
+def chosen_threshold(root: Path, settings: RunSettings, rnd: int) -> float | None:
+    """The threshold round ``rnd`` chose from the sites' released validation counts, if the run decides by it."""
+    if settings.server_options.decision_threshold != "validation":
+        return None
+    try:
+        history = json.loads((Path(root) / "history.json").read_text())
+    except (OSError, ValueError):
+        return None
+    entry = next((e for e in history if isinstance(e, dict) and e.get("round") == rnd), {})
+    return (entry.get("decision_threshold") or {}).get("threshold")
 
 
 class ReplyJudge:
@@ -132,6 +153,7 @@ class ReplyJudge:
     def __init__(self, trust, keys_dir: str, run_id: str, server_round: int, task: TaskSpec) -> None:
         self.trust, self.keys_dir, self.run_id, self.server_round = trust, keys_dir, run_id, server_round
         self.task = task
+        self.decision_threshold: float | None = None  # the run's chosen threshold (decision-threshold = validation)
         self._keys: dict[str, Any] = {}
 
     def _statement_problem(self, statement: dict | None, site: str, weights_sha256: str, content) -> str | None:
@@ -201,7 +223,8 @@ class ReplyJudge:
 
     def _cell(self, content, *, signed: bool) -> Cell:
         released = {str(k): float(v) for k, v in content[wire.METRICS].items()}
-        return evaluated_cell(self.task, released, wire.missing_of(content), signed=signed)
+        return evaluated_cell(self.task, released, wire.missing_of(content), signed=signed,
+                              decision_threshold=self.decision_threshold)
 
 
 def run_evaluation(grid, root: Path, requested_round: int = 0, *, evaluate_id: str = "",
@@ -223,6 +246,7 @@ def run_evaluation(grid, root: Path, requested_round: int = 0, *, evaluate_id: s
     for site in history_sites(root):
         matrix.sites.append(site)
     judge = ReplyJudge(trust, settings.keys_dir, run_name, rnd, settings.task)
+    judge.decision_threshold = chosen_threshold(root, settings, rnd)
     strategy = build_strategy(settings)
     cfg = settings.round_config(run_name, rnd)
     log.info("evaluating run %s round %d: %d model(s) on every site's validation split (no training, no privacy "

@@ -53,6 +53,15 @@ class RunRecord:
     round: int
     weights: Path
     ledger: list[dict] = field(default_factory=list)
+    ema: bool = False  # the server's EMA of the global model (weights/round-NNN-ema.pt), not the global model
+
+    def decision_threshold(self) -> dict | None:
+        """The round's threshold chosen from the sites' released validation counts, when the run's
+        ``decision-threshold`` is "validation" (else None: the model decides by argmax)."""
+        if (self.settings.get("server_options") or {}).get("decision_threshold") != "validation":
+            return None
+        entry = next((e for e in self.history if e.get("round") == self.round), {})
+        return entry.get("decision_threshold")
 
     @property
     def task(self):
@@ -82,8 +91,9 @@ def _read_json(path: Path, what: str) -> Any:
         raise ExportError(f"{path} is not readable JSON ({exc.__class__.__name__}: {exc}); {what}") from None
 
 
-def read_run(run_dir: str | Path, round_: int | None = None) -> RunRecord:
-    """The run folder's settings, history, status and the weights of ``round_`` (default: the last recorded).
+def read_run(run_dir: str | Path, round_: int | None = None, *, ema: bool = False) -> RunRecord:
+    """The run folder's settings, history, status and the weights of ``round_`` (default: the last recorded);
+    with ``ema``, the server's EMA of the global model of that round (run config ``server-ema`` > 0).
 
     Raises :class:`ExportError` naming the missing or broken file: a folder that is not a run, a run without
     recorded rounds, a round that was never completed, a weights file that is absent.
@@ -112,6 +122,13 @@ def read_run(run_dir: str | Path, round_: int | None = None) -> RunRecord:
         raise ExportError(f"--round {round_}: run {root.name} has no such round (recorded: "
                           f"{', '.join(map(str, rounds)) or 'none'}); pass one of them or omit --round for the last")
     weights = root / "weights" / f"round-{round_:03d}.pt"
+    if ema:
+        from server.server_ema import ema_path
+
+        weights = ema_path(weights)
+        if not weights.is_file():
+            raise ExportError(f"{weights} is missing: the run kept no EMA of its global model (run config "
+                              "server-ema = 0); export without --ema")
     if not weights.is_file():
         raise ExportError(f"{weights} is missing: round {round_} did not end with aggregated weights (it stopped "
                           f"before aggregation); export another round (done: {sorted(done) or 'none'})")
@@ -127,7 +144,7 @@ def read_run(run_dir: str | Path, round_: int | None = None) -> RunRecord:
                 except ValueError:
                     raise ExportError(f"{lpath} line {n} is not JSON (a torn or edited ledger: run "
                                       f"`atoll audit verify {root}`)") from None
-    r = RunRecord(root, settings, history, status, round_, weights, ledger)
+    r = RunRecord(root, settings, history, status, round_, weights, ledger, ema=ema)
     try:
         r.task
     except ValueError as exc:
@@ -243,7 +260,9 @@ def metadata(run: RunRecord, weights_sha256: str) -> dict[str, Any]:
             "outputs": {"pred": out},
         },
         "atoll": {"run": run.root.name, "round": run.round, "model": run.settings["model"],
-                  "weights_sha256": weights_sha256, "task": task.to_manifest()},
+                  "weights_sha256": weights_sha256, "task": task.to_manifest(),
+                  "weights": "server EMA of the global model" if run.ema else "global model",
+                  **({"decision_threshold": run.decision_threshold()} if run.decision_threshold() else {})},
     }
 
 
@@ -260,7 +279,7 @@ def _version(dist: str) -> str:
 
 
 def export_bundle(run_dir: str | Path, out: str | Path, *, round_: int | None = None, card_facts: dict | None = None,
-                  overwrite: bool = False) -> dict[str, Any]:
+                  overwrite: bool = False, ema: bool = False) -> dict[str, Any]:
     """Write the bundle of ``run_dir``'s round ``round_`` (default the last) into ``out``; returns the model card.
 
     ``card_facts``: what the caller gathered for the model card beyond the run folder (see
@@ -273,7 +292,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, round_: int | None = 
     from models import state_dict_sha256
     from server.model_card import build_card, card_markdown
 
-    run = read_run(run_dir, round_)
+    run = read_run(run_dir, round_, ema=ema)
     out = Path(out)
     if out.exists() and not (overwrite and (out / "configs" / "metadata.json").is_file()):
         raise ExportError(f"--out {out} already exists; give a new folder" +
@@ -301,7 +320,10 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, round_: int | None = 
         (tmp / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2))
         (tmp / "configs" / "inference.json").write_text(json.dumps(infer, indent=2))
         torch.save(net.state_dict(), tmp / "models" / "model.pt")
-        _torchscript(tmp)
+        from models.factory import NOT_SCRIPTABLE
+
+        if run.settings["model"] not in NOT_SCRIPTABLE:  # scatternet: the bundle's Python network_def serves it
+            _torchscript(tmp)
         card = build_card(run, meta, **(card_facts or {}))
         (tmp / "docs" / "model_card.json").write_text(json.dumps(card, indent=2))
         (tmp / "docs" / "README.md").write_text(card_markdown(card))

@@ -135,7 +135,8 @@ def build_card(run, meta: Mapping[str, Any], *, heldout: dict | None = None, dat
         per_site[site] = {
             "rounds_contributed": sum(r.get("status") == "contributed" for _, r in entries),
             "refusals": refusals,
-            "validation": _clean(now.get("val", {})) if now else {},
+            "validation": _clean({k: v for k, v in now.get("val", {}).items()
+                                  if not k.startswith("val_threshold_counts")}) if now else {},
             "status_at_round": now.get("status", "absent"),
             "privacy": dp.get(site) or ({"dp": True, "epsilon": _finite(now.get("epsilon")), "delta": now.get("delta"),
                                          "accountant": None, "unit": "patient", "note": "from history.json (no "
@@ -158,6 +159,9 @@ def build_card(run, meta: Mapping[str, Any], *, heldout: dict | None = None, dat
             "rounds_planned": s.get("num_server_rounds"), "status": run.status.get("status"),
             "status_reason": run.status.get("reason", ""), "strategy": s.get("strategy"),
             "proximal_mu": s.get("proximal_mu"), "secure_aggregation": bool(s.get("secagg")),
+            "server_options": s.get("server_options"), "weights": meta["atoll"].get("weights", "global model"),
+            # chosen from the sites' released validation counts (never the test set); None = argmax
+            "decision_threshold": meta["atoll"].get("decision_threshold"),
             "local_steps": mech.get("steps"), "lr": s.get("lr"), "min_sites": s.get("min_sites"),
             "mechanism": {"dp": mech.get("dp"), "noise_multiplier": mech.get("noise_multiplier"),
                           "clip_norm": mech.get("clip_norm"), "sample_rate": mech.get("sample_rate"),

@@ -19,11 +19,15 @@ from typing import Any
 
 from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
+from server.server_opt import ServerFedAdam, ServerFedAvgM
+
 __all__ = ["STRATEGIES", "StrategyError", "build_strategy", "sums_in_one_pass", "strategy_parameters"]
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
     "fedprox": FedProx,
+    "fedavgm": ServerFedAvgM,   # Flower's FedAvgM, stepping on the released aggregate only (server.server_opt)
+    "fedadam": ServerFedAdam,   # Flower's FedAdam, likewise
     "fedmedian": FedMedian,
     "fedtrimmedavg": FedTrimmedAvg,
     "krum": Krum,
@@ -33,8 +37,9 @@ STRATEGIES: dict[str, type[Strategy]] = {
 
 
 # Strategies whose server-side aggregation is exactly the example-weighted mean (FedProx's proximal term acts at
-# the sites): the round book sums their updates in the same pass that checks them (server.update_pass).
-_WEIGHTED_MEAN = ("fedavg", "fedprox")
+# the sites): the round book sums their updates in the same pass that checks them (server.update_pass). FedAvgM
+# and FedAdam then post-process that mean (server.server_opt): they never see a single update.
+_WEIGHTED_MEAN = ("fedavg", "fedprox", "fedavgm", "fedadam")
 
 
 def sums_in_one_pass(name: str) -> bool:
@@ -96,6 +101,13 @@ _CHECKS: dict[str, Callable[[str, str, Any], Any]] = {
     "min_evaluate_nodes": _number("int", 0, None),
     "min_available_nodes": _number("int", 1, None),
     "proximal_mu": _number("float", 0.0, None),
+    "server_learning_rate": _number("float", 0.0, None, lo_open=True),
+    "server_momentum": _number("float", 0.0, 1.0, hi_open=True),
+    "eta": _number("float", 0.0, None, lo_open=True),
+    "eta_l": _number("float", 0.0, None, lo_open=True),
+    "beta_1": _number("float", 0.0, 1.0, hi_open=True),
+    "beta_2": _number("float", 0.0, 1.0, hi_open=True),
+    "tau": _number("float", 0.0, None, lo_open=True),
     "beta": _number("float", 0.0, 0.5, hi_open=True),
     "num_malicious_nodes": _number("int", 0, None),
     "num_nodes_to_select": _number("int", 1, None),
@@ -109,8 +121,8 @@ _CHECKS: dict[str, Callable[[str, str, Any], Any]] = {
 
 
 def build_strategy(name: str, **kwargs: Any) -> Strategy:
-    """Flower's strategy `name` (fedavg | fedprox | fedmedian | fedtrimmedavg | krum | multikrum |
-    bulyan) built with `kwargs`, each checked first.
+    """Flower's strategy `name` (fedavg | fedprox | fedavgm | fedadam | fedmedian | fedtrimmedavg | krum |
+    multikrum | bulyan) built with `kwargs`, each checked first.
 
     `min_available_nodes` defaults to `min_train_nodes` (Flower would otherwise wait for 2 sites
     and then try to sample more than are connected).

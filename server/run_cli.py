@@ -34,9 +34,10 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND = 0, 1, 2, 3  # as atoll.cli.EX
 
 # Names as models.MODEL_NAMES and server.robust.STRATEGIES hold them, listed here so that `--help` and a typo
 # need neither MONAI nor Flower's strategies (tests/test_cli_startup.py keeps the lists equal).
-MODEL_CHOICES = ("atollnet", "atollnet-wide", "densenet121", "resnet10", "resnet18", "resnet34", "basicunet",
-                 "basicunet-small", "scalespace")
-STRATEGY_CHOICES = ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+MODEL_CHOICES = ("atollnet", "atollnet-wide", "atollnet-ws", "scatternet", "densenet121", "resnet10", "resnet18",
+                 "resnet34", "basicunet", "basicunet-small", "scalespace")
+STRATEGY_CHOICES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum",
+                    "bulyan")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -184,6 +185,14 @@ def add_run_shape_arguments(p: argparse.ArgumentParser) -> None:
     mech.add_argument("--clip-norm", metavar="C", type=float, default=m.clip_norm, help="DP-SGD per-patient clip norm C")
     mech.add_argument("--accountant", default=m.accountant, choices=("", "rdp", "prv"),
                       help="accountant the sites must charge with (default: each site's policy's)")
+    mech.add_argument("--adaptive-clip", action="store_true",
+                      help="adaptive clipping (Andrew et al. 2021): --clip-norm is the starting C; needs --count-noise")
+    mech.add_argument("--target-unclipped-quantile", metavar="GAMMA", type=float, default=m.target_unclipped_quantile,
+                      help="adaptive clipping: fraction of sampled patients C should leave unclipped")
+    mech.add_argument("--clip-lr", metavar="ETA", type=float, default=m.clip_lr,
+                      help="adaptive clipping: geometric step of C per DP step")
+    mech.add_argument("--count-noise", metavar="SIGMA_B", type=float, default=m.count_noise,
+                      help="adaptive clipping: noise std of the released unclipped count (> noise multiplier / 2)")
     p.add_argument("--lr", metavar="X", type=float, default=d.lr, help="local learning rate (SGD with momentum 0.9)")
     p.add_argument("--batch-size", metavar="N", type=int, default=d.batch_size, help="minibatch size without DP")
     p.add_argument("--no-dp", action="store_true", help="ask for non-DP training (sites refuse unless allowed)")
@@ -194,9 +203,27 @@ def add_run_shape_arguments(p: argparse.ArgumentParser) -> None:
                    help="fedprox: weight mu of the sites' proximal term (required > 0 with --strategy fedprox)")
     p.add_argument("--num-malicious", type=int, default=d.num_malicious,
                    help="krum/multikrum/bulyan: malicious sites the rule tolerates (required >= 1 with them)")
+    so = d.server_options  # contract.server_options: post-processing of the aggregate (README "Server options")
+    p.add_argument("--server-lr", type=float, default=so.server_lr, help="fedavgm: server learning rate")
+    p.add_argument("--server-momentum", type=float, default=so.server_momentum,
+                   help="fedavgm: server momentum in [0, 1) (required > 0 unless --server-lr != 1)")
+    for key, default in (("eta", so.fedadam_eta), ("beta1", so.fedadam_beta1), ("beta2", so.fedadam_beta2),
+                         ("tau", so.fedadam_tau)):
+        p.add_argument(f"--fedadam-{key}", type=float, default=default, help=f"fedadam: Flower's FedAdam {key}")
+    p.add_argument("--server-ema", type=float, default=so.server_ema,
+                   help="decay of the server's EMA of the global model, saved beside each round (0 = off)")
+    p.add_argument("--decision-threshold", choices=("argmax", "validation"), default=so.decision_threshold,
+                   help="binary tasks: argmax, or the threshold chosen from the sites' released "
+                        "val_threshold_counts (validation splits, released in the clear)")
+    p.add_argument("--augment-multiplicity", metavar="K", type=int, default=d.augment_multiplicity,
+                   help="K random views (flip, shift) of each sampled image, their gradients averaged before "
+                        "clipping: same privacy charge, K-fold compute (1 = off; classification only)")
+    p.add_argument("--ema-decay", metavar="D", type=float, default=d.ema_decay,
+                   help="sites release the moving average (decay D in [0, 1)) of their DP iterates within a "
+                        "round instead of the last one: post-processing, no extra charge (0 = off)")
     p.add_argument("--secagg", action="store_true",
                    help="aggregate under SecAgg+ (the server sees only the sum of the masked updates; "
-                        "needs strategy fedavg and no max-update-norm; see docs/security.md)")
+                        "needs strategy fedavg, fedavgm or fedadam and no max-update-norm; see docs/security.md)")
 
 
 def run_shape_config(args: argparse.Namespace) -> dict:
@@ -209,7 +236,13 @@ def run_shape_config(args: argparse.Namespace) -> dict:
             "modalities": args.modalities, "local-steps": args.local_steps, "lr": args.lr,
             "batch-size": args.batch_size, "sample-rate": args.sample_rate, "noise-multiplier": args.noise_multiplier,
             "clip-norm": args.clip_norm, "accountant": args.accountant, "dp": not args.no_dp, "secagg": args.secagg,
-            "strategy": args.strategy, "proximal-mu": args.proximal_mu, "num-malicious": args.num_malicious}
+            "strategy": args.strategy, "proximal-mu": args.proximal_mu, "num-malicious": args.num_malicious,
+            "server-lr": args.server_lr, "server-momentum": args.server_momentum, "fedadam-eta": args.fedadam_eta,
+            "fedadam-beta1": args.fedadam_beta1, "fedadam-beta2": args.fedadam_beta2, "fedadam-tau": args.fedadam_tau,
+            "server-ema": args.server_ema, "decision-threshold": args.decision_threshold,
+            "adaptive-clip": args.adaptive_clip, "target-unclipped-quantile": args.target_unclipped_quantile,
+            "clip-lr": args.clip_lr, "count-noise": args.count_noise,
+            "augment-multiplicity": args.augment_multiplicity, "ema-decay": args.ema_decay}
 
 
 def _err(text: str) -> None:

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from contract import Mechanism, MechanismError, TaskError, TaskSpec
 from contract._fields import KINDS, coerce, key_of
+from contract.server_options import ServerOptions
+from contract.recipe import MAX_AUGMENT_MULTIPLICITY
 
 if TYPE_CHECKING:  # imported where used: `atoll run --help` and a settings check must not wait for Flower/NumPy
     from contract.wire import RoundConfig
@@ -41,6 +43,9 @@ class RunSettings:
     batch_size: int = 64
     strategy: str = "fedavg"
     proximal_mu: float = 0.0      # fedprox: weight of the proximal term (mu/2)||w - w_global||^2 at the sites
+    # Site-side recipe options (privacy.dpsgd; both keep the mechanism and its charge, README "Run config"):
+    augment_multiplicity: int = 1  # K random views of each sampled image, gradients averaged before clipping
+    ema_decay: float = 0.0        # sites release the EMA (decay d) of their DP iterates within a round; 0 = off
     num_malicious: int = 0        # krum | multikrum | bulyan: how many sites the rule must tolerate (f >= 1)
     max_update_norm: float = 0.0  # reject updates with ||update - global|| above this; 0 = no bound
     min_sites: int = 2
@@ -57,6 +62,8 @@ class RunSettings:
     resume: bool = False
     task: TaskSpec = field(default_factory=TaskSpec)
     mechanism: Mechanism = field(default_factory=Mechanism)
+    # server momentum / FedAdam / server EMA / decision threshold: post-processing of what the sites released
+    server_options: ServerOptions = field(default_factory=ServerOptions)
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> "RunSettings":
@@ -72,6 +79,7 @@ class RunSettings:
         try:
             kwargs["task"] = TaskSpec.from_config(run_config, where="run config")
             kwargs["mechanism"] = Mechanism.from_config(run_config, where="run config")
+            kwargs["server_options"] = ServerOptions.from_config(run_config, where="run config")
         except (TaskError, MechanismError, ValueError) as exc:
             raise SettingsError(str(exc)) from None
         s = cls(**kwargs)
@@ -94,6 +102,7 @@ class RunSettings:
             task = TaskSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["task"].items()
                                if k in task_fields}).check(where)
             mechanism = Mechanism.from_dict(data["mechanism"], where=f"{where} mechanism")
+            server_options = ServerOptions(**data.get("server_options", {}))  # absent: a run before the options
             kwargs: dict[str, Any] = {}
             for f in fields(cls):
                 if f.name in _NESTED or f.name not in data:
@@ -101,7 +110,7 @@ class RunSettings:
                 kwargs[f.name] = coerce(data[f.name], KINDS[str(f.type)], f.name, where)
         except (TaskError, MechanismError, TypeError, ValueError) as exc:
             raise SettingsError(str(exc)) from None
-        s = cls(**kwargs, task=task, mechanism=mechanism)
+        s = cls(**kwargs, task=task, mechanism=mechanism, server_options=server_options)
         s.check()
         return s
 
@@ -112,17 +121,32 @@ class RunSettings:
         need(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1")
         need(self.lr > 0, "lr", "must be > 0")
         need(self.batch_size >= 1, "batch-size", "must be >= 1")
+        self._check_recipe(need)
         for key, what in (*self.mechanism.problems(), *self.task.problems()):
             need(False, key, what)
         need(self.task.spatial_dims == 3 or min(self.task.size) >= 8, "image-size", "must be >= 8")
         need(self.min_sites >= 1, "min-sites", "must be >= 1")
         need(self.max_update_norm >= 0, "max-update-norm", "must be >= 0 (0 = no bound)")
         self._check_strategy(need)
+        for key, what in self.server_options.problems(self.strategy):
+            need(False, key, what)
+        need(self.server_options.decision_threshold == "argmax"
+             or (self.task.is_classification and len(self.task.classes) == 2), "decision-threshold",
+             "\"validation\" needs a binary classification task (a threshold on the positive class's probability)")
         need(self.round_timeout > 0, "round-timeout", "must be > 0")
         need(bool(self.run_dir) and Path(self.run_dir).is_absolute(), "run-dir",
              "must be an absolute path (relative paths resolve against the SuperLink's working directory)")
         if self.secagg:
             self._check_secagg(need)
+
+    def _check_recipe(self, need) -> None:
+        """The site-side training options: the same bounds train_local enforces, named by run-config key."""
+        need(1 <= self.augment_multiplicity <= MAX_AUGMENT_MULTIPLICITY, "augment-multiplicity",
+             f"must be a whole number in [1, {MAX_AUGMENT_MULTIPLICITY}] (1 = no augmentation), "
+             f"got {self.augment_multiplicity}")
+        need(self.augment_multiplicity == 1 or self.task.kind == "classification", "augment-multiplicity",
+             f"must be 1 for task {self.task.kind!r}: augmented views apply to classification only")
+        need(0 <= self.ema_decay < 1, "ema-decay", f"must be in [0, 1) (0 = off), got {self.ema_decay}")
 
     def _check_strategy(self, need) -> None:
         """Every strategy setting must act: no fedprox without a proximal term, no Krum tolerating nobody."""
@@ -143,8 +167,9 @@ class RunSettings:
     def _check_secagg(self, need) -> None:
         """SecAgg+ hides single updates from the server, so nothing may need a single update."""
         strategy = self.strategy.strip().lower().replace("-", "").replace("_", "")
-        need(strategy == "fedavg", "strategy",
-             f"is {self.strategy!r} but must be \"fedavg\" when secagg = true: under SecAgg+ the server only "
+        need(strategy in ("fedavg", "fedavgm", "fedadam"), "strategy",
+             f"is {self.strategy!r} but must be \"fedavg\" (or \"fedavgm\" / \"fedadam\", which only "
+             "post-process the sum) when secagg = true: under SecAgg+ the server only "
              "sees the sum of the sites' masked updates, so a robust rule (median, trimmed mean, Krum, Bulyan) "
              "has no single update to act on, and FedProx is not available on the legacy SecAgg+ path")
         need(self.max_update_norm == 0, "max-update-norm",
@@ -181,7 +206,7 @@ class RunSettings:
     def to_run_config(self) -> dict[str, Any]:
         """As Flower's `--run-config` keys (the inverse of from_run_config)."""
         out = {key_of(f.name): getattr(self, f.name) for f in fields(self) if f.name not in _NESTED}
-        return {**out, **self.task.to_config(), **self.mechanism.to_config()}
+        return {**out, **self.task.to_config(), **self.mechanism.to_config(), **self.server_options.to_config()}
 
     def name_for(self, flower_run_id: int) -> str:
         return self.run_name or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{flower_run_id % 100000:05d}"
@@ -192,7 +217,9 @@ class RunSettings:
         return RoundConfig(run_id=run_name, server_round=server_round, num_rounds=self.num_server_rounds,
                            model=self.model, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
                            secagg=self.secagg, strategy=self.strategy, proximal_mu=self.proximal_mu,
-                           num_malicious=self.num_malicious, task=self.task, mechanism=self.mechanism)
+                           augment_multiplicity=self.augment_multiplicity, ema_decay=self.ema_decay,
+                           num_malicious=self.num_malicious, task=self.task, mechanism=self.mechanism,
+                           server_options=self.server_options)
 
 
-_NESTED = ("task", "mechanism")
+_NESTED = ("task", "mechanism", "server_options")

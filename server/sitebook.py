@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from contract import wire
+from contract import threshold, wire
 from models import HASH_SCHEMES, state_dict_digest, state_dict_sha256
 
 log = logging.getLogger("atoll.server")
@@ -366,7 +366,8 @@ class RoundBook:
         """Example-weighted mean of each validation metric over the (verified) sites that released it."""
         out: dict[str, float] = {}
         trusted = [s for s in self.sites.values() if s.verified]
-        keys = {k for s in trusted for k in s.val if k != wire.NUM_EXAMPLES}
+        keys = {k for s in trusted for k in s.val if k != wire.NUM_EXAMPLES
+                and not k.startswith(threshold.METRIC)}  # counts are pooled (decision_threshold), not averaged
         for k in sorted(keys):
             pairs = [(s.val[k], s.val.get(wire.NUM_EXAMPLES, 1.0)) for s in trusted
                      if k in s.val and not math.isnan(s.val[k])]
@@ -395,9 +396,23 @@ class RoundBook:
         others = [f"{n} {s.status} ({s.code})" for n, s in self.sites.items() if s.status != "contributed"]
         return "; ".join(parts + others)
 
+    def decision_threshold(self) -> dict | None:
+        """The threshold with the best balanced accuracy on the pooled released ``val_threshold_counts`` of the
+        verified sites (contract.threshold), with the sites it came from; None when no site released them."""
+        keys = threshold.metric_keys()
+        released = {n: s.val for n, s in self.sites.items() if s.verified and all(k in s.val for k in keys)}
+        chosen = threshold.choose(threshold.pool(released.values()))
+        if chosen is None:
+            return None
+        return {"threshold": chosen[0], "val_balanced_accuracy": chosen[1], "sites": sorted(released),
+                "rule": "max balanced accuracy on pooled val_threshold_counts (released in the clear, not DP)"}
+
     def as_dict(self) -> dict:
-        return {"round": self.server_round, "sites": {n: s.as_dict() for n, s in sorted(self.sites.items())},
-                "aggregated": self.aggregated_val()}
+        out = {"round": self.server_round, "sites": {n: s.as_dict() for n, s in sorted(self.sites.items())},
+               "aggregated": self.aggregated_val()}
+        if (chosen := self.decision_threshold()) is not None:
+            out["decision_threshold"] = chosen
+        return out
 
 
 def _float_or_none(v) -> float | None:

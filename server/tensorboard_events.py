@@ -36,12 +36,15 @@ def scalars(entry: dict[str, Any]) -> dict[str, float]:
     for site, s in entry.get("sites", {}).items():
         for part in ("train", "val"):
             for k, v in (s.get(part) or {}).items():
+                if k.startswith("val_threshold_counts"):  # counts the threshold is pooled from, not curves
+                    continue
                 put(f"site/{site}/{k}" if part == "val" or k.startswith("train") else f"site/{site}/{part}_{k}", v)
         put(f"site/{site}/epsilon", s.get("epsilon"))
         put(f"site/{site}/contributed", 1.0 if s.get("status") == "contributed" else 0.0)
     for k, v in (entry.get("aggregated") or {}).items():
         put(f"aggregate/{k}", v)
     put("round/train_wall_seconds", entry.get("train_wall_seconds"))
+    put("aggregate/decision_threshold", (entry.get("decision_threshold") or {}).get("threshold"))
     return out
 
 

@@ -94,7 +94,8 @@ def run_anchored(root: Path, sites: dict[str, Site], keys_dir: Path, *, run_name
     # the mechanism's fields by their run-config names (local_steps = Mechanism.steps), into the one type
     names = {"noise_multiplier": "noise_multiplier", "clip_norm": "clip_norm", "sample_rate": "sample_rate",
              "local_steps": "steps", "dp": "dp"}
-    mechanism = Mechanism(**{names[k]: kw.pop(k) for k in list(kw) if k in names})
+    fields_ = {names[k]: kw.pop(k) for k in list(kw) if k in names}
+    mechanism = kw.pop("mechanism", None) or Mechanism(**fields_)  # or a whole Mechanism (adaptive clipping)
     settings = RunSettings(**kw, mechanism=mechanism)
     out = RunOutputs.create(Path(settings.run_dir), run_name, settings)
     arrays = _weights(0)

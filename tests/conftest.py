@@ -32,6 +32,14 @@ def shared_data(sub: str) -> Path:
     return path
 
 
+def copy_consortium(src: Path, dst: Path) -> Path:
+    """A private copy of a consortium folder with no privacy spent, no approvals and no released updates."""
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("ledger.jsonl", "approvals.jsonl", "released"))
+    return dst
+
+
 @pytest.fixture()
 def fresh_consortium(demo_consortium, tmp_path) -> Path:
     """A private copy of the demo consortium: no privacy spent, no approvals, no released updates.
@@ -39,9 +47,14 @@ def fresh_consortium(demo_consortium, tmp_path) -> Path:
     Tests that train must not share one lifetime budget: a session's runs add up at each site and
     would eventually be refused for budget, depending on test order. The preprocessed cache is kept.
     """
-    import shutil
+    return copy_consortium(demo_consortium, tmp_path / "consortium")
 
-    dst = tmp_path / "consortium"
-    shutil.copytree(demo_consortium, dst,
-                    ignore=shutil.ignore_patterns("ledger.jsonl", "approvals.jsonl", "released"))
-    return dst
+
+@pytest.fixture(scope="module")
+def module_consortium(demo_consortium, tmp_path_factory) -> Path:
+    """One private copy of the demo consortium for the runs of one test module that share a deployment.
+
+    A module that starts its SuperLink and SuperNodes once (a module-scoped LocalConsortium) points them at
+    these sites; each test's runs then add up in the same site ledgers, as the runs of a real consortium do.
+    """
+    return copy_consortium(demo_consortium, tmp_path_factory.mktemp("module-consortium") / "consortium")

@@ -134,6 +134,9 @@ def _assert_accepts(argv: list[str]) -> argparse.Namespace | None:
     if program == "flower-supernode":
         from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
         return _parse_strict(_parse_args_run_supernode(), argv)
+    if program == "atoll-superexec":  # Flower's flower-superexec parser (client/launcher.superexec_main)
+        from flwr.supercore.cli.flower_superexec import _parse_args
+        return _parse_strict(_parse_args(), argv)
     if program == "atoll":
         parser = _atoll_parser()
         sub = _subcommand(argv)
@@ -256,19 +259,28 @@ def _services() -> dict[str, dict]:
     return _compose()["services"]
 
 
+HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
+
+
 def test_compose_has_a_superlink_and_three_hospitals():
     services = _services()
-    assert set(services) == {"superlink", "hospital-a", "hospital-b", "hospital-c"}
+    expected = {"superlink"} | {f"{h}{part}" for h in HOSPITALS for part in ("", "-launcher", "-admin")}
+    assert set(services) == expected
 
 
-@pytest.mark.parametrize("service", ["superlink", "hospital-a", "hospital-b", "hospital-c"])
+@pytest.mark.parametrize("service", ["superlink", *HOSPITALS, *(f"{h}-launcher" for h in HOSPITALS),
+                                     *(f"{h}-admin" for h in HOSPITALS)])
 def test_compose_commands_exist_and_accept_their_flags(service):
     spec = _services()[service]
     argv = list(spec["entrypoint"]) + [str(a) for a in spec["command"]]
-    assert "--insecure" not in argv, "the compose consortium runs with TLS"
+    if service.endswith("-launcher"):  # plaintext only to the SuperNode's runtime API on the shared loopback
+        assert argv[:3] == ["atoll-superexec", "--runtime-api-address", "127.0.0.1:9094"]
+    else:
+        assert "--insecure" not in argv, "the compose consortium runs with TLS"
     _assert_accepts(argv)
     for key, value in FLWR_ENV.items():
         assert str(spec["environment"][key]) == value
+    assert spec["read_only"] is True and spec["cap_drop"] == ["ALL"], f"{service}: read-only root, no capabilities"
 
 
 def test_superlink_runs_tls_and_node_auth():
@@ -281,18 +293,26 @@ def test_superlink_runs_tls_and_node_auth():
     assert not any("ca.key" in m for m in mounts), "the CA private key has no business on the SuperLink"
 
 
-@pytest.mark.parametrize("service", ["hospital-a", "hospital-b", "hospital-c"])
+@pytest.mark.parametrize("service", HOSPITALS)
 def test_hospitals_mount_data_config_and_keys_read_only(service):
+    """The SuperNode holds only the node key; the launcher next to it holds the data, the config and /state."""
     spec = _services()[service]
     argv = spec["command"]
     assert argv[argv.index("--superlink") + 1] == "superlink:8000"
     assert argv[argv.index("--root-certificates") + 1] == "/keys/ca.crt"
     assert argv[argv.index("--auth-supernode-private-key") + 1] == "/keys/node_auth_key"
-    mounts = {m.split(":")[1]: m for m in spec["volumes"]}
-    for target in ("/site", "/data", "/keys"):
-        assert mounts[target].endswith(":ro"), f"{service}: {target} must be read-only"
-        assert service in mounts[target].split(":")[0], f"{service} mounts another hospital's {target}"
-    assert not mounts["/state"].endswith(":ro")
+    assert argv[argv.index("--isolation") + 1] == "process", "the site's launcher must check every bundle"
+    assert {m.split(":")[1]: m for m in spec["volumes"]} == {"/keys": f"./sites/{service}/keys:/keys:ro"}
+    for part in ("-launcher", "-admin"):
+        mounts = {m.split(":")[1]: m for m in _services()[service + part]["volumes"]}
+        for target in ("/site", "/data"):
+            assert mounts[target].endswith(":ro"), f"{service}{part}: {target} must be read-only"
+            assert service in mounts[target].split(":")[0], f"{service}{part} mounts another hospital's {target}"
+        assert mounts["/state"] == f"{service}-state:/state", f"{service}{part}: the site's own /state"
+        assert "/keys" not in mounts, "the node key stays with the SuperNode"
+    launcher = _services()[service + "-launcher"]
+    assert launcher["network_mode"] == f"service:{service}", "the runtime API must stay on the SuperNode's loopback"
+    assert _services()[service + "-admin"]["network_mode"] == "none"
 
 
 def test_node_config_parses_with_flowers_parser():
@@ -335,3 +355,72 @@ def test_programs_the_images_call_answer_help(command):
                          timeout=180, env=env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "usage" in (res.stdout + res.stderr).lower()
+
+
+# -- build arguments, what the images hold, the smoke script (docker/smoke.sh runs them for real) ------------
+
+
+@pytest.mark.parametrize("name,default_base", [("Dockerfile.client", "nvidia/cuda:"),
+                                               ("Dockerfile.server", "python:3.11")])
+def test_base_image_and_torch_index_are_build_arguments(name, default_base):
+    """Hospitals build on the default (CUDA for sites); smoke.sh passes a local CPU base and the builder's index."""
+    instructions = _instructions(DOCKER / name)
+    args = dict(rest.partition("=")[::2] for k, rest in instructions if k == "ARG")
+    assert args["BASE_IMAGE"].startswith(default_base), args
+    assert "TORCH_INDEX_URL" in args and "PIP_CONFIG_FILE" in args
+    froms = [rest.split()[0] for k, rest in instructions if k == "FROM"]
+    assert froms and all(f == "${BASE_IMAGE}" for f in froms), froms
+    runs = " ".join(rest for k, rest in instructions if k == "RUN")
+    assert '"torch==${TORCH_VERSION}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}' in runs
+    assert not any(k == "ENV" and "PIP_CONFIG_FILE" in rest for k, rest in instructions), "pip config baked in"
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_images_hold_every_app_package_and_the_app_folder(name):
+    """`atoll run start`/`run manifest` build the bundle from /opt/atoll (pyproject.toml + the app packages)."""
+    from client.launcher import APP_PACKAGES
+
+    runs = " ".join(rest for k, rest in _instructions(DOCKER / name) if k == "RUN")
+    copied = re.search(r"cp -r (.*?) /opt/atoll/", runs).group(1).split()
+    assert "/src/pyproject.toml" in copied
+    for package in (*APP_PACKAGES, "atoll"):
+        assert f"/src/{package}" in copied, f"{name}: /opt/atoll lacks {package}/"
+
+
+def test_lockfile_covers_every_runtime_dependency():
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    locked = {canonicalize_name(ln.split("==")[0]) for ln in (DOCKER / "requirements.lock").read_text().splitlines()
+              if ln and not ln.startswith("#")}
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    missing = sorted(n for n in (canonicalize_name(Requirement(d).name) for d in deps) if n not in locked | {"torch"})
+    assert not missing, f"docker/requirements.lock lacks {missing}: python docker/lock.py > docker/requirements.lock"
+
+
+def test_containers_conf_sets_runc_and_lower_limits():
+    import tomllib
+
+    conf = tomllib.loads((DOCKER / "containers.conf").read_text())
+    assert conf["engine"]["runtime"] == "runc"
+    assert set(conf["containers"]["default_ulimits"]) == {"nofile=20000:20000", "nproc=32768:32768"}
+
+
+@pytest.mark.parametrize("script", ["smoke.sh", "make-base.sh"])
+def test_scripts_are_strict_bash(script):
+    text = (DOCKER / script).read_text()
+    assert text.startswith("#!/usr/bin/env bash\n") and "\nset -euo pipefail\n" in text
+    assert os.access(DOCKER / script, os.X_OK), f"docker/{script} is not executable"
+    res = subprocess.run(["bash", "-n", str(DOCKER / script)], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+
+
+def test_smoke_script_hardens_every_container_and_uses_the_launcher():
+    text = (DOCKER / "smoke.sh").read_text()
+    assert "HARDEN=(--read-only --cap-drop ALL --security-opt no-new-privileges" in text
+    assert text.count('"${HARDEN[@]}"') >= 4  # one-offs, SuperLink, SuperNodes, launchers
+    assert "--isolation process" in text and "--entrypoint atoll-superexec" in text
+    assert "network create --internal" in text and "--insecure" not in text.replace(
+        "--runtime-api-address 127.0.0.1:9094 --insecure", "")

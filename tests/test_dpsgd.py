@@ -519,3 +519,156 @@ def test_the_proximal_term_is_data_free_post_processing_of_the_private_step() ->
     assert torch.allclose(prox - w0, (1 - 0.1 * 2.0) * (plain - w0), atol=1e-6)
     with pytest.raises(ValueError, match="proximal_mu"):
         one_step(-1.0)
+
+
+# ---------------------------------------------------------------- recipe options: augmentation multiplicity, EMA
+
+
+def _one_heavy_patient_among_blank_ones() -> tuple[Split, Split]:
+    """Patient 0 has 16 random images; patients 1..7 one all-zero image each. A zero image is its own flip and
+    shift, so the other patients' clipped terms are the same in both runs whatever views are drawn: the
+    difference of the two sums is patient 0's contribution alone."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 1, 16, 16, generator=g)
+    heavy = base + 0.01 * torch.randn(16, 1, 16, 16, generator=g)
+    with_p0 = Split(
+        images=torch.cat([heavy, torch.zeros(7, 1, 16, 16)]),
+        labels=torch.cat([torch.ones(16, dtype=torch.long), torch.randint(0, 2, (7,), generator=g)]),
+        patients=torch.cat([torch.zeros(16, dtype=torch.long), torch.arange(1, 8)]),
+    )
+    without = Split(with_p0.images[16:], with_p0.labels[16:], with_p0.patients[16:] - 1)
+    return with_p0, without
+
+
+def _clipped_sum_k(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float, mode: str, k: int,
+                   seed: int = 5) -> torch.Tensor:
+    """Pre-noise clipped sum of the real private step with K augmented views (sigma = 0, lr = 0)."""
+    step = PrivateStep(
+        model, torch.optim.SGD(model.parameters(), lr=0.0), _dp(0.0, clip, 0.5), expected_batch_size=1,
+        grad_sample_mode=mode, augment_multiplicity=k, augment_generator=torch.Generator().manual_seed(seed),
+    )
+    step.step(x, y)
+    out = torch.cat([p.grad.flatten().clone() for p in model.parameters()])
+    step.close()
+    return out
+
+
+@pytest.mark.parametrize("mode", ["auto", "fast"])  # auto -> Opacus' hooks for K > 1
+def test_augment_multiplicity_keeps_one_clipped_term_per_patient(mode: str, monkeypatch) -> None:
+    """K = 4 views of the sampled image, averaged before clipping: adding or removing patient 0 (16 images)
+    changes the pre-noise sum by at most C. Clipping the views separately (no averaging) breaks that."""
+    clip, k = 0.01, 4
+    with_p0, without = _one_heavy_patient_among_blank_ones()
+    torch.manual_seed(0)
+    init = build_model("atollnet", channels=(8, 16), groups=4).state_dict()
+
+    def run(data: Split) -> torch.Tensor:
+        model = build_model("atollnet", channels=(8, 16), groups=4)
+        model.load_state_dict(init)
+        idx = _patient_batch(data)
+        return _clipped_sum_k(model, data.images[idx], data.labels[idx], clip, mode, k)
+
+    diff = (run(with_p0) - run(without)).norm()
+    assert 0.9 * clip < diff <= clip * (1 + 1e-4)
+
+    import privacy.dpsgd as dpsgd  # the same step with each view clipped on its own: K terms of norm C
+
+    monkeypatch.setattr(dpsgd, "average_views", lambda grad_sample, k: grad_sample)
+    assert (run(with_p0) - run(without)).norm() > 1.5 * clip
+
+
+def test_augmented_clipped_sum_is_the_clipped_mean_of_the_views() -> None:
+    """The real step's pre-noise sum equals sum_i clip_C(mean_k g_ik), with g_ik Opacus' per-sample gradients of
+    the same K views (drawn again from the same generator): exact, for any images."""
+    clip, k = 0.05, 3
+    data = _toy(n_patients=6)
+    idx = _patient_batch(data)
+    x, y = data.images[idx], data.labels[idx]
+    torch.manual_seed(1)
+    model = build_model("atollnet", channels=(8, 16), groups=4)
+    init = {n: v.clone() for n, v in model.state_dict().items()}
+    got = _clipped_sum_k(model, x, y, clip, "auto", k, seed=9)
+
+    from privacy.augment import augment_views
+
+    model.load_state_dict(init)
+    views = augment_views(x, k, torch.Generator().manual_seed(9))
+    gs = _hooks_grad_samples(model, views, y.repeat_interleave(k))
+    per_image = torch.cat([g.reshape(len(x), k, -1).mean(1) for g in gs.values()], dim=1)  # [B, params]
+    factor = (clip / (per_image.norm(dim=1) + 1e-6)).clamp(max=1.0)
+    want = (factor[:, None] * per_image).sum(0)
+    # _hooks_grad_samples keeps named-parameter order; the step's p.grad follows model.parameters(): the same
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_augment_views_are_random_flips_and_shifts_of_each_image() -> None:
+    from privacy.augment import augment_views
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1, 16, 16)
+    v = augment_views(x, 8, g)
+    assert v.shape == (24, 1, 16, 16)
+    assert torch.equal(augment_views(x, 1, g), x)  # K = 1: the recipe without the option
+    assert len({tuple(v[i].flatten()[:40].tolist()) for i in range(8)}) > 1  # the views differ
+    for i in range(3):  # every view of image i is a flip and/or shift (|d| <= 2) of image i, zero-filled
+        for view in v[i * 8:(i + 1) * 8]:
+            found = False
+            for img in (x[i], x[i].flip(-1)):
+                for dy in range(-2, 3):
+                    for dx in range(-2, 3):
+                        shifted = torch.zeros_like(img)
+                        src = img[:, max(0, dy):16 + min(0, dy), max(0, dx):16 + min(0, dx)]
+                        shifted[:, max(0, -dy):16 - max(0, dy), max(0, -dx):16 - max(0, dx)] = src
+                        found |= torch.equal(shifted, view)
+            assert found
+    vol = torch.randn(2, 1, 4, 5, 6)
+    for view in augment_views(vol, 4, g)[:4]:
+        flips = [d for d in ((), (1,), (2,), (3,), (1, 2), (1, 3), (2, 3), (1, 2, 3))]
+        assert any(torch.equal(vol[0].flip(f) if f else vol[0], view) for f in flips)
+
+
+def test_recipe_options_keep_the_charge_and_are_validated() -> None:
+    """K views and the EMA change what is clipped or released, never (sigma, q, steps): train_local reports the
+    mechanism and the step count it was given, and an empty Poisson batch stays a noise-only step."""
+    mech = _mech(_dp(1.0, 1.0, 0.3), 3)
+    for k, d in ((4, 0.0), (1, 0.9), (4, 0.9)):
+        model = build_model("atollnet", channels=(8, 16), groups=4)
+        r = train_local(model, _toy(), mech, lr=0.1, device="cpu", augment_multiplicity=k, ema_decay=d)
+        assert (r.steps, r.mechanism, r.empty_steps) == (3, mech, 0) and math.isfinite(r.train_loss)
+    empty = train_local(build_model("atollnet", channels=(8, 16), groups=4), _toy(), _mech(_dp(1.0, 1.0, 1e-9), 2),
+                        lr=0.1, device="cpu", augment_multiplicity=4)
+    assert empty.all_batches_empty and empty.steps == 2
+    model = build_model("atollnet", channels=(8, 16), groups=4)
+    for kwargs, match in (({"augment_multiplicity": 0}, "augment_multiplicity"),
+                          ({"augment_multiplicity": 33}, "augment_multiplicity"),
+                          ({"ema_decay": 1.0}, "ema_decay"), ({"ema_decay": -0.1}, "ema_decay"),
+                          ({"augment_multiplicity": 2, "grad_sample_mode": "bk"}, "cannot average")):
+        with pytest.raises(ValueError, match=match):
+            train_local(model, _toy(), mech, lr=0.1, device="cpu", **kwargs)
+
+
+def test_ema_is_computed_from_the_released_dp_iterates_only() -> None:
+    """With sigma huge every iterate is noise-dominated; the EMA run releases exactly
+    e_T with e_0 = w_0, e_t = d e_(t-1) + (1-d) w_t over the iterates w_t of the same (reproducible) DP run —
+    a function of released iterates only, no gradient or data — and reports the same charge."""
+    data, d, steps = _toy(), 0.6, 3
+    init = build_model("atollnet", channels=(8, 16), groups=4).state_dict()
+    mech = _dp(1000.0, 1.0, 0.3)
+
+    def weights(t: int, decay: float) -> tuple[torch.Tensor, LocalTrainResult]:
+        model = build_model("atollnet", channels=(8, 16), groups=4)
+        model.load_state_dict(init)
+        r = train_local(model, data, _mech(mech, t), lr=0.1, device="cpu", seed=4, reproducible_dp=True,
+                        ema_decay=decay)
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), r
+
+    w0 = torch.cat([init[n].flatten() for n, _ in build_model("atollnet", channels=(8, 16), groups=4)
+                    .named_parameters()])
+    ema = w0.clone()
+    for t in range(1, steps + 1):  # w_t: the released last iterate of a t-step run (same randomness prefix)
+        ema = d * ema + (1 - d) * weights(t, 0.0)[0]
+    got, result = weights(steps, d)
+    plain, plain_result = weights(steps, 0.0)
+    assert (plain - w0).norm() > 10 * (got - ema).norm() / (1 - d)  # the noise moved the weights a lot
+    assert torch.allclose(got, ema, atol=1e-5)
+    assert (result.steps, result.mechanism) == (plain_result.steps, plain_result.mechanism)

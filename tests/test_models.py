@@ -26,7 +26,7 @@ def _dp(sigma: float, clip: float, q: float) -> Mechanism:
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
 # Smallest input each network accepts (DenseNet/ResNet downsample 32x).
-SIZE = {"atollnet": 16, "atollnet-wide": 16, "densenet121": 32, "resnet10": 32, "resnet18": 32, "resnet34": 32}
+SIZE = {"atollnet": 16, "atollnet-wide": 16, "atollnet-ws": 16, "scatternet": 16, "densenet121": 32, "resnet10": 32, "resnet18": 32, "resnet34": 32}
 
 
 def _one_dp_step(model: nn.Module, x: torch.Tensor, mode: str = "hooks") -> None:

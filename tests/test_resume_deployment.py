@@ -45,12 +45,12 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _wait_for(what: str, cond, timeout: float, net: LocalConsortium) -> None:
+def _wait_for(what: str, cond, timeout: float, net: LocalConsortium, poll: float = 0.1) -> None:
     end = time.time() + timeout
     while not cond():
         if time.time() > end:
             raise AssertionError(f"timed out waiting for {what}\n--- superlink ---\n{net.tail('superlink', 40)}")
-        time.sleep(0.1)
+        time.sleep(poll)
 
 
 def test_superlink_and_serverapp_killed_mid_round_resume_as_the_same_run(fresh_consortium, tmp_path):
@@ -92,7 +92,7 @@ def test_superlink_and_serverapp_killed_mid_round_resume_as_the_same_run(fresh_c
         # lead's SuperLink comes back after that, as after a host reboot
         _wait_for("the sites' round-2 ClientApps to end", lambda: not any(
             "flwr-clientapp" in _cmdline(pid) for node in net.procs if "supernode" in " ".join(map(str, node.args))
-            for pid in process_tree(node.pid)), 600, net)
+            for pid in process_tree(node.pid)), 600, net, poll=0.5)  # a /proc scan per poll: not 10 a second
         say(f"sites after the kill: {', '.join(f'{n}: {s}' for n, s in site_state(2).items())}")
         net.restart_superlink()
         say("a new SuperLink listens on the same address")

@@ -222,6 +222,7 @@ def test_other_npy_layouts_fall_back_to_flowers_decoder():
 
 def test_only_weighted_mean_strategies_sum_on_admission():
     assert sums_in_one_pass("fedavg") and sums_in_one_pass("FedProx")
+    assert sums_in_one_pass("fedavgm") and sums_in_one_pass("fedadam")  # they post-process the one-pass mean
     assert not any(sums_in_one_pass(n) for n in ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"))
 
 
@@ -266,3 +267,27 @@ def test_the_hash_runs_on_one_reused_worker():
     first = update_pass._HASHER
     inspect_update(ArrayRecord(_near(GLOBAL_SD, 9)), plan, max_norm=None, scheme=UPDATE_HASH)
     assert first is not None and update_pass._HASHER is first
+
+
+def test_a_model_of_large_tensors_is_hashed_on_all_cores_to_the_same_digest():
+    """Multithreaded BLAKE3 (models whose bytes are mostly in large tensors) binds exactly the bytes the site
+    hashed with one thread; DenseNet-like models of many small tensors keep one thread."""
+    g = torch.Generator().manual_seed(3)
+    sd = {"a.bias": torch.randn(5, generator=g), "big.weight": torch.randn(update_pass._PARALLEL_MIN + 7, generator=g)}
+    plan = RoundPlan(ArrayRecord(sd))
+    assert plan.parallel_digest and not RoundPlan(ArrayRecord(GLOBAL_SD)).parallel_digest
+    upd = _near(sd, 4)
+    got = inspect_update(ArrayRecord(upd), plan, max_norm=None, scheme=UPDATE_HASH)
+    assert got.problem is None and got.digest == state_dict_digest(upd, UPDATE_HASH)
+
+
+def test_the_first_bad_tensor_in_name_order_is_named_although_packs_are_checked_later():
+    """Small tensors are checked when their pack fills, after large ones that follow them by name: the reason
+    still names the first non-finite tensor in name order."""
+    g = torch.Generator().manual_seed(5)
+    sd = {"a.bias": torch.randn(5, generator=g), "big.weight": torch.randn(BLOCK + 3, generator=g)}
+    bad = {k: v.clone() for k, v in sd.items()}
+    bad["a.bias"][2] = float("nan")
+    bad["big.weight"][7] = float("inf")
+    got = inspect_update(ArrayRecord(bad), RoundPlan(ArrayRecord(sd)), max_norm=None)
+    assert got.problem == "tensor 'a.bias' has non-finite values (NaN or infinity)"

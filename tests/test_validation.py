@@ -163,7 +163,7 @@ def test_every_named_strategy_is_flowers(name, cls, kwargs):
 
 
 def test_unknown_name_lists_the_choices():
-    with pytest.raises(StrategyError, match="unknown strategy 'fedavgg'.*fedavg, fedprox, fedmedian"):
+    with pytest.raises(StrategyError, match="unknown strategy 'fedavgg'.*fedavg, fedprox, fedavgm, fedadam, fedmedian"):
         build_strategy("fedavgg")
 
 
@@ -192,7 +192,10 @@ def test_bad_parameters_fail_with_a_named_reason(name, kwargs, match):
 def test_parameters_come_from_flowers_signatures():
     assert "proximal_mu" in strategy_parameters("fedprox")
     assert "num_malicious_nodes" in strategy_parameters("bulyan")
-    assert set(STRATEGIES) == {"fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"}
+    assert set(STRATEGIES) == {"fedavg", "fedprox", "fedavgm", "fedadam", "fedmedian", "fedtrimmedavg", "krum",
+                               "multikrum", "bulyan"}
+    assert {"server_momentum", "server_learning_rate"} <= set(strategy_parameters("fedavgm"))
+    assert {"eta", "beta_1", "beta_2", "tau"} <= set(strategy_parameters("fedadam"))
 
 
 def _poisoned_round(n_honest: int, seed: int = 0) -> list[Message]:
