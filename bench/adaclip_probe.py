@@ -92,14 +92,11 @@ def main() -> None:
                          "count_noise": mech.count_noise if mech.adaptive_clip else None,
                          "test_accuracy": statistics.fmean(r["test_accuracy"] for r in runs),
                          "test_auc": statistics.fmean(r["test_auc"] for r in runs), "runs": runs})
-    best = {eps: max((r for r in rows if r["epsilon_target"] == eps), key=lambda r: r["test_auc"])["arm"]
-            for eps in (3.0, 8.0)}
     result = {
         "bench": "adaclip_probe", "quick": args.quick, "seeds": seeds, "rounds": rounds, "local_steps": steps,
         "sample_rate": q, "delta_calibration": f"1/(10 x {max(patients.values())} patients)", "patients": patients,
         "conditions": {"load_avg_1m": os.getloadavg()[0], "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "seconds": round(time.perf_counter() - t_all, 1), "results": rows,
-        "best_arm_by_auc": {f"eps{e:g}": a for e, a in best.items()},
     }
     dest = REPO / "bench" / "results" / "adaclip_probe.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
