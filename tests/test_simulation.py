@@ -11,6 +11,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from atoll import simulation
+from contract import threshold
 from atoll.demo import approve_run, prepare_site_keys
 from atoll.demo_data import CANARY_ACCESSION, CANARY_ID, CANARY_NAME, HOSPITALS
 from client.app import app as client_app
@@ -84,7 +85,9 @@ def test_two_round_simulation_trains_signs_and_leaks_nothing(fresh_consortium, t
         assert sorted(entry["sites"]) == sorted(names)
         for s in entry["sites"].values():
             assert s["status"] == "contributed", s
-            assert set(s["val"]) <= {"num-examples", "val_loss", "val_accuracy", "val_auc"}
+            # only what the demo policies list: the basic metrics and the suppressed validation threshold counts
+            assert set(s["val"]) <= {"num-examples", "val_loss", "val_accuracy", "val_auc", *threshold.metric_keys()}
+            assert all(v % 5 == 0 for k, v in s["val"].items() if k.startswith("val_threshold_counts")), s["val"]
     eps1 = {n: history[0]["sites"][n]["epsilon"] for n in names}
     eps2 = {n: history[1]["sites"][n]["epsilon"] for n in names}
     assert all(eps2[n] > eps1[n] > 0 for n in names), "epsilon accumulates across rounds"
