@@ -36,7 +36,6 @@ import argparse
 import dataclasses
 import json
 import math
-import re
 import shutil
 import sys
 import tempfile
@@ -122,11 +121,6 @@ def _row(setting: str, arm: Arm | None, runs: list[dict], **extra: Any) -> dict:
     return row
 
 
-def _decides_on_validation(settings) -> bool:
-    """decision-threshold = "validation" (a run config key of this Atoll, when it has it)."""
-    return getattr(getattr(settings, "server_options", None), "decision_threshold", "argmax") == "validation"
-
-
 class Consortium:
     """The demo consortium written once; every federated run gets a fresh copy of the sites (unspent budgets)."""
 
@@ -145,11 +139,6 @@ class Consortium:
         site_root = self.work / f"sites-{tag}"
         for n in self.names:
             shutil.copytree(self.work / n, site_root / n, ignore=shutil.ignore_patterns("ledger.jsonl", "approvals.jsonl"))
-            toml = site_root / n / "site.toml"
-            if _decides_on_validation(settings) and "val_threshold_counts" not in toml.read_text():
-                # the sites' policy lists the counts the threshold is chosen on (the demo's sites may already)
-                toml.write_text(re.sub(r"released_metrics = \[", 'released_metrics = ["val_threshold_counts", ',
-                                       toml.read_text(), count=1))
         cfgs = [site_root / n / "site.toml" for n in self.names]
         approve_run(cfgs, settings)
         t0 = time.perf_counter()
