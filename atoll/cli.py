@@ -94,7 +94,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sample-rate", type=float, default=None, metavar="Q",
                    help=f"DP-SGD: probability that a patient is in a step's batch (default: {d.mechanism.sample_rate})")
     p.add_argument("--model", default=None, choices=MODEL_CHOICES, metavar="NAME",
-                   help=f"network: {', '.join(MODEL_CHOICES)} (default: {d.model})")
+                   help=f"network: {', '.join(MODEL_CHOICES)} (default: scatternet for the X-ray demo, "
+                        f"scalespace for --task hippocampus; a lead's run defaults to {d.model})")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
     p.add_argument("--data-only", action="store_true",
                    help="only write the hospitals' DICOM exports and labels CSVs (DIR/hospital-*/dicom, labels.csv), "

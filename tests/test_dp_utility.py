@@ -19,7 +19,7 @@ import torch
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from atoll.demo import demo_settings
+from atoll.demo import DEMO_MODEL, demo_settings
 from atoll.demo_data import load_embedded
 from client.evaluation import evaluate_model
 from models import build_model
@@ -64,9 +64,25 @@ def test_recipe_defaults_agree_across_settings_pyproject_and_demo() -> None:
     for key, value in defaults.to_run_config().items():
         assert config[key] == value, f"pyproject run config '{key}' = {config[key]!r} != RunSettings' {value!r}"
     demo = demo_settings(3, dp=True, run_dir=ROOT, keys_dir=ROOT, num_sites=3)
-    assert (demo.task, demo.mechanism, demo.lr, demo.model) == (defaults.task, defaults.mechanism, defaults.lr,
-                                                                defaults.model)
+    assert (demo.task, demo.mechanism, demo.lr) == (defaults.task, defaults.mechanism, defaults.lr)
+    # the demo's two documented recipe options (README "Recipe by recipe"), and nothing else of the recipe differs
+    assert (demo.model, demo.server_options.decision_threshold) == (DEMO_MODEL, "validation") == ("scatternet",
+                                                                                                   "validation")
+    assert dataclasses.replace(demo.server_options, decision_threshold=defaults.server_options.decision_threshold) \
+        == defaults.server_options
+    assert demo_settings(3, dp=True, run_dir=ROOT, keys_dir=ROOT, num_sites=3,
+                         overrides={"model": "atollnet"}).model == "atollnet", "--model still picks the network"
     assert (DEFAULT_OPTIMIZER, DEFAULT_MOMENTUM) == ("sgd", 0.9)
+
+
+def test_demo_help_names_the_demos_network(capsys) -> None:
+    """`atoll demo --help` says which network the X-ray demo trains (it differs from a lead's default run)."""
+    from atoll.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"default: {DEMO_MODEL} for the X-ray demo" in help_text
 
 
 def _split(images, labels) -> tuple[torch.Tensor, torch.Tensor]:
