@@ -193,8 +193,66 @@ def conv_ghost_sq_norm(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> to
     return (aat * ggt).sum(dim=(1, 2)).clamp_(min=0)
 
 
-def per_sample_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-    """Instantiated per-sample gradients [n, *param.shape] of a supported layer's trainable parameters."""
+#: Below this many positions per channel, ATen's GroupNorm backward kernel (4x slower than two matrix-vector
+#: products on 2x2 maps, 4x faster from 4x4 up: DenseNet121 at 64 px) is not used for the per-sample gradients.
+GROUP_NORM_KERNEL_MIN_POSITIONS = 16
+
+GroupNormStats = tuple[torch.Tensor, torch.Tensor]  # (mean, rstd), each [n, groups], as aten.native_group_norm
+
+
+def group_norm_stats(layer: nn.Module, output: torch.Tensor) -> GroupNormStats | None:
+    """The per-sample, per-group mean and 1/std a GroupNorm's forward computed, read from the autograd node
+    of its output (``NativeGroupNormBackward0`` saves them for its own backward): no second pass over the
+    input. ``None`` when the output did not come from that kernel."""
+    fn = output.grad_fn
+    if type(layer) is not nn.GroupNorm or fn is None or type(fn).__name__ != "NativeGroupNormBackward0":
+        return None
+    try:
+        return fn._saved_result1, fn._saved_result2
+    except (AttributeError, RuntimeError):  # saved tensors released or renamed: recompute in the backward
+        return None
+
+
+def group_norm_per_sample_grads(
+    layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, stats: GroupNormStats | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample gradients [n, C] of a GroupNorm's weight (``sum_t g * xhat``) and bias (``sum_t g``) in one
+    fused ATen reduction over ``g`` and ``a``, with no normalised copy of the input.
+
+    ATen's GroupNorm backward sums the weight and bias gradients over the batch; folding the batch into the
+    channels (one sample of n*C channels in n*groups groups, whose statistics are exactly the per-sample,
+    per-group ones) turns that sum into the per-sample values. ``stats`` are the forward's (mean, rstd)
+    (``group_norm_stats``); without them they are recomputed from ``a``.
+    """
+    n, c = a.shape[:2]
+    hxw = a[0, 0].numel()
+    groups = n * layer.num_groups
+    a = a.contiguous()
+    if stats is None:
+        stats = torch.ops.aten.native_group_norm(a, None, None, n, c, hxw, layer.num_groups, layer.eps)[1:]
+    mean, rstd = stats
+    if hxw < GROUP_NORM_KERNEL_MIN_POSITIONS:
+        # ATen's kernel is slow on a handful of positions: the same arithmetic, dgamma = rstd (ds - mean db)
+        # with ds = sum_t g a and db = sum_t g, as two matrix-vector products
+        gv, ones = g.reshape(n * c, hxw), a.new_ones(hxw)
+        gb = gv @ ones
+        ds = (gv * a.view(n * c, hxw)) @ ones
+        gw = (ds.view(n, layer.num_groups, -1) - mean.view(n, -1, 1) * gb.view(n, layer.num_groups, -1))
+        return gw.mul_(rstd.view(n, -1, 1)).view(n, c), gb.view(n, c)
+    # the kernel needs a weight, which only scales the input gradient (not requested)
+    ones = a.new_ones(n * c)
+    _, gw, gb = torch.ops.aten.native_group_norm_backward(
+        g.contiguous().view(1, n * c, hxw), a.view(1, n * c, hxw), mean.reshape(1, groups),
+        rstd.reshape(1, groups), ones, 1, n * c, hxw, groups, [False, True, True],
+    )
+    return gw.view(n, c), gb.view(n, c)
+
+
+def per_sample_grads(
+    layer: nn.Module, a: torch.Tensor, g: torch.Tensor, stats: GroupNormStats | None = None,
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Instantiated per-sample gradients [n, *param.shape] of a supported layer's trainable parameters
+    (``stats``: a GroupNorm's forward statistics, ``group_norm_stats``)."""
     out: dict[nn.Parameter, torch.Tensor] = {}
     weight, bias = layer.weight, getattr(layer, "bias", None)
     if type(layer) in _CONVS:
@@ -208,11 +266,11 @@ def per_sample_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict
         if bias is not None and bias.requires_grad:
             out[bias] = g.reshape(g.shape[0], -1, g.shape[-1]).sum(1)
     elif type(layer) is nn.GroupNorm:
+        gw, gb = group_norm_per_sample_grads(layer, a, g, stats)
         if weight is not None and weight.requires_grad:
-            xhat = F.group_norm(a, layer.num_groups, eps=layer.eps)
-            out[weight] = xhat.mul_(g).flatten(2).sum(-1)  # in place: one activation-sized buffer less
+            out[weight] = gw
         if bias is not None and bias.requires_grad:
-            out[bias] = g.flatten(2).sum(-1)
+            out[bias] = gb
     else:  # pragma: no cover - guarded at wrap time
         raise NotImplementedError(type(layer).__name__)
     return out
@@ -252,11 +310,12 @@ def _ghost_norms(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[nn.
 
 def layer_sq_norms(
     layer: nn.Module, a: torch.Tensor, g: torch.Tensor, policy: GhostPolicy = "auto",
-    recompute: GhostPolicy = "auto",
+    recompute: GhostPolicy = "auto", stats: GroupNormStats | None = None,
 ) -> tuple[dict[nn.Parameter, torch.Tensor], dict[nn.Parameter, torch.Tensor] | None]:
     """Per-sample squared gradient norms of each trainable parameter of ``layer``, and the instantiated
     per-sample gradients to keep for the clipped sum (``None`` when the weight's norm was a ghost norm, or
-    when the clipped sum is recomputed from ``a`` and ``g``: ``recompute_clipped_sum``).
+    when the clipped sum is recomputed from ``a`` and ``g``: ``recompute_clipped_sum``). ``stats``: a
+    GroupNorm's forward statistics (``group_norm_stats``).
 
     When the clipped sum is recomputed anyway, the per-sample gradients serve only their norm, so ``auto``
     takes the ghost norm as soon as it needs fewer multiply-adds, ``T (P + O) <= P O``, rather than at half
@@ -269,7 +328,7 @@ def layer_sq_norms(
         t, p, o = conv_positions(layer, g)
         if t * (p + o) <= p * o:
             return _ghost_norms(layer, a, g), None
-    grads = per_sample_grads(layer, a, g)
+    grads = per_sample_grads(layer, a, g, stats)
     return _sq_norms(grads), None if recomputed else grads
 
 
@@ -306,6 +365,7 @@ class _Record:
     output: torch.Tensor | None
     version: int
     root: bool  # the layer's input depends on no trainable parameter (it is the image or a constant)
+    stats: GroupNormStats | None = None  # a GroupNorm's forward (mean, rstd): no recomputation in the backward
 
 
 class FastClipModule(nn.Module):
@@ -381,7 +441,8 @@ class FastClipModule(nn.Module):
                 f"{type(layer).__name__} was called twice in one forward (weight tying / reuse): its per-sample "
                 "gradient would be split over two records; use grad_sample_mode='hooks'"
             )
-        self._records.append(_Record(layer, inputs[0].detach(), output, output._version, inputs[0].grad_fn is None))
+        self._records.append(_Record(layer, inputs[0].detach(), output, output._version, inputs[0].grad_fn is None,
+                                     group_norm_stats(layer, output)))
 
     def forward(self, *args, **kwargs):  # noqa: D102 - plain delegation
         self._records = []
@@ -424,13 +485,13 @@ class FastClipModule(nn.Module):
 
         def on_grad(r: _Record) -> Callable[[torch.Tensor], None]:
             def hook(g: torch.Tensor) -> None:
-                sq, inst = layer_sq_norms(r.layer, r.activation.to(g.dtype), g, self.ghost, self.recompute)
+                sq, inst = layer_sq_norms(r.layer, r.activation.to(g.dtype), g, self.ghost, self.recompute, r.stats)
                 sq_total.extend(sq.values())
                 done_layers.append((r, g if inst is None else None, inst))
                 # let autograd free what this layer no longer needs, as a plain backward would
                 r.output = None
                 if inst is not None:
-                    r.activation = None
+                    r.activation = r.stats = None
 
             return hook
 

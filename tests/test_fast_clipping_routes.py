@@ -108,3 +108,21 @@ def test_recompute_rule_holds_the_smaller_of_inputs_and_per_sample_grads() -> No
 def test_recompute_policy_is_validated() -> None:
     with pytest.raises(ValueError, match="recompute must be"):
         fcl.FastClipModule(nn.Linear(2, 2), max_grad_norm=1.0, recompute="sometimes")
+
+
+@pytest.mark.parametrize("size", [2, 5])  # 4 positions: matrix-vector route; 25: ATen's GroupNorm kernel
+@pytest.mark.parametrize("saved", [True, False])  # the forward's statistics, or recomputed from the input
+def test_group_norm_per_sample_grads_equal_per_example_backward(size: int, saved: bool) -> None:
+    torch.manual_seed(0)
+    gn = nn.GroupNorm(3, 6)
+    nn.init.normal_(gn.weight)
+    a = (torch.randn(4, 6, size, size) * 2 + 1).requires_grad_()
+    out = gn(a)
+    g = torch.randn_like(out)
+    stats = fcl.group_norm_stats(gn, out) if saved else None
+    assert (stats is not None) == saved
+    got = fcl.per_sample_grads(gn, a.detach(), g, stats)
+    for i in range(len(a)):
+        w, b = torch.autograd.grad((gn(a[i:i + 1]) * g[i:i + 1]).sum(), (gn.weight, gn.bias))
+        torch.testing.assert_close(got[gn.weight][i], w, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[gn.bias][i], b, rtol=1e-5, atol=1e-6)
