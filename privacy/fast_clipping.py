@@ -47,6 +47,7 @@ invariants above itself.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -98,21 +99,48 @@ def conv_positions(layer: nn.Module, grad_out: torch.Tensor) -> tuple[int, int, 
     return t, p, layer.out_channels
 
 
-def use_ghost(layer: nn.Module, grad_out: torch.Tensor, policy: GhostPolicy = "auto") -> bool:
+def _min_input_shape(layer: nn.Module, out_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The smallest spatial input shape a conv maps to ``out_shape`` (the input itself for stride 1)."""
+    return tuple((o - 1) * s + d * (k - 1) + 1 - 2 * p for o, s, d, k, p in zip(
+        out_shape, layer.stride, layer.dilation, layer.kernel_size, _conv_padding(layer)))
+
+
+def use_ghost(
+    layer: nn.Module, grad_out: torch.Tensor, policy: GhostPolicy = "auto", *,
+    in_shape: tuple[int, ...] | None = None, recomputed: bool = False,
+) -> bool:
     """Whether a conv's per-sample norm is computed as a ghost norm rather than by instantiation.
 
-    Ghost costs ~ n T^2 (P + O) and leaves one ordinary weight-gradient kernel for the clipped sum;
-    instantiation costs ~ n T P O and holds n P O floats. ``auto`` takes the ghost norm when its pairwise
-    term is at most half the instantiation cost, ``2 T (P + O) <= P O`` (measured on CPU/oneDNN for AtollNet:
-    its last conv, T=16, P=576, O=64, is ~1.4x faster as ghost; its third, T=49, P=288, O=64, ~2x slower).
-    Grouped convolutions are always instantiated.
+    Instantiation costs ~ n T P O multiply-adds and writes n P O floats; the ghost norm costs its patch
+    products ``<a_p, a_q>`` plus ``<g_p, g_q>`` (``conv_ghost_sq_norm``) and then one ordinary
+    weight-gradient kernel for the clipped sum, which a layer whose clipped sum is recomputed anyway
+    (``recomputed``, ``recompute_clipped_sum``) pays either way. ``auto`` compares multiply-adds per sample,
+    with factors measured on CPU/oneDNN:
+
+    * patch products from the input-position Gram matrix (stride-1 convs on small maps): ``Cin L^2 +
+      T^2 (O + K)`` for L input positions and K kernel offsets; ghost when 4x (2x when recomputed) that is at
+      most ``T P O`` (DenseNet121 at 64 px: its 3x3 convs on 8x8 maps, recomputed, 4.8 ms as ghost vs 10.9
+      ms instantiated, at batch 64; on 16x16, not recomputed, 64 ms vs 23 ms);
+    * otherwise (pointwise convs, im2col): ``T^2 (P + O)``; ghost when 2x (1x when recomputed) that is at
+      most ``T P O`` (AtollNet: T=16, P=576, O=64 ~1.4x faster as ghost; T=49, P=288, O=64 ~2x slower).
+
+    ``in_shape``: the input's spatial shape (default: the smallest one giving this output). Grouped
+    convolutions are always instantiated.
     """
     if type(layer) not in _CONVS or layer.groups != 1 or policy == "never":
         return False
     if policy == "always":
         return True
     t, p, o = conv_positions(layer, grad_out)
-    return 2 * t * (p + o) <= p * o
+    out_shape = tuple(grad_out.shape[2:])
+    in_shape = _min_input_shape(layer, out_shape) if in_shape is None else tuple(in_shape)
+    if not _is_pointwise(layer) and _input_gram_route(layer, in_shape, out_shape):
+        positions = math.prod(in_shape)
+        ghost = layer.in_channels * positions * positions + t * t * (o + math.prod(layer.kernel_size))
+        factor = 2 if recomputed else 4
+    else:
+        ghost, factor = t * t * (p + o), 1 if recomputed else 2
+    return factor * ghost <= t * p * o
 
 
 def _conv_weight_grad(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, *, per_sample: bool) -> torch.Tensor:
@@ -182,15 +210,65 @@ def conv_patches(layer: nn.Module, a: torch.Tensor) -> torch.Tensor:
     return unfold3d(a, kernel_size=layer.kernel_size, padding=pad, stride=layer.stride, dilation=layer.dilation)
 
 
+def conv_output_shape(layer: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Spatial output shape of a conv on an input of spatial shape ``in_shape``."""
+    return tuple((i + 2 * p - d * (k - 1) - 1) // s + 1 for i, p, d, k, s in zip(
+        in_shape, _conv_padding(layer), layer.dilation, layer.kernel_size, layer.stride))
+
+
+def _input_gram_route(layer: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> bool:
+    """Whether a groups=1 conv's patch products ``<a_p, a_q>`` come from the Gram matrix of its input
+    positions (``input_gram_patch_products``) rather than from im2col: when that Gram matrix is no larger than
+    the patches and costs fewer multiply-adds (stride-1 convs on small maps; never a strided stem)."""
+    t, positions = math.prod(out_shape), math.prod(in_shape)
+    k = math.prod(layer.kernel_size)
+    return positions * positions <= min(k * t * t, layer.in_channels * k * t)
+
+
+def input_gram_patch_products(layer: nn.Module, a: torch.Tensor, out_shape: tuple[int, ...]) -> torch.Tensor:
+    """``<a_p, a_q>`` [n, T, T] for every pair of output positions p, q of a groups=1 conv, without im2col.
+
+    A patch is the input at positions ``s p + d k - pad`` for the kernel offsets k (zero outside the input),
+    so ``<a_p, a_q> = sum_k Gram[s p + d k - pad, s q + d k - pad]`` with ``Gram = a^T a`` over the input
+    positions (Cin multiply-adds per pair, once for all offsets): one batched matmul, then one strided
+    slice-add per kernel offset, the zero padding being the slices' clipped edges.
+    """
+    n, c = a.shape[:2]
+    in_shape = tuple(a.shape[2:])
+    flat = a.reshape(n, c, -1)
+    gram = torch.bmm(flat.transpose(1, 2), flat).view(n, *in_shape, *in_shape)
+    aat = a.new_zeros(n, *out_shape, *out_shape)
+    geometry = list(zip(in_shape, out_shape, _conv_padding(layer), layer.dilation, layer.stride))
+    for offset in itertools.product(*(range(k) for k in layer.kernel_size)):
+        out_sl, in_sl = [], []
+        for o, (size_in, size_out, pad, dil, stride) in zip(offset, geometry):
+            shift = o * dil - pad  # output position u reads input position stride * u + shift
+            lo, hi = max(0, -(shift // stride)), min(size_out - 1, (size_in - 1 - shift) // stride)
+            if hi < lo:  # this offset reads only padding
+                break
+            out_sl.append(slice(lo, hi + 1))
+            in_sl.append(slice(stride * lo + shift, stride * hi + shift + 1, stride))
+        else:
+            aat[(slice(None), *out_sl, *out_sl)].add_(gram[(slice(None), *in_sl, *in_sl)])
+    t = math.prod(out_shape)
+    return aat.view(n, t, t)
+
+
 def conv_ghost_sq_norm(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Per-sample squared Frobenius norm of a conv's weight gradient without forming it:
-    ``sum_{p,q} <a_p, a_q> <g_p, g_q>`` over output positions (Bu et al. 2022)."""
+    ``sum_{p,q} <a_p, a_q> <g_p, g_q>`` over output positions (Bu et al. 2022). ``g``: [n, O, *out] or
+    [n, O, T]. The patch products come from the input itself (pointwise), from the Gram matrix of the input
+    positions (``input_gram_patch_products``: small maps) or from im2col."""
     n = a.shape[0]
-    patches = conv_patches(layer, a)  # [n, P, T]
     gg = g.reshape(n, g.shape[1], -1)  # [n, O, T]
-    aat = torch.bmm(patches.transpose(1, 2), patches)  # [n, T, T]
+    out_shape = conv_output_shape(layer, tuple(a.shape[2:]))
+    if not _is_pointwise(layer) and _input_gram_route(layer, tuple(a.shape[2:]), out_shape):
+        aat = input_gram_patch_products(layer, a, out_shape)
+    else:
+        patches = conv_patches(layer, a)  # [n, P, T]
+        aat = torch.bmm(patches.transpose(1, 2), patches)  # [n, T, T]
     ggt = torch.bmm(gg.transpose(1, 2), gg)
-    return (aat * ggt).sum(dim=(1, 2)).clamp_(min=0)
+    return aat.mul_(ggt).sum(dim=(1, 2)).clamp_(min=0)
 
 
 #: Below this many positions per channel, ATen's GroupNorm backward kernel (4x slower than two matrix-vector
@@ -318,16 +396,14 @@ def layer_sq_norms(
     GroupNorm's forward statistics (``group_norm_stats``).
 
     When the clipped sum is recomputed anyway, the per-sample gradients serve only their norm, so ``auto``
-    takes the ghost norm as soon as it needs fewer multiply-adds, ``T (P + O) <= P O``, rather than at half
-    of them (``use_ghost``, which also saves the later weighted sum of instantiated gradients).
+    takes the ghost norm at a lower saving (``use_ghost(..., recomputed=True)``).
     """
-    if use_ghost(layer, g, policy):
-        return _ghost_norms(layer, a, g), None
-    recomputed = recompute_clipped_sum(layer, a, g, recompute)
-    if recomputed and policy == "auto" and layer.groups == 1:
-        t, p, o = conv_positions(layer, g)
-        if t * (p + o) <= p * o:
+    if type(layer) in _CONVS:
+        recomputed = recompute_clipped_sum(layer, a, g, recompute)
+        if use_ghost(layer, g, policy, in_shape=tuple(a.shape[2:]), recomputed=recomputed):
             return _ghost_norms(layer, a, g), None
+    else:
+        recomputed = False
     grads = per_sample_grads(layer, a, g, stats)
     return _sq_norms(grads), None if recomputed else grads
 

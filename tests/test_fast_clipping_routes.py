@@ -126,3 +126,37 @@ def test_group_norm_per_sample_grads_equal_per_example_backward(size: int, saved
         w, b = torch.autograd.grad((gn(a[i:i + 1]) * g[i:i + 1]).sum(), (gn.weight, gn.bias))
         torch.testing.assert_close(got[gn.weight][i], w, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got[gn.bias][i], b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(3, 5, 3, padding=1), nn.Conv2d(3, 5, 3, stride=2, padding=1), nn.Conv2d(3, 5, 3),
+    nn.Conv2d(3, 5, (3, 2), padding=(2, 1), dilation=(2, 1)), nn.Conv1d(3, 5, 5, stride=3, padding=2),
+    nn.Conv3d(3, 5, 3, padding=1),
+], ids=lambda c: repr(c))
+def test_input_gram_patch_products_equal_im2col(conv: nn.Module) -> None:
+    """The Gram-matrix route of the ghost norm's ``<a_p, a_q>`` (strides, dilation, padding wider than the
+    kernel reach, 1D/3D) equals the im2col products, and the ghost norm equals the instantiated one."""
+    torch.manual_seed(0)
+    dims = conv.weight.dim() - 2
+    a = torch.randn(3, conv.in_channels, *([5] * dims))
+    out_shape = fcl.conv_output_shape(conv, tuple(a.shape[2:]))
+    assert out_shape == tuple(conv(a).shape[2:])
+    patches = fcl.conv_patches(conv, a)
+    torch.testing.assert_close(fcl.input_gram_patch_products(conv, a, out_shape),
+                               torch.bmm(patches.transpose(1, 2), patches), rtol=1e-5, atol=1e-5)
+    g = torch.randn(3, conv.out_channels, *out_shape)
+    ref = fcl._conv_weight_grad(conv, a, g, per_sample=True).flatten(1).square().sum(1)
+    torch.testing.assert_close(fcl.conv_ghost_sq_norm(conv, a, g), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_ghost_rule_on_densenet121_shapes() -> None:
+    """The measured choices: a 3x3 conv (128 -> 32) on 8x8 or 4x4 maps is a ghost layer, on 16x16 it is
+    instantiated; a strided stem never takes the Gram route."""
+    conv = nn.Conv2d(128, 32, 3, padding=1, bias=False)
+    for size, ghost in ((16, False), (8, True), (4, True), (2, True)):
+        a, g = torch.zeros(1, 128, size, size), torch.zeros(1, 32, size, size)
+        recomputed = fcl.recompute_clipped_sum(conv, a, g)
+        assert recomputed is (size < 16)
+        assert fcl.use_ghost(conv, g, in_shape=(size, size), recomputed=recomputed) is ghost, size
+    stem = nn.Conv2d(1, 64, 7, stride=2, padding=3)
+    assert not fcl._input_gram_route(stem, (64, 64), (32, 32))
