@@ -47,6 +47,7 @@ invariants above itself.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable
@@ -236,22 +237,47 @@ def input_gram_patch_products(layer: nn.Module, a: torch.Tensor, out_shape: tupl
     n, c = a.shape[:2]
     in_shape = tuple(a.shape[2:])
     flat = a.reshape(n, c, -1)
-    gram = torch.bmm(flat.transpose(1, 2), flat).view(n, *in_shape, *in_shape)
-    aat = a.new_zeros(n, *out_shape, *out_shape)
-    geometry = list(zip(in_shape, out_shape, _conv_padding(layer), layer.dilation, layer.stride))
-    for offset in itertools.product(*(range(k) for k in layer.kernel_size)):
-        out_sl, in_sl = [], []
-        for o, (size_in, size_out, pad, dil, stride) in zip(offset, geometry):
-            shift = o * dil - pad  # output position u reads input position stride * u + shift
-            lo, hi = max(0, -(shift // stride)), min(size_out - 1, (size_in - 1 - shift) // stride)
+    gram = torch.bmm(flat.transpose(1, 2), flat)  # [n, L, L], contiguous
+    t = math.prod(out_shape)
+    aat = a.new_zeros(n, t, t)
+    for (size, out_stride, out_offset), (in_stride, in_offset) in _gram_slices(
+            in_shape, tuple(out_shape), _conv_padding(layer), tuple(layer.dilation), tuple(layer.stride),
+            tuple(layer.kernel_size)):
+        aat.as_strided((n, *size), (t * t, *out_stride), out_offset).add_(
+            gram.as_strided((n, *size), (gram.shape[1] ** 2, *in_stride), in_offset))
+    return aat
+
+
+def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(math.prod(shape[d + 1:]) for d in range(len(shape)))
+
+
+@functools.lru_cache(maxsize=256)
+def _gram_slices(in_shape: tuple[int, ...], out_shape: tuple[int, ...], padding: tuple[int, ...],
+                 dilation: tuple[int, ...], stride: tuple[int, ...], kernel: tuple[int, ...]) -> tuple:
+    """Per kernel offset that reads some input, the strided window of one sample's ``aat`` [*out, *out]
+    (sizes, strides, offset) and of its Gram matrix [*in, *in] (strides, offset) to add to it: a function of
+    the geometry alone, computed once per layer shape rather than in every backward."""
+    out_strides, in_strides = _strides(out_shape * 2), _strides(in_shape * 2)
+    dims = len(in_shape)
+    windows = []
+    for offset in itertools.product(*(range(k) for k in kernel)):
+        size, out_start, in_start, in_step = [], [], [], []
+        for o, size_in, size_out, pad, dil, st in zip(offset, in_shape, out_shape, padding, dilation, stride):
+            shift = o * dil - pad  # output position u reads input position st * u + shift
+            lo, hi = max(0, -(shift // st)), min(size_out - 1, (size_in - 1 - shift) // st)
             if hi < lo:  # this offset reads only padding
                 break
-            out_sl.append(slice(lo, hi + 1))
-            in_sl.append(slice(stride * lo + shift, stride * hi + shift + 1, stride))
+            size.append(hi - lo + 1)
+            out_start.append(lo)
+            in_start.append(st * lo + shift)
+            in_step.append(st)
         else:
-            aat[(slice(None), *out_sl, *out_sl)].add_(gram[(slice(None), *in_sl, *in_sl)])
-    t = math.prod(out_shape)
-    return aat.view(n, t, t)
+            out_offset = sum(v * s for v, s in zip(out_start * 2, out_strides))
+            in_offset = sum(v * s for v, s in zip(in_start * 2, in_strides))
+            in_stride = tuple(in_strides[d] * in_step[d % dims] for d in range(2 * dims))
+            windows.append(((tuple(size * 2), out_strides, out_offset), (in_stride, in_offset)))
+    return tuple(windows)
 
 
 def conv_ghost_sq_norm(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -373,7 +399,7 @@ def recompute_clipped_sum(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, po
         return False
     if policy == "always":
         return True
-    per_sample = a.shape[0] * sum(p.numel() for p in layer.parameters(recurse=False) if p.requires_grad)
+    per_sample = a.shape[0] * sum(p.numel() for p in (layer.weight, layer.bias) if p is not None and p.requires_grad)
     return a.numel() + g.numel() < per_sample
 
 
@@ -512,16 +538,18 @@ class FastClipModule(nn.Module):
     def _capture(self, layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         if not self._capturing or not torch.is_grad_enabled():
             return
-        if any(r.layer is layer for r in self._records):
+        if id(layer) in self._seen:
             raise NotImplementedError(
                 f"{type(layer).__name__} was called twice in one forward (weight tying / reuse): its per-sample "
                 "gradient would be split over two records; use grad_sample_mode='hooks'"
             )
+        self._seen.add(id(layer))
         self._records.append(_Record(layer, inputs[0].detach(), output, output._version, inputs[0].grad_fn is None,
                                      group_norm_stats(layer, output)))
 
     def forward(self, *args, **kwargs):  # noqa: D102 - plain delegation
         self._records = []
+        self._seen: set[int] = set()  # ids of the layers recorded in this forward
         self._capturing = True
         try:
             return self._module(*args, **kwargs)
