@@ -51,7 +51,7 @@ import functools
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -461,13 +461,22 @@ def unsupported_layers(module: nn.Module) -> list[str]:
 
 # --------------------------------------------------------------------------------------------- book-keeping
 @dataclass
+class _Backward:
+    """What the gradient hooks collect during one ``clip_backward``."""
+
+    sq_total: list[torch.Tensor] = field(default_factory=list)  # per-sample squared norms, per parameter
+    done_layers: list = field(default_factory=list)  # (record, output gradient if needed later, kept grads)
+
+
+@dataclass
 class _Record:
     layer: nn.Module
     activation: torch.Tensor | None  # dropped once the layer's norms are taken, unless its ghost sum needs it
-    output: torch.Tensor | None
+    output: torch.Tensor | None  # kept for the roots only (the tensors autograd.grad is asked for)
     version: int
     root: bool  # the layer's input depends on no trainable parameter (it is the image or a constant)
     stats: GroupNormStats | None = None  # a GroupNorm's forward (mean, rstd): no recomputation in the backward
+    handle: torch.utils.hooks.RemovableHandle | None = None  # the gradient hook on the output
 
 
 class FastClipModule(nn.Module):
@@ -532,6 +541,8 @@ class FastClipModule(nn.Module):
             )
         self._records: list[_Record] = []
         self._capturing = False  # only forwards through this wrapper are recorded
+        self._generation = 0  # forwards so far: a hook acts only for the records of the latest one
+        self._backward: _Backward | None = None  # set while clip_backward runs the backward
         self._handles = [m.register_forward_hook(self._capture) for m in self._layers]
         self.per_sample_norms: torch.Tensor | None = None
 
@@ -544,17 +555,45 @@ class FastClipModule(nn.Module):
                 "gradient would be split over two records; use grad_sample_mode='hooks'"
             )
         self._seen.add(id(layer))
-        self._records.append(_Record(layer, inputs[0].detach(), output, output._version, inputs[0].grad_fn is None,
-                                     group_norm_stats(layer, output)))
+        root = inputs[0].grad_fn is None
+        r = _Record(layer, inputs[0].detach(), output if root else None, output._version, root,
+                    group_norm_stats(layer, output))
+        if output.requires_grad:
+            # Registered now, on the node that produced the output, so that the output itself need not be held
+            # to the backward (plain autograd frees e.g. a GroupNorm output its ReLU does not save); a later
+            # in-place edit of it cannot redirect the hook: a hook registered before an in-place op receives
+            # the gradient of the value before it, the layer's own output gradient.
+            r.handle = output.register_hook(self._on_grad(r, self._generation))
+        self._records.append(r)
+
+    def _on_grad(self, r: _Record, generation: int) -> Callable[[torch.Tensor], None]:
+        def hook(g: torch.Tensor) -> None:
+            if self._backward is None or self._generation != generation:
+                return  # a backward outside clip_backward, or through an older forward's graph: not ours
+            sq, inst = layer_sq_norms(r.layer, r.activation.to(g.dtype), g, self.ghost, self.recompute, r.stats)
+            self._backward.sq_total.extend(sq.values())
+            self._backward.done_layers.append((r, g if inst is None else None, inst))
+            r.output = None  # let autograd free what this layer no longer needs, as a plain backward would
+            if inst is not None:
+                r.activation = r.stats = None
+
+        return hook
 
     def forward(self, *args, **kwargs):  # noqa: D102 - plain delegation
-        self._records = []
+        self._drop_records()
+        self._generation += 1
         self._seen: set[int] = set()  # ids of the layers recorded in this forward
         self._capturing = True
         try:
             return self._module(*args, **kwargs)
         finally:
             self._capturing = False
+
+    def _drop_records(self) -> None:
+        for r in self._records:
+            if r.handle is not None:
+                r.handle.remove()
+        self._records = []
 
     def clip_backward(self, loss: torch.Tensor) -> torch.Tensor:
         """Backward of ``loss`` (the SUM of per-sample losses) that writes the clipped per-sample gradient sum
@@ -573,7 +612,9 @@ class FastClipModule(nn.Module):
                     "(two batches must not be summed under one clip bound)"
                 )
         for r in records:
-            if r.output._version != r.version:
+            if r.root and r.output is not None and r.output._version != r.version:
+                # autograd.grad would return the gradient of the edited value, and the layer's own hook,
+                # upstream of the edit, would never fire: its norm would be missing
                 raise RuntimeError(
                     f"the output of a {type(r.layer).__name__} was modified in place after the layer; its "
                     "gradient would not be the layer's own. Make the following operation out-of-place."
@@ -584,36 +625,23 @@ class FastClipModule(nn.Module):
         # to the end. Autograd is asked only for the outputs of the "root" layers (whose input depends on no
         # trainable parameter); every other hooked output that reaches the loss lies between the loss and a
         # root, so its hook fires; one whose hook does not fire has no path to the loss (zero gradient).
-        done_layers: list[tuple[_Record, torch.Tensor | None, dict[nn.Parameter, torch.Tensor] | None]] = []
-        sq_total: list[torch.Tensor] = []
-
-        def on_grad(r: _Record) -> Callable[[torch.Tensor], None]:
-            def hook(g: torch.Tensor) -> None:
-                sq, inst = layer_sq_norms(r.layer, r.activation.to(g.dtype), g, self.ghost, self.recompute, r.stats)
-                sq_total.extend(sq.values())
-                done_layers.append((r, g if inst is None else None, inst))
-                # let autograd free what this layer no longer needs, as a plain backward would
-                r.output = None
-                if inst is not None:
-                    r.activation = r.stats = None
-
-            return hook
-
-        handles = [r.output.register_hook(on_grad(r)) for r in records if r.output.requires_grad]
-        roots = [r.output for r in records if r.root and r.output.requires_grad]
-        for r in records:
-            if not r.root:
-                r.output = None  # the tensor hook holds what it needs; keep no extra reference
+        state = _Backward()
+        roots = [r.output for r in records if r.root and r.output is not None and r.output.requires_grad]
         try:
             if not roots:
                 raise RuntimeError(
                     "no trainable layer takes the model input directly (the input carries an autograd history): "
                     "fast clipping cannot walk the backward; detach the input or use grad_sample_mode='hooks'"
                 )
+            self._backward = state
             torch.autograd.grad(loss, roots, allow_unused=True)
         finally:
-            for h in handles:
-                h.remove()
+            self._backward = None
+            for r in records:
+                if r.handle is not None:
+                    r.handle.remove()
+                    r.handle = None
+        sq_total, done_layers = state.sq_total, state.done_layers
         total = torch.stack(sq_total).sum(0) if sq_total else None
         kept = done_layers
         norms = total.sqrt() if total is not None else torch.zeros(n, device=device)
@@ -641,7 +669,7 @@ class FastClipModule(nn.Module):
 
     def zero_clipped_grads(self) -> None:
         """An empty (Poisson) batch: the clipped sum is zero, so the optimizer step adds pure noise."""
-        self._records = []
+        self._drop_records()
         for p in self._params:
             p.grad = torch.zeros_like(p)
 
@@ -650,7 +678,7 @@ class FastClipModule(nn.Module):
         for h in self._handles:
             h.remove()
         self._handles = []
-        self._records = []
+        self._drop_records()
         return self._module
 
 

@@ -160,3 +160,33 @@ def test_ghost_rule_on_densenet121_shapes() -> None:
         assert fcl.use_ghost(conv, g, in_shape=(size, size), recomputed=recomputed) is ghost, size
     stem = nn.Conv2d(1, 64, 7, stride=2, padding=3)
     assert not fcl._input_gram_route(stem, (64, 64), (32, 32))
+
+
+class _InPlaceInside(nn.Module):
+    """A non-root layer's output edited in place after the layer (``mul_``): the gradient hook, registered in
+    the forward on the layer's own node, must still see the layer's output gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x))).mul_(3.0)))
+
+
+def test_in_place_edit_of_a_non_root_output_keeps_exact_norms_and_clipped_sum() -> None:
+    torch.manual_seed(0)
+    model = _InPlaceInside()
+    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    per_example = [torch.autograd.grad(loss_fn(model(x[i:i + 1]), y[i:i + 1]), list(model.parameters()))
+                   for i in range(len(x))]
+    ref_norms = torch.stack([torch.cat([g.flatten() for g in gs]).norm() for gs in per_example])
+    clip = float(ref_norms.median())
+    coef = (clip / (ref_norms + fcl.CLIP_EPS)).clamp(max=1.0)
+    ref_sum = [sum(c * gs[k] for c, gs in zip(coef, per_example)) for k in range(len(per_example[0]))]
+    fc = fcl.FastClipModule(model, max_grad_norm=clip)
+    norms = fc.clip_backward(loss_fn(fc(x), y))
+    torch.testing.assert_close(norms, ref_norms, rtol=RTOL, atol=0)
+    for p, ref in zip(model.parameters(), ref_sum, strict=True):
+        torch.testing.assert_close(p.grad, ref, rtol=1e-5, atol=1e-6)
