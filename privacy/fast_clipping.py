@@ -8,17 +8,23 @@ mode pays a second full backward instead, and its ghost norms cover Linear/Embed
 pays for the weight-gradient work once:
 
 1. forward: a forward hook on every trainable layer (Conv1d/2d/3d, Linear, GroupNorm) records the layer's
-   input activation ``a`` and its output tensor;
-2. backward: ``torch.autograd.grad(loss, <outputs of the layers that read the input>)``; a tensor hook on
-   every layer output receives that layer's output gradient ``g`` (per sample, because the loss is the SUM
+   input activation ``a`` (and a GroupNorm's per-group mean and 1/std, read from its autograd node) and
+   registers a gradient hook on the layer's output, on the node that produced it, so that the output itself
+   is not held to the backward;
+2. backward: ``torch.autograd.grad(loss, <outputs of the layers that read the input>)``; the hook on every
+   layer output receives that layer's output gradient ``g`` (per sample, because the loss is the SUM
    of per-sample losses and nothing mixes samples — no BatchNorm) and takes its norms at once, so ``g`` is
    freed as in a plain backward. Autograd computes only activation gradients: no parameter gradient, no
    gradient of the input image;
 3. per-sample norms, per layer, by the cheaper of two exact methods (mixed ghost clipping, Bu et al. 2022):
    *instantiate* the per-sample weight gradients (a pointwise or few-position convolution's by one batched
-   matmul, any other's by one grouped-convolution backward with the batch folded into the groups) or the
+   matmul, any other's by one grouped-convolution backward with the batch folded into the groups; a
+   GroupNorm's by ATen's own GroupNorm-backward reduction with the batch folded into the channels) or the
    *ghost* norm ``||G_i||^2 = sum_{p,q} <a_ip, a_iq> <g_ip, g_iq>`` over output positions p, q (no per-sample
-   gradient, cost ~ T^2 instead of T * in * out, for layers with few positions T and many channels);
+   gradient, cost ~ T^2 instead of T * in * out, for layers with few positions T and many channels; the
+   patch products ``<a_ip, a_iq>`` of a stride-1 conv on a small map come from the Gram matrix of its input
+   positions, one batched matmul and a strided add per kernel offset, not from im2col, which was most of
+   the ghost norm's time on CPU);
 4. clip factor ``c_i = min(1, C / (||grad_i|| + 1e-6))`` (Opacus' formula), then the clipped sum
    ``sum_i c_i grad_i`` per layer: a weighted sum of the kept per-sample gradients, or one ordinary
    weight-gradient kernel on ``c_i * g_i`` for ghost layers and for the convolutions whose input and output
@@ -32,8 +38,10 @@ by the expected batch size — the mechanism (and what the accountant charges) i
 
 Privacy-critical invariants, enforced rather than assumed: every trainable parameter belongs to a supported
 layer (else ``NotImplementedError`` at wrap time, never a silently unclipped parameter); a parameter shared by
-two layers, a layer called twice in one forward (weight tying) or an output modified in place after the
-layer is refused; a step whose
+two layers, a layer called twice in one forward (weight tying) or an in-place edit of the output of a layer
+that reads the model input (autograd.grad would then stop above that layer's hook) is refused; an in-place
+edit of any other output is exact (the hook, registered before it, receives the gradient of the value
+before the edit: the layer's own output gradient); a step whose
 ``p.grad`` was not cleared is refused (it would add two batches under one clip bound). The per-sample norms
 are tested against Opacus ``hooks`` mode in tests/test_dp_overhead_modes.py.
 
@@ -220,10 +228,11 @@ def conv_output_shape(layer: nn.Module, in_shape: tuple[int, ...]) -> tuple[int,
 def _input_gram_route(layer: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> bool:
     """Whether a groups=1 conv's patch products ``<a_p, a_q>`` come from the Gram matrix of its input
     positions (``input_gram_patch_products``) rather than from im2col: when that Gram matrix is no larger than
-    the patches and costs fewer multiply-adds (stride-1 convs on small maps; never a strided stem)."""
+    the patches (small maps; never a strided stem on a large image). im2col's copy, not its multiply-adds,
+    is what it costs on CPU: a 128 -> 256 3x3 stride-2 conv on 8x8 maps at batch 64 takes 7.5 ms through
+    im2col, 2.7 ms through the Gram matrix, though the latter does 1.8x the multiply-adds."""
     t, positions = math.prod(out_shape), math.prod(in_shape)
-    k = math.prod(layer.kernel_size)
-    return positions * positions <= min(k * t * t, layer.in_channels * k * t)
+    return positions * positions <= layer.in_channels * math.prod(layer.kernel_size) * t
 
 
 def input_gram_patch_products(layer: nn.Module, a: torch.Tensor, out_shape: tuple[int, ...]) -> torch.Tensor:
