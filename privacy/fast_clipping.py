@@ -8,17 +8,23 @@ mode pays a second full backward instead, and its ghost norms cover Linear/Embed
 pays for the weight-gradient work once:
 
 1. forward: a forward hook on every trainable layer (Conv1d/2d/3d, Linear, GroupNorm) records the layer's
-   input activation ``a`` and its output tensor;
-2. backward: ``torch.autograd.grad(loss, <outputs of the layers that read the input>)``; a tensor hook on
-   every layer output receives that layer's output gradient ``g`` (per sample, because the loss is the SUM
+   input activation ``a`` (and a GroupNorm's per-group mean and 1/std, read from its autograd node) and
+   registers a gradient hook on the layer's output, on the node that produced it, so that the output itself
+   is not held to the backward;
+2. backward: ``torch.autograd.grad(loss, <outputs of the layers that read the input>)``; the hook on every
+   layer output receives that layer's output gradient ``g`` (per sample, because the loss is the SUM
    of per-sample losses and nothing mixes samples — no BatchNorm) and takes its norms at once, so ``g`` is
    freed as in a plain backward. Autograd computes only activation gradients: no parameter gradient, no
    gradient of the input image;
 3. per-sample norms, per layer, by the cheaper of two exact methods (mixed ghost clipping, Bu et al. 2022):
    *instantiate* the per-sample weight gradients (a pointwise or few-position convolution's by one batched
-   matmul, any other's by one grouped-convolution backward with the batch folded into the groups) or the
+   matmul, any other's by one grouped-convolution backward with the batch folded into the groups; a
+   GroupNorm's by ATen's own GroupNorm-backward reduction with the batch folded into the channels) or the
    *ghost* norm ``||G_i||^2 = sum_{p,q} <a_ip, a_iq> <g_ip, g_iq>`` over output positions p, q (no per-sample
-   gradient, cost ~ T^2 instead of T * in * out, for layers with few positions T and many channels);
+   gradient, cost ~ T^2 instead of T * in * out, for layers with few positions T and many channels; the
+   patch products ``<a_ip, a_iq>`` of a stride-1 conv on a small map come from the Gram matrix of its input
+   positions, one batched matmul and a strided add per kernel offset, not from im2col, which was most of
+   the ghost norm's time on CPU);
 4. clip factor ``c_i = min(1, C / (||grad_i|| + 1e-6))`` (Opacus' formula), then the clipped sum
    ``sum_i c_i grad_i`` per layer: a weighted sum of the kept per-sample gradients, or one ordinary
    weight-gradient kernel on ``c_i * g_i`` for ghost layers and for the convolutions whose input and output
@@ -32,8 +38,10 @@ by the expected batch size — the mechanism (and what the accountant charges) i
 
 Privacy-critical invariants, enforced rather than assumed: every trainable parameter belongs to a supported
 layer (else ``NotImplementedError`` at wrap time, never a silently unclipped parameter); a parameter shared by
-two layers, a layer called twice in one forward (weight tying) or an output modified in place after the
-layer is refused; a step whose
+two layers, a layer called twice in one forward (weight tying) or an in-place edit of the output of a layer
+that reads the model input (autograd.grad would then stop above that layer's hook) is refused; an in-place
+edit of any other output is exact (the hook, registered before it, receives the gradient of the value
+before the edit: the layer's own output gradient); a step whose
 ``p.grad`` was not cleared is refused (it would add two batches under one clip bound). The per-sample norms
 are tested against Opacus ``hooks`` mode in tests/test_dp_overhead_modes.py.
 
@@ -47,9 +55,11 @@ invariants above itself.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -98,21 +108,48 @@ def conv_positions(layer: nn.Module, grad_out: torch.Tensor) -> tuple[int, int, 
     return t, p, layer.out_channels
 
 
-def use_ghost(layer: nn.Module, grad_out: torch.Tensor, policy: GhostPolicy = "auto") -> bool:
+def _min_input_shape(layer: nn.Module, out_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The smallest spatial input shape a conv maps to ``out_shape`` (the input itself for stride 1)."""
+    return tuple((o - 1) * s + d * (k - 1) + 1 - 2 * p for o, s, d, k, p in zip(
+        out_shape, layer.stride, layer.dilation, layer.kernel_size, _conv_padding(layer)))
+
+
+def use_ghost(
+    layer: nn.Module, grad_out: torch.Tensor, policy: GhostPolicy = "auto", *,
+    in_shape: tuple[int, ...] | None = None, recomputed: bool = False,
+) -> bool:
     """Whether a conv's per-sample norm is computed as a ghost norm rather than by instantiation.
 
-    Ghost costs ~ n T^2 (P + O) and leaves one ordinary weight-gradient kernel for the clipped sum;
-    instantiation costs ~ n T P O and holds n P O floats. ``auto`` takes the ghost norm when its pairwise
-    term is at most half the instantiation cost, ``2 T (P + O) <= P O`` (measured on CPU/oneDNN for AtollNet:
-    its last conv, T=16, P=576, O=64, is ~1.4x faster as ghost; its third, T=49, P=288, O=64, ~2x slower).
-    Grouped convolutions are always instantiated.
+    Instantiation costs ~ n T P O multiply-adds and writes n P O floats; the ghost norm costs its patch
+    products ``<a_p, a_q>`` plus ``<g_p, g_q>`` (``conv_ghost_sq_norm``) and then one ordinary
+    weight-gradient kernel for the clipped sum, which a layer whose clipped sum is recomputed anyway
+    (``recomputed``, ``recompute_clipped_sum``) pays either way. ``auto`` compares multiply-adds per sample,
+    with factors measured on CPU/oneDNN:
+
+    * patch products from the input-position Gram matrix (stride-1 convs on small maps): ``Cin L^2 +
+      T^2 (O + K)`` for L input positions and K kernel offsets; ghost when 4x (2x when recomputed) that is at
+      most ``T P O`` (DenseNet121 at 64 px: its 3x3 convs on 8x8 maps, recomputed, 4.8 ms as ghost vs 10.9
+      ms instantiated, at batch 64; on 16x16, not recomputed, 64 ms vs 23 ms);
+    * otherwise (pointwise convs, im2col): ``T^2 (P + O)``; ghost when 2x (1x when recomputed) that is at
+      most ``T P O`` (AtollNet: T=16, P=576, O=64 ~1.4x faster as ghost; T=49, P=288, O=64 ~2x slower).
+
+    ``in_shape``: the input's spatial shape (default: the smallest one giving this output). Grouped
+    convolutions are always instantiated.
     """
     if type(layer) not in _CONVS or layer.groups != 1 or policy == "never":
         return False
     if policy == "always":
         return True
     t, p, o = conv_positions(layer, grad_out)
-    return 2 * t * (p + o) <= p * o
+    out_shape = tuple(grad_out.shape[2:])
+    in_shape = _min_input_shape(layer, out_shape) if in_shape is None else tuple(in_shape)
+    if not _is_pointwise(layer) and _input_gram_route(layer, in_shape, out_shape):
+        positions = math.prod(in_shape)
+        ghost = layer.in_channels * positions * positions + t * t * (o + math.prod(layer.kernel_size))
+        factor = 2 if recomputed else 4
+    else:
+        ghost, factor = t * t * (p + o), 1 if recomputed else 2
+    return factor * ghost <= t * p * o
 
 
 def _conv_weight_grad(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, *, per_sample: bool) -> torch.Tensor:
@@ -182,19 +219,153 @@ def conv_patches(layer: nn.Module, a: torch.Tensor) -> torch.Tensor:
     return unfold3d(a, kernel_size=layer.kernel_size, padding=pad, stride=layer.stride, dilation=layer.dilation)
 
 
+def conv_output_shape(layer: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Spatial output shape of a conv on an input of spatial shape ``in_shape``."""
+    return tuple((i + 2 * p - d * (k - 1) - 1) // s + 1 for i, p, d, k, s in zip(
+        in_shape, _conv_padding(layer), layer.dilation, layer.kernel_size, layer.stride))
+
+
+def _input_gram_route(layer: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> bool:
+    """Whether a groups=1 conv's patch products ``<a_p, a_q>`` come from the Gram matrix of its input
+    positions (``input_gram_patch_products``) rather than from im2col: when that Gram matrix is no larger than
+    the patches (small maps; never a strided stem on a large image). im2col's copy, not its multiply-adds,
+    is what it costs on CPU: a 128 -> 256 3x3 stride-2 conv on 8x8 maps at batch 64 takes 7.5 ms through
+    im2col, 2.7 ms through the Gram matrix, though the latter does 1.8x the multiply-adds."""
+    t, positions = math.prod(out_shape), math.prod(in_shape)
+    return positions * positions <= layer.in_channels * math.prod(layer.kernel_size) * t
+
+
+def input_gram_patch_products(layer: nn.Module, a: torch.Tensor, out_shape: tuple[int, ...]) -> torch.Tensor:
+    """``<a_p, a_q>`` [n, T, T] for every pair of output positions p, q of a groups=1 conv, without im2col.
+
+    A patch is the input at positions ``s p + d k - pad`` for the kernel offsets k (zero outside the input),
+    so ``<a_p, a_q> = sum_k Gram[s p + d k - pad, s q + d k - pad]`` with ``Gram = a^T a`` over the input
+    positions (Cin multiply-adds per pair, once for all offsets): one batched matmul, then one strided
+    slice-add per kernel offset, the zero padding being the slices' clipped edges.
+    """
+    n, c = a.shape[:2]
+    in_shape = tuple(a.shape[2:])
+    flat = a.reshape(n, c, -1)
+    gram = torch.bmm(flat.transpose(1, 2), flat)  # [n, L, L], contiguous
+    t = math.prod(out_shape)
+    aat = a.new_zeros(n, t, t)
+    for (size, out_stride, out_offset), (in_stride, in_offset) in _gram_slices(
+            in_shape, tuple(out_shape), _conv_padding(layer), tuple(layer.dilation), tuple(layer.stride),
+            tuple(layer.kernel_size)):
+        aat.as_strided((n, *size), (t * t, *out_stride), out_offset).add_(
+            gram.as_strided((n, *size), (gram.shape[1] ** 2, *in_stride), in_offset))
+    return aat
+
+
+def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(math.prod(shape[d + 1:]) for d in range(len(shape)))
+
+
+@functools.lru_cache(maxsize=256)
+def _gram_slices(in_shape: tuple[int, ...], out_shape: tuple[int, ...], padding: tuple[int, ...],
+                 dilation: tuple[int, ...], stride: tuple[int, ...], kernel: tuple[int, ...]) -> tuple:
+    """Per kernel offset that reads some input, the strided window of one sample's ``aat`` [*out, *out]
+    (sizes, strides, offset) and of its Gram matrix [*in, *in] (strides, offset) to add to it: a function of
+    the geometry alone, computed once per layer shape rather than in every backward."""
+    out_strides, in_strides = _strides(out_shape * 2), _strides(in_shape * 2)
+    dims = len(in_shape)
+    windows = []
+    for offset in itertools.product(*(range(k) for k in kernel)):
+        size, out_start, in_start, in_step = [], [], [], []
+        for o, size_in, size_out, pad, dil, st in zip(offset, in_shape, out_shape, padding, dilation, stride):
+            shift = o * dil - pad  # output position u reads input position st * u + shift
+            lo, hi = max(0, -(shift // st)), min(size_out - 1, (size_in - 1 - shift) // st)
+            if hi < lo:  # this offset reads only padding
+                break
+            size.append(hi - lo + 1)
+            out_start.append(lo)
+            in_start.append(st * lo + shift)
+            in_step.append(st)
+        else:
+            out_offset = sum(v * s for v, s in zip(out_start * 2, out_strides))
+            in_offset = sum(v * s for v, s in zip(in_start * 2, in_strides))
+            in_stride = tuple(in_strides[d] * in_step[d % dims] for d in range(2 * dims))
+            windows.append(((tuple(size * 2), out_strides, out_offset), (in_stride, in_offset)))
+    return tuple(windows)
+
+
 def conv_ghost_sq_norm(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Per-sample squared Frobenius norm of a conv's weight gradient without forming it:
-    ``sum_{p,q} <a_p, a_q> <g_p, g_q>`` over output positions (Bu et al. 2022)."""
+    ``sum_{p,q} <a_p, a_q> <g_p, g_q>`` over output positions (Bu et al. 2022). ``g``: [n, O, *out] or
+    [n, O, T]. The patch products come from the input itself (pointwise), from the Gram matrix of the input
+    positions (``input_gram_patch_products``: small maps) or from im2col."""
     n = a.shape[0]
-    patches = conv_patches(layer, a)  # [n, P, T]
     gg = g.reshape(n, g.shape[1], -1)  # [n, O, T]
-    aat = torch.bmm(patches.transpose(1, 2), patches)  # [n, T, T]
+    out_shape = conv_output_shape(layer, tuple(a.shape[2:]))
+    if not _is_pointwise(layer) and _input_gram_route(layer, tuple(a.shape[2:]), out_shape):
+        aat = input_gram_patch_products(layer, a, out_shape)
+    else:
+        patches = conv_patches(layer, a)  # [n, P, T]
+        aat = torch.bmm(patches.transpose(1, 2), patches)  # [n, T, T]
     ggt = torch.bmm(gg.transpose(1, 2), gg)
-    return (aat * ggt).sum(dim=(1, 2)).clamp_(min=0)
+    return aat.mul_(ggt).sum(dim=(1, 2)).clamp_(min=0)
 
 
-def per_sample_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-    """Instantiated per-sample gradients [n, *param.shape] of a supported layer's trainable parameters."""
+#: Below this many positions per channel, ATen's GroupNorm backward kernel (4x slower than two matrix-vector
+#: products on 2x2 maps, 4x faster from 4x4 up: DenseNet121 at 64 px) is not used for the per-sample gradients.
+GROUP_NORM_KERNEL_MIN_POSITIONS = 16
+
+GroupNormStats = tuple[torch.Tensor, torch.Tensor]  # (mean, rstd), each [n, groups], as aten.native_group_norm
+
+
+def group_norm_stats(layer: nn.Module, output: torch.Tensor) -> GroupNormStats | None:
+    """The per-sample, per-group mean and 1/std a GroupNorm's forward computed, read from the autograd node
+    of its output (``NativeGroupNormBackward0`` saves them for its own backward): no second pass over the
+    input. ``None`` when the output did not come from that kernel."""
+    fn = output.grad_fn
+    if type(layer) is not nn.GroupNorm or fn is None or type(fn).__name__ != "NativeGroupNormBackward0":
+        return None
+    try:
+        return fn._saved_result1, fn._saved_result2
+    except (AttributeError, RuntimeError):  # saved tensors released or renamed: recompute in the backward
+        return None
+
+
+def group_norm_per_sample_grads(
+    layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, stats: GroupNormStats | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample gradients [n, C] of a GroupNorm's weight (``sum_t g * xhat``) and bias (``sum_t g``) in one
+    fused ATen reduction over ``g`` and ``a``, with no normalised copy of the input.
+
+    ATen's GroupNorm backward sums the weight and bias gradients over the batch; folding the batch into the
+    channels (one sample of n*C channels in n*groups groups, whose statistics are exactly the per-sample,
+    per-group ones) turns that sum into the per-sample values. ``stats`` are the forward's (mean, rstd)
+    (``group_norm_stats``); without them they are recomputed from ``a``.
+    """
+    n, c = a.shape[:2]
+    hxw = a[0, 0].numel()
+    groups = n * layer.num_groups
+    a = a.contiguous()
+    if stats is None:
+        stats = torch.ops.aten.native_group_norm(a, None, None, n, c, hxw, layer.num_groups, layer.eps)[1:]
+    mean, rstd = stats
+    if hxw < GROUP_NORM_KERNEL_MIN_POSITIONS:
+        # ATen's kernel is slow on a handful of positions: the same arithmetic, dgamma = rstd (ds - mean db)
+        # with ds = sum_t g a and db = sum_t g, as two matrix-vector products
+        gv, ones = g.reshape(n * c, hxw), a.new_ones(hxw)
+        gb = gv @ ones
+        ds = (gv * a.view(n * c, hxw)) @ ones
+        gw = (ds.view(n, layer.num_groups, -1) - mean.view(n, -1, 1) * gb.view(n, layer.num_groups, -1))
+        return gw.mul_(rstd.view(n, -1, 1)).view(n, c), gb.view(n, c)
+    # the kernel needs a weight, which only scales the input gradient (not requested)
+    ones = a.new_ones(n * c)
+    _, gw, gb = torch.ops.aten.native_group_norm_backward(
+        g.contiguous().view(1, n * c, hxw), a.view(1, n * c, hxw), mean.reshape(1, groups),
+        rstd.reshape(1, groups), ones, 1, n * c, hxw, groups, [False, True, True],
+    )
+    return gw.view(n, c), gb.view(n, c)
+
+
+def per_sample_grads(
+    layer: nn.Module, a: torch.Tensor, g: torch.Tensor, stats: GroupNormStats | None = None,
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Instantiated per-sample gradients [n, *param.shape] of a supported layer's trainable parameters
+    (``stats``: a GroupNorm's forward statistics, ``group_norm_stats``)."""
     out: dict[nn.Parameter, torch.Tensor] = {}
     weight, bias = layer.weight, getattr(layer, "bias", None)
     if type(layer) in _CONVS:
@@ -208,11 +379,11 @@ def per_sample_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict
         if bias is not None and bias.requires_grad:
             out[bias] = g.reshape(g.shape[0], -1, g.shape[-1]).sum(1)
     elif type(layer) is nn.GroupNorm:
+        gw, gb = group_norm_per_sample_grads(layer, a, g, stats)
         if weight is not None and weight.requires_grad:
-            xhat = F.group_norm(a, layer.num_groups, eps=layer.eps)
-            out[weight] = xhat.mul_(g).flatten(2).sum(-1)  # in place: one activation-sized buffer less
+            out[weight] = gw
         if bias is not None and bias.requires_grad:
-            out[bias] = g.flatten(2).sum(-1)
+            out[bias] = gb
     else:  # pragma: no cover - guarded at wrap time
         raise NotImplementedError(type(layer).__name__)
     return out
@@ -237,7 +408,7 @@ def recompute_clipped_sum(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, po
         return False
     if policy == "always":
         return True
-    per_sample = a.shape[0] * sum(p.numel() for p in layer.parameters(recurse=False) if p.requires_grad)
+    per_sample = a.shape[0] * sum(p.numel() for p in (layer.weight, layer.bias) if p is not None and p.requires_grad)
     return a.numel() + g.numel() < per_sample
 
 
@@ -252,24 +423,23 @@ def _ghost_norms(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[nn.
 
 def layer_sq_norms(
     layer: nn.Module, a: torch.Tensor, g: torch.Tensor, policy: GhostPolicy = "auto",
-    recompute: GhostPolicy = "auto",
+    recompute: GhostPolicy = "auto", stats: GroupNormStats | None = None,
 ) -> tuple[dict[nn.Parameter, torch.Tensor], dict[nn.Parameter, torch.Tensor] | None]:
     """Per-sample squared gradient norms of each trainable parameter of ``layer``, and the instantiated
     per-sample gradients to keep for the clipped sum (``None`` when the weight's norm was a ghost norm, or
-    when the clipped sum is recomputed from ``a`` and ``g``: ``recompute_clipped_sum``).
+    when the clipped sum is recomputed from ``a`` and ``g``: ``recompute_clipped_sum``). ``stats``: a
+    GroupNorm's forward statistics (``group_norm_stats``).
 
     When the clipped sum is recomputed anyway, the per-sample gradients serve only their norm, so ``auto``
-    takes the ghost norm as soon as it needs fewer multiply-adds, ``T (P + O) <= P O``, rather than at half
-    of them (``use_ghost``, which also saves the later weighted sum of instantiated gradients).
+    takes the ghost norm at a lower saving (``use_ghost(..., recomputed=True)``).
     """
-    if use_ghost(layer, g, policy):
-        return _ghost_norms(layer, a, g), None
-    recomputed = recompute_clipped_sum(layer, a, g, recompute)
-    if recomputed and policy == "auto" and layer.groups == 1:
-        t, p, o = conv_positions(layer, g)
-        if t * (p + o) <= p * o:
+    if type(layer) in _CONVS:
+        recomputed = recompute_clipped_sum(layer, a, g, recompute)
+        if use_ghost(layer, g, policy, in_shape=tuple(a.shape[2:]), recomputed=recomputed):
             return _ghost_norms(layer, a, g), None
-    grads = per_sample_grads(layer, a, g)
+    else:
+        recomputed = False
+    grads = per_sample_grads(layer, a, g, stats)
     return _sq_norms(grads), None if recomputed else grads
 
 
@@ -300,12 +470,22 @@ def unsupported_layers(module: nn.Module) -> list[str]:
 
 # --------------------------------------------------------------------------------------------- book-keeping
 @dataclass
+class _Backward:
+    """What the gradient hooks collect during one ``clip_backward``."""
+
+    sq_total: list[torch.Tensor] = field(default_factory=list)  # per-sample squared norms, per parameter
+    done_layers: list = field(default_factory=list)  # (record, output gradient if needed later, kept grads)
+
+
+@dataclass
 class _Record:
     layer: nn.Module
     activation: torch.Tensor | None  # dropped once the layer's norms are taken, unless its ghost sum needs it
-    output: torch.Tensor | None
+    output: torch.Tensor | None  # kept for the roots only (the tensors autograd.grad is asked for)
     version: int
     root: bool  # the layer's input depends on no trainable parameter (it is the image or a constant)
+    stats: GroupNormStats | None = None  # a GroupNorm's forward (mean, rstd): no recomputation in the backward
+    handle: torch.utils.hooks.RemovableHandle | None = None  # the gradient hook on the output
 
 
 class FastClipModule(nn.Module):
@@ -370,26 +550,59 @@ class FastClipModule(nn.Module):
             )
         self._records: list[_Record] = []
         self._capturing = False  # only forwards through this wrapper are recorded
+        self._generation = 0  # forwards so far: a hook acts only for the records of the latest one
+        self._backward: _Backward | None = None  # set while clip_backward runs the backward
         self._handles = [m.register_forward_hook(self._capture) for m in self._layers]
         self.per_sample_norms: torch.Tensor | None = None
 
     def _capture(self, layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         if not self._capturing or not torch.is_grad_enabled():
             return
-        if any(r.layer is layer for r in self._records):
+        if id(layer) in self._seen:
             raise NotImplementedError(
                 f"{type(layer).__name__} was called twice in one forward (weight tying / reuse): its per-sample "
                 "gradient would be split over two records; use grad_sample_mode='hooks'"
             )
-        self._records.append(_Record(layer, inputs[0].detach(), output, output._version, inputs[0].grad_fn is None))
+        self._seen.add(id(layer))
+        root = inputs[0].grad_fn is None
+        r = _Record(layer, inputs[0].detach(), output if root else None, output._version, root,
+                    group_norm_stats(layer, output))
+        if output.requires_grad:
+            # Registered now, on the node that produced the output, so that the output itself need not be held
+            # to the backward (plain autograd frees e.g. a GroupNorm output its ReLU does not save); a later
+            # in-place edit of it cannot redirect the hook: a hook registered before an in-place op receives
+            # the gradient of the value before it, the layer's own output gradient.
+            r.handle = output.register_hook(self._on_grad(r, self._generation))
+        self._records.append(r)
+
+    def _on_grad(self, r: _Record, generation: int) -> Callable[[torch.Tensor], None]:
+        def hook(g: torch.Tensor) -> None:
+            if self._backward is None or self._generation != generation:
+                return  # a backward outside clip_backward, or through an older forward's graph: not ours
+            sq, inst = layer_sq_norms(r.layer, r.activation.to(g.dtype), g, self.ghost, self.recompute, r.stats)
+            self._backward.sq_total.extend(sq.values())
+            self._backward.done_layers.append((r, g if inst is None else None, inst))
+            r.output = None  # let autograd free what this layer no longer needs, as a plain backward would
+            if inst is not None:
+                r.activation = r.stats = None
+
+        return hook
 
     def forward(self, *args, **kwargs):  # noqa: D102 - plain delegation
-        self._records = []
+        self._drop_records()
+        self._generation += 1
+        self._seen: set[int] = set()  # ids of the layers recorded in this forward
         self._capturing = True
         try:
             return self._module(*args, **kwargs)
         finally:
             self._capturing = False
+
+    def _drop_records(self) -> None:
+        for r in self._records:
+            if r.handle is not None:
+                r.handle.remove()
+        self._records = []
 
     def clip_backward(self, loss: torch.Tensor) -> torch.Tensor:
         """Backward of ``loss`` (the SUM of per-sample losses) that writes the clipped per-sample gradient sum
@@ -408,7 +621,9 @@ class FastClipModule(nn.Module):
                     "(two batches must not be summed under one clip bound)"
                 )
         for r in records:
-            if r.output._version != r.version:
+            if r.root and r.output is not None and r.output._version != r.version:
+                # autograd.grad would return the gradient of the edited value, and the layer's own hook,
+                # upstream of the edit, would never fire: its norm would be missing
                 raise RuntimeError(
                     f"the output of a {type(r.layer).__name__} was modified in place after the layer; its "
                     "gradient would not be the layer's own. Make the following operation out-of-place."
@@ -419,36 +634,23 @@ class FastClipModule(nn.Module):
         # to the end. Autograd is asked only for the outputs of the "root" layers (whose input depends on no
         # trainable parameter); every other hooked output that reaches the loss lies between the loss and a
         # root, so its hook fires; one whose hook does not fire has no path to the loss (zero gradient).
-        done_layers: list[tuple[_Record, torch.Tensor | None, dict[nn.Parameter, torch.Tensor] | None]] = []
-        sq_total: list[torch.Tensor] = []
-
-        def on_grad(r: _Record) -> Callable[[torch.Tensor], None]:
-            def hook(g: torch.Tensor) -> None:
-                sq, inst = layer_sq_norms(r.layer, r.activation.to(g.dtype), g, self.ghost, self.recompute)
-                sq_total.extend(sq.values())
-                done_layers.append((r, g if inst is None else None, inst))
-                # let autograd free what this layer no longer needs, as a plain backward would
-                r.output = None
-                if inst is not None:
-                    r.activation = None
-
-            return hook
-
-        handles = [r.output.register_hook(on_grad(r)) for r in records if r.output.requires_grad]
-        roots = [r.output for r in records if r.root and r.output.requires_grad]
-        for r in records:
-            if not r.root:
-                r.output = None  # the tensor hook holds what it needs; keep no extra reference
+        state = _Backward()
+        roots = [r.output for r in records if r.root and r.output is not None and r.output.requires_grad]
         try:
             if not roots:
                 raise RuntimeError(
                     "no trainable layer takes the model input directly (the input carries an autograd history): "
                     "fast clipping cannot walk the backward; detach the input or use grad_sample_mode='hooks'"
                 )
+            self._backward = state
             torch.autograd.grad(loss, roots, allow_unused=True)
         finally:
-            for h in handles:
-                h.remove()
+            self._backward = None
+            for r in records:
+                if r.handle is not None:
+                    r.handle.remove()
+                    r.handle = None
+        sq_total, done_layers = state.sq_total, state.done_layers
         total = torch.stack(sq_total).sum(0) if sq_total else None
         kept = done_layers
         norms = total.sqrt() if total is not None else torch.zeros(n, device=device)
@@ -476,7 +678,7 @@ class FastClipModule(nn.Module):
 
     def zero_clipped_grads(self) -> None:
         """An empty (Poisson) batch: the clipped sum is zero, so the optimizer step adds pure noise."""
-        self._records = []
+        self._drop_records()
         for p in self._params:
             p.grad = torch.zeros_like(p)
 
@@ -485,7 +687,7 @@ class FastClipModule(nn.Module):
         for h in self._handles:
             h.remove()
         self._handles = []
-        self._records = []
+        self._drop_records()
         return self._module
 
 

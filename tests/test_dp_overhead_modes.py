@@ -20,7 +20,7 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from models import build_model
-from privacy.fast_clipping import FastClipModule, make_private_bk, use_ghost
+from privacy.fast_clipping import FastClipModule, make_private_bk, recompute_clipped_sum, use_ghost
 
 RTOL = 1e-5
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -81,7 +81,8 @@ def test_auto_policy_mixes_ghost_and_instantiation_on_atollnet() -> None:
     model = _model()
     chosen: list[bool] = []
     for conv in (m for m in model.modules() if isinstance(m, nn.Conv2d)):
-        conv.register_forward_hook(lambda layer, _inp, out: chosen.append(use_ghost(layer, out)))
+        conv.register_forward_hook(lambda layer, inp, out: chosen.append(use_ghost(
+            layer, out, in_shape=tuple(inp[0].shape[2:]), recomputed=recompute_clipped_sum(layer, inp[0], out))))
     model(_batch(2)[0])
     assert len(chosen) == 4 and chosen[0] is False and chosen[-1] is True
 

@@ -108,3 +108,85 @@ def test_recompute_rule_holds_the_smaller_of_inputs_and_per_sample_grads() -> No
 def test_recompute_policy_is_validated() -> None:
     with pytest.raises(ValueError, match="recompute must be"):
         fcl.FastClipModule(nn.Linear(2, 2), max_grad_norm=1.0, recompute="sometimes")
+
+
+@pytest.mark.parametrize("size", [2, 5])  # 4 positions: matrix-vector route; 25: ATen's GroupNorm kernel
+@pytest.mark.parametrize("saved", [True, False])  # the forward's statistics, or recomputed from the input
+def test_group_norm_per_sample_grads_equal_per_example_backward(size: int, saved: bool) -> None:
+    torch.manual_seed(0)
+    gn = nn.GroupNorm(3, 6)
+    nn.init.normal_(gn.weight)
+    a = (torch.randn(4, 6, size, size) * 2 + 1).requires_grad_()
+    out = gn(a)
+    g = torch.randn_like(out)
+    stats = fcl.group_norm_stats(gn, out) if saved else None
+    assert (stats is not None) == saved
+    got = fcl.per_sample_grads(gn, a.detach(), g, stats)
+    for i in range(len(a)):
+        w, b = torch.autograd.grad((gn(a[i:i + 1]) * g[i:i + 1]).sum(), (gn.weight, gn.bias))
+        torch.testing.assert_close(got[gn.weight][i], w, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[gn.bias][i], b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(3, 5, 3, padding=1), nn.Conv2d(3, 5, 3, stride=2, padding=1), nn.Conv2d(3, 5, 3),
+    nn.Conv2d(3, 5, (3, 2), padding=(2, 1), dilation=(2, 1)), nn.Conv1d(3, 5, 5, stride=3, padding=2),
+    nn.Conv3d(3, 5, 3, padding=1),
+], ids=lambda c: repr(c))
+def test_input_gram_patch_products_equal_im2col(conv: nn.Module) -> None:
+    """The Gram-matrix route of the ghost norm's ``<a_p, a_q>`` (strides, dilation, padding wider than the
+    kernel reach, 1D/3D) equals the im2col products, and the ghost norm equals the instantiated one."""
+    torch.manual_seed(0)
+    dims = conv.weight.dim() - 2
+    a = torch.randn(3, conv.in_channels, *([5] * dims))
+    out_shape = fcl.conv_output_shape(conv, tuple(a.shape[2:]))
+    assert out_shape == tuple(conv(a).shape[2:])
+    patches = fcl.conv_patches(conv, a)
+    torch.testing.assert_close(fcl.input_gram_patch_products(conv, a, out_shape),
+                               torch.bmm(patches.transpose(1, 2), patches), rtol=1e-5, atol=1e-5)
+    g = torch.randn(3, conv.out_channels, *out_shape)
+    ref = fcl._conv_weight_grad(conv, a, g, per_sample=True).flatten(1).square().sum(1)
+    torch.testing.assert_close(fcl.conv_ghost_sq_norm(conv, a, g), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_ghost_rule_on_densenet121_shapes() -> None:
+    """The measured choices: a 3x3 conv (128 -> 32) on 8x8 or 4x4 maps is a ghost layer, on 16x16 it is
+    instantiated; a strided stem never takes the Gram route."""
+    conv = nn.Conv2d(128, 32, 3, padding=1, bias=False)
+    for size, ghost in ((16, False), (8, True), (4, True), (2, True)):
+        a, g = torch.zeros(1, 128, size, size), torch.zeros(1, 32, size, size)
+        recomputed = fcl.recompute_clipped_sum(conv, a, g)
+        assert recomputed is (size < 16)
+        assert fcl.use_ghost(conv, g, in_shape=(size, size), recomputed=recomputed) is ghost, size
+    stem = nn.Conv2d(1, 64, 7, stride=2, padding=3)
+    assert not fcl._input_gram_route(stem, (64, 64), (32, 32))
+
+
+class _InPlaceInside(nn.Module):
+    """A non-root layer's output edited in place after the layer (``mul_``): the gradient hook, registered in
+    the forward on the layer's own node, must still see the layer's output gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x))).mul_(3.0)))
+
+
+def test_in_place_edit_of_a_non_root_output_keeps_exact_norms_and_clipped_sum() -> None:
+    torch.manual_seed(0)
+    model = _InPlaceInside()
+    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    per_example = [torch.autograd.grad(loss_fn(model(x[i:i + 1]), y[i:i + 1]), list(model.parameters()))
+                   for i in range(len(x))]
+    ref_norms = torch.stack([torch.cat([g.flatten() for g in gs]).norm() for gs in per_example])
+    clip = float(ref_norms.median())
+    coef = (clip / (ref_norms + fcl.CLIP_EPS)).clamp(max=1.0)
+    ref_sum = [sum(c * gs[k] for c, gs in zip(coef, per_example)) for k in range(len(per_example[0]))]
+    fc = fcl.FastClipModule(model, max_grad_norm=clip)
+    norms = fc.clip_backward(loss_fn(fc(x), y))
+    torch.testing.assert_close(norms, ref_norms, rtol=RTOL, atol=0)
+    for p, ref in zip(model.parameters(), ref_sum, strict=True):
+        torch.testing.assert_close(p.grad, ref, rtol=1e-5, atol=1e-6)
