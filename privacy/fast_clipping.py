@@ -108,15 +108,9 @@ def conv_positions(layer: nn.Module, grad_out: torch.Tensor) -> tuple[int, int, 
     return t, p, layer.out_channels
 
 
-def _min_input_shape(layer: nn.Module, out_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The smallest spatial input shape a conv maps to ``out_shape`` (the input itself for stride 1)."""
-    return tuple((o - 1) * s + d * (k - 1) + 1 - 2 * p for o, s, d, k, p in zip(
-        out_shape, layer.stride, layer.dilation, layer.kernel_size, _conv_padding(layer)))
-
-
 def use_ghost(
     layer: nn.Module, grad_out: torch.Tensor, policy: GhostPolicy = "auto", *,
-    in_shape: tuple[int, ...] | None = None, recomputed: bool = False,
+    in_shape: tuple[int, ...], recomputed: bool = False,
 ) -> bool:
     """Whether a conv's per-sample norm is computed as a ghost norm rather than by instantiation.
 
@@ -133,17 +127,14 @@ def use_ghost(
     * otherwise (pointwise convs, im2col): ``T^2 (P + O)``; ghost when 2x (1x when recomputed) that is at
       most ``T P O`` (AtollNet: T=16, P=576, O=64 ~1.4x faster as ghost; T=49, P=288, O=64 ~2x slower).
 
-    ``in_shape``: the input's spatial shape (default: the smallest one giving this output). Grouped
-    convolutions are always instantiated.
+    ``in_shape``: the input's spatial shape. Grouped convolutions are always instantiated.
     """
     if type(layer) not in _CONVS or layer.groups != 1 or policy == "never":
         return False
     if policy == "always":
         return True
     t, p, o = conv_positions(layer, grad_out)
-    out_shape = tuple(grad_out.shape[2:])
-    in_shape = _min_input_shape(layer, out_shape) if in_shape is None else tuple(in_shape)
-    if not _is_pointwise(layer) and _input_gram_route(layer, in_shape, out_shape):
+    if _input_gram_route(layer, tuple(in_shape), tuple(grad_out.shape[2:])):
         positions = math.prod(in_shape)
         ghost = layer.in_channels * positions * positions + t * t * (o + math.prod(layer.kernel_size))
         factor = 2 if recomputed else 4
@@ -228,9 +219,13 @@ def conv_output_shape(layer: nn.Module, in_shape: tuple[int, ...]) -> tuple[int,
 def _input_gram_route(layer: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> bool:
     """Whether a groups=1 conv's patch products ``<a_p, a_q>`` come from the Gram matrix of its input
     positions (``input_gram_patch_products``) rather than from im2col: when that Gram matrix is no larger than
-    the patches (small maps; never a strided stem on a large image). im2col's copy, not its multiply-adds,
-    is what it costs on CPU: a 128 -> 256 3x3 stride-2 conv on 8x8 maps at batch 64 takes 7.5 ms through
-    im2col, 2.7 ms through the Gram matrix, though the latter does 1.8x the multiply-adds."""
+    the patches (small maps; never a strided stem on a large image), and never for a pointwise conv, whose
+    patches are the input itself (a view, no copy); ``use_ghost`` prices the route this picks. im2col's copy,
+    not its multiply-adds, is what it costs on CPU: a 128 -> 256 3x3 stride-2 conv on 8x8 maps at batch 64
+    takes 7.5 ms through im2col, 2.7 ms through the Gram matrix, though the latter does 1.8x the
+    multiply-adds."""
+    if _is_pointwise(layer):
+        return False
     t, positions = math.prod(out_shape), math.prod(in_shape)
     return positions * positions <= layer.in_channels * math.prod(layer.kernel_size) * t
 
@@ -297,7 +292,7 @@ def conv_ghost_sq_norm(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> to
     n = a.shape[0]
     gg = g.reshape(n, g.shape[1], -1)  # [n, O, T]
     out_shape = conv_output_shape(layer, tuple(a.shape[2:]))
-    if not _is_pointwise(layer) and _input_gram_route(layer, tuple(a.shape[2:]), out_shape):
+    if _input_gram_route(layer, tuple(a.shape[2:]), out_shape):
         aat = input_gram_patch_products(layer, a, out_shape)
     else:
         patches = conv_patches(layer, a)  # [n, P, T]
@@ -488,6 +483,14 @@ class _Record:
     handle: torch.utils.hooks.RemovableHandle | None = None  # the gradient hook on the output
 
 
+def _remove_hooks(records: list[_Record]) -> None:
+    """Remove the gradient hooks the forward registered on these records' outputs."""
+    for r in records:
+        if r.handle is not None:
+            r.handle.remove()
+            r.handle = None
+
+
 class FastClipModule(nn.Module):
     """Wraps a model for single-backward per-sample clipping (module docstring).
 
@@ -551,6 +554,7 @@ class FastClipModule(nn.Module):
         self._records: list[_Record] = []
         self._capturing = False  # only forwards through this wrapper are recorded
         self._generation = 0  # forwards so far: a hook acts only for the records of the latest one
+        self._seen: set[int] = set()  # ids of the layers recorded in the current forward
         self._backward: _Backward | None = None  # set while clip_backward runs the backward
         self._handles = [m.register_forward_hook(self._capture) for m in self._layers]
         self.per_sample_norms: torch.Tensor | None = None
@@ -591,7 +595,7 @@ class FastClipModule(nn.Module):
     def forward(self, *args, **kwargs):  # noqa: D102 - plain delegation
         self._drop_records()
         self._generation += 1
-        self._seen: set[int] = set()  # ids of the layers recorded in this forward
+        self._seen = set()
         self._capturing = True
         try:
             return self._module(*args, **kwargs)
@@ -599,9 +603,7 @@ class FastClipModule(nn.Module):
             self._capturing = False
 
     def _drop_records(self) -> None:
-        for r in self._records:
-            if r.handle is not None:
-                r.handle.remove()
+        _remove_hooks(self._records)
         self._records = []
 
     def clip_backward(self, loss: torch.Tensor) -> torch.Tensor:
@@ -646,13 +648,9 @@ class FastClipModule(nn.Module):
             torch.autograd.grad(loss, roots, allow_unused=True)
         finally:
             self._backward = None
-            for r in records:
-                if r.handle is not None:
-                    r.handle.remove()
-                    r.handle = None
-        sq_total, done_layers = state.sq_total, state.done_layers
+            _remove_hooks(records)
+        sq_total, kept = state.sq_total, state.done_layers
         total = torch.stack(sq_total).sum(0) if sq_total else None
-        kept = done_layers
         norms = total.sqrt() if total is not None else torch.zeros(n, device=device)
         coef = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
         done: set[int] = set()
