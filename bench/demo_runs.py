@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,8 +28,10 @@ sys.path.insert(0, str(REPO))
 
 
 def _stats(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "spread": max(values) - min(values), "min": min(values), "max": max(values), "runs": values}
+    """bench/utility's mean, std, max - min and runs, with the extremes."""
+    from bench.utility_arms import spread
+
+    return {**spread(values), "min": min(values), "max": max(values)}
 
 
 def run_once(out: Path, demo_args: list[str], timeout: float) -> dict:

@@ -156,13 +156,6 @@ def _federated(template: Path, tag: str, rounds: int, steps: int, seed: int, *, 
     return out
 
 
-def _noise_for(epsilon: float, largest: int, rounds: int, steps: int, q: float) -> float:
-    from opacus.accountants.utils import get_noise_multiplier
-
-    return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=1.0 / (10 * largest), sample_rate=q,
-                                      steps=rounds * steps, accountant="rdp"))
-
-
 def _row(setting: str, runs: list[dict], labels, **extra) -> dict:
     from bench.utility_arms import spread
 
@@ -192,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--local-steps", type=int, default=None)
     args = ap.parse_args(argv)
     from atoll import demo_hippocampus as hippo
-    from atoll.demo3d import DEFAULTS
+    from atoll.demo3d import DEFAULTS, hippocampus_settings
     from bench.conditions import conditions
+    from bench.utility import calibrate
 
     rounds = args.rounds or 3
     steps = args.local_steps or (DEFAULTS["steps"] if args.quick else 40)
@@ -238,8 +232,10 @@ def main(argv: list[str] | None = None) -> int:
                 if cell == "pooled":
                     runs[cell].append(pooled.run(r))
                 else:
-                    if eps is not None:
-                        noise[cell] = _noise_for(eps, largest, rounds, steps, DEFAULTS["sample_rate"])
+                    if eps is not None and cell not in noise:  # the X-ray bench's calibration, on the demo's run
+                        noise[cell] = calibrate(hippocampus_settings(rounds, dp=True, run_dir=template,
+                                                                     keys_dir=template, overrides={"steps": steps}),
+                                                eps, 1.0 / (10 * largest))
                     runs[cell].append(_federated(template, f"{cell.replace(' ', '-')}-{r}", rounds, steps, r,
                                                  dp=eps is not None, noise=noise.get(cell)))
                 d = runs[cell][-1]["test_dice"]
