@@ -82,7 +82,10 @@ def test_demo_help_names_the_demos_network(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert f"default: {DEMO_MODEL} for the X-ray demo" in help_text
+    from atoll.demo3d import DEFAULTS as HIPPOCAMPUS_DEFAULTS
+
+    assert f"default: {DEMO_MODEL} for the X-ray demo, {HIPPOCAMPUS_DEFAULTS['model']} for --task hippocampus" \
+        in help_text, "the help names both demos' networks as the demos set them (it cannot import them: start-up)"
 
 
 def _split(images, labels) -> tuple[torch.Tensor, torch.Tensor]:
