@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+# How long a spawned Flower process that is still alive may take to listen. Idle, a SuperNode listens in ~1.5 s;
+# under a loaded CI worker one took more than 60 s, so the bound is generous: a dead process fails at once anyway.
+STARTUP_TIMEOUT_S = 240.0
 # What the SuperLink logs for each status question of `wait` (several a second): left out of `tail`, so that a
 # failing test shows what the SuperLink did, not how often it was asked
 _STATUS_POLL_NOISE = ("/v1/control/list-runs", "ControlServicer.ListRuns")
@@ -210,7 +213,10 @@ class LocalConsortium(AbstractContextManager):
         lines.append("insecure = true" if self.insecure else f'root-certificates = "{self.tls["ca"]}"')
         (self.home / "config.toml").write_text("\n".join(lines) + "\n")
 
-    def _wait_port(self, port: int, name: str, timeout: float = 60) -> None:
+    def _wait_port(self, port: int, name: str, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        """Wait until the process just spawned listens on `port`. A process that exits fails at once; one that is
+        alive but slow (a loaded 2-core CI box took over 60 s to import the SuperNode's HTTP stack) gets
+        `timeout` seconds."""
         end = time.time() + timeout
         while time.time() < end:
             with socket.socket() as s:
