@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from atoll.localnet import free_port
+from atoll.localnet import STARTUP_TIMEOUT_S, free_port
 from conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -47,7 +47,7 @@ def test_the_readme_marks_every_role_of_the_walkthrough():
         assert needed in text, needed
 
 
-def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = STARTUP_TIMEOUT_S) -> None:
     end = time.time() + timeout
     while time.time() < end:
         with socket.socket() as s:
