@@ -36,7 +36,8 @@ bench/dp_overhead.py):
 * ``bk`` (Atoll's default through ``auto`` for Conv/Linear/GroupNorm networks; ``hooks`` otherwise):
   ``privacy.fast_clipping`` — per-sample norms (ghost norms where cheaper, "mixed ghost clipping") and the
   clipped sum written to ``p.grad`` in ONE backward pass (book-keeping), then Opacus'
-  ``DPOptimizerFastGradientClipping`` adds the noise.
+  ``DPOptimizerFastGradientClipping`` adds the noise (``privacy.inplace_noise``: its step with the noise added
+  in place, bit-identical).
 * ``fast``: Opacus hooks + ``DPOptimizer`` (Opacus clips the per-sample gradients), with the conv per-sample
   gradients from ``privacy.ghost_conv`` and no wasted summed weight gradient.
 * ``hooks`` / ``functorch`` / ``ghost``: stock Opacus; ``ghost-conv``: Opacus' two-backward ghost clipping
@@ -261,7 +262,8 @@ class PrivateStep:
         self.grad_mode = self.ghost or self.bk  # optimizer takes an already clipped p.grad (no grad_sample)
         if self.bk:
             # Book-keeping (privacy.fast_clipping): one backward writes sum_i min(1, C/||g_i||) g_i into p.grad;
-            # Opacus' FGC optimizer adds N(0, (sigma C)^2) and divides by expected_batch_size.
+            # Opacus' FGC optimizer (in place: privacy.inplace_noise) adds N(0, (sigma C)^2) and divides by
+            # expected_batch_size.
             self.gsm, self.optimizer = fast_clipping.make_private_bk(
                 model, optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.clip_norm,
                 expected_batch_size=expected_batch_size, generator=generator,

@@ -33,8 +33,9 @@ pays for the weight-gradient work once:
    ``p.grad``.
 
 Noise and scaling stay Opacus': ``make_private_bk`` pairs the module with
-``opacus.optimizers.DPOptimizerFastGradientClipping``, which adds N(0, (sigma C)^2) to ``p.grad`` and divides
-by the expected batch size — the mechanism (and what the accountant charges) is exactly the ``hooks`` one.
+``privacy.inplace_noise.InPlaceNoiseOptimizer``, Opacus' ``DPOptimizerFastGradientClipping`` with the noise
+added in place (bit-identical), which adds N(0, (sigma C)^2) to ``p.grad`` and divides by the expected batch
+size — the mechanism (and what the accountant charges) is exactly the ``hooks`` one.
 
 Privacy-critical invariants, enforced rather than assumed: every trainable parameter belongs to a supported
 layer (else ``NotImplementedError`` at wrap time, never a silently unclipped parameter); a parameter shared by
@@ -64,9 +65,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.utils.tensor_utils import unfold3d
 from torch import nn
+
+from .inplace_noise import InPlaceNoiseOptimizer
 
 GhostPolicy = Literal["auto", "always", "never"]
 
@@ -500,7 +502,7 @@ class FastClipModule(nn.Module):
         optimizer.zero_grad(set_to_none=True)
         loss = criterion_with_reduction_sum(fc(x), y)
         norms = fc.clip_backward(loss)   # p.grad = sum_i min(1, C/||grad_i||) grad_i
-        optimizer.step()                  # a DPOptimizerFastGradientClipping adds the noise
+        optimizer.step()                  # an InPlaceNoiseOptimizer adds the noise
 
     Parameters
     ----------
@@ -699,11 +701,11 @@ def make_private_bk(
     generator: torch.Generator | None = None,
     ghost: GhostPolicy = "auto",
     recompute: GhostPolicy = "auto",
-) -> tuple[FastClipModule, DPOptimizerFastGradientClipping]:
+) -> tuple[FastClipModule, InPlaceNoiseOptimizer]:
     """Fast-clipping module + Opacus' noise-adding optimizer (noise std ``noise_multiplier * max_grad_norm``,
     the noisy sum divided by ``expected_batch_size``): the same mechanism as ``hooks`` + ``DPOptimizer``."""
     fc = FastClipModule(model, max_grad_norm=max_grad_norm, ghost=ghost, recompute=recompute)
-    dp_opt = DPOptimizerFastGradientClipping(
+    dp_opt = InPlaceNoiseOptimizer(
         optimizer,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
