@@ -58,3 +58,20 @@ def test_the_hook_does_nothing_unless_asked(monkeypatch: pytest.MonkeyPatch) -> 
     before = list(sys.meta_path)
     install()
     assert sys.meta_path == before
+
+
+def test_dp_overhead_times_dp_at_stratified_poisson_batches_centred_on_the_expected_one() -> None:
+    """bench/dp_overhead.py: the DP step's batch sizes are Binomial(B / Q, Q) quantiles, so the median round is a
+    batch of about B (one seeded draw of 3 sizes had put it at 65 for B = 64, and 10 at a mean of 66.1)."""
+    from scipy.stats import binom
+
+    from bench.dp_overhead import Q, poisson_batches
+
+    for expected, rounds in ((64, 3), (64, 10), (16, 4), (6, 4)):
+        sizes = poisson_batches(expected, rounds)
+        assert len(sizes) == rounds and sizes == poisson_batches(expected, rounds)  # seeded
+        n = round(expected / Q)
+        assert sorted(sizes) == [int(binom.ppf((i + 0.5) / rounds, n, Q)) for i in range(rounds)]
+        assert abs(sum(sizes) / rounds - expected) <= 0.1 * expected ** 0.5 + 0.5
+    assert sorted(poisson_batches(64, 3))[1] == 64
+    assert poisson_batches(64, 10) != sorted(poisson_batches(64, 10))  # shuffled: size not tied to time
