@@ -58,3 +58,15 @@ def module_consortium(demo_consortium, tmp_path_factory) -> Path:
     these sites; each test's runs then add up in the same site ledgers, as the runs of a real consortium do.
     """
     return copy_consortium(demo_consortium, tmp_path_factory.mktemp("module-consortium") / "consortium")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules with a ``slow`` test (real Flower deployments, demos: 1-9 minutes each on a 2-core CI box) are
+    collected first, every module kept whole and in its own order.
+
+    With ``--dist loadscope`` (pyproject's addopts) xdist hands whole modules to the two workers one at a time,
+    in collection order, as each runs dry: longest work first, short modules last, so neither worker idles
+    while the other finishes a 9-minute walkthrough, and a module's fixtures (one TLS consortium, one browser
+    session) start once."""
+    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)  # stable: modules stay whole, in order

@@ -1,7 +1,7 @@
 """The same app on Flower's deployment engine: a SuperLink and three SuperNodes on 127.0.0.1.
 
 The runs share one consortium (the module-scoped `tls_net`: its start-up, PKI and node enrolment happen once); they
-are kept together on one xdist worker (xdist_group) so that `pytest -n 2 --dist loadgroup` starts it only once.
+are kept together on one xdist worker (xdist_group; and --dist loadscope, pyproject) so that it starts only once.
 """
 
 from __future__ import annotations
