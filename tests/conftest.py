@@ -68,5 +68,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     in collection order, as each runs dry: longest work first, short modules last, so neither worker idles
     while the other finishes a 9-minute walkthrough, and a module's fixtures (one TLS consortium, one browser
     session) start once."""
-    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)  # stable: modules stay whole, in order
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)  # stable: modules stay whole, in order
