@@ -22,6 +22,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from client.allocator import site_env
+
 BIN = Path(sys.executable).parent
 # How long a spawned Flower process that is still alive may take to listen. Idle, a SuperNode listens in ~1.5 s;
 # under a loaded CI worker one took more than 60 s, so the bound is generous: a dead process fails at once anyway.
@@ -118,11 +120,11 @@ class LocalConsortium(AbstractContextManager):
         self._control = None  # Flower's Control API client, made on first use (run_status)
 
     # -- processes -------------------------------------------------------------------------------
-    def _spawn(self, name: str, cmd: list[str], **kw) -> subprocess.Popen:
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
         log = self.workdir / f"{name}.log"
         self.logs[name] = log
         fh = open(log, "w")
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env or self.env, cwd=self.workdir,
                                 start_new_session=True, **kw)
         self.procs.append(proc)
         return proc
@@ -189,12 +191,14 @@ class LocalConsortium(AbstractContextManager):
             args += ["--auth-supernode-private-key", str(key)]
         if self.isolation == "process":
             args += ["--isolation", "process"]
-        node = self._spawn(f"supernode-{i}", args)
+        # a site's processes (and the ClientApps they start, which train) run under the site's allocator
+        env = site_env(self.env)
+        node = self._spawn(f"supernode-{i}", args, env=env)
         if self.isolation == "process":
             self._wait_port(runtime_port, f"supernode-{i}")
             # the SuperNode's runtime API is plaintext on 127.0.0.1 (it never leaves the site's host)
             self._spawn(f"superexec-{i}", [str(BIN / "atoll-superexec"), "--runtime-api-address",
-                                           f"127.0.0.1:{runtime_port}", "--insecure"])
+                                           f"127.0.0.1:{runtime_port}", "--insecure"], env=env)
         return node
 
     def node_config_arg(self, i: int, cfg: Path) -> str:

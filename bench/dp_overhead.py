@@ -1,7 +1,7 @@
 """DP-SGD vs plain training at the batch shapes sites really train with, per network and per clipping mode.
 
     python bench/dp_overhead.py [--quick] [--models NAME,...] [--modes bk,hooks,...] [--threads N]
-                                [--rounds R] [--3d] [--no-round]
+                                [--rounds R] [--3d] [--no-round] [--allocator tcmalloc|system]
 
 What it compares
 ----------------
@@ -26,8 +26,9 @@ the same expected batch), on AtollNet at the site default 28 px, runs interleave
 Method
 ------
 * Time: all contenders of a row (the plain step and one ``privacy.dpsgd.PrivateStep`` per mode — the object
-  ``train_local`` uses) live in ONE process; after a warm-up, R rounds run each contender once in rotated
-  order, in process CPU time (``time.process_time``: robust to a shared machine; wall time reported too).
+  ``train_local`` uses) live in ONE process; after a warm-up (one step at B, and each DP contender one more at
+  the largest batch of the row's schedule: the allocator's steady state, which a site reaches in its first
+  steps), R rounds run each contender once in rotated order, in process CPU time (``time.process_time``: robust to a shared machine; wall time reported too).
   ``ratio`` = median over rounds of (DP step on that round's Poisson batch / plain step of the same round).
 * Memory: one fresh subprocess per contender: build, one warm-up step, then a CLEAN baseline — gradients and
   Opacus' per-sample gradients released (``zero_grad(set_to_none=True)``), ``gc``, ``malloc_trim`` — VmRSS,
@@ -35,7 +36,12 @@ Method
   batch, peak = VmHWM. ``mem_mb`` = peak - baseline: everything a step allocates (activations, per-sample
   gradients and norms, the gradients themselves); ``mem_ratio`` = DP / plain. Weights and momentum buffers
   are in the baseline of both.
-* Conditions printed and recorded: load average before/after, torch threads, CPU count.
+* Allocator: the bench runs under the allocator a site's training process runs under (``client.allocator``:
+  TCMalloc where installed, re-executing itself with ``LD_PRELOAD``; ``--allocator system`` for glibc's
+  malloc, whose fragmentation under Poisson batch sizes costs DP steps page faults the plain step, always one
+  size, does not pay). The memory children inherit it; their clean baseline also hands TCMalloc's cached free
+  pages back to the system (``MallocExtension_ReleaseFreeMemory``), as ``malloc_trim`` does for glibc.
+* Conditions printed and recorded: load average before/after, torch threads, CPU count, allocator.
 
 Prints a table, then ONE JSON object on the last stdout line, and writes bench/results/dp_overhead.json
 (``dp_overhead_3d.json`` with ``--3d``). Headline keys: ``ratio`` / ``mem_ratio`` for Atoll's default
@@ -65,6 +71,7 @@ import opacus  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from client.allocator import CHOICE_ENV, CHOICES, LIBRARY, active_allocator, choice, site_env  # noqa: E402
 from contract import Mechanism  # noqa: E402
 from models import DEFAULT_MODEL, build_model  # noqa: E402
 from privacy.dpsgd import (  # noqa: E402
@@ -188,6 +195,8 @@ def time_row(row: Row, modes: list[str], rounds: int) -> dict:
     contenders = [Contender(row, m, x, y) for m in ["non-dp", *modes]]
     for c in contenders:
         c.step(row.batch)
+        if c.mode != "non-dp" and max(sizes) > row.batch:
+            c.step(max(sizes))  # the allocator's steady state for this schedule, as after a site's first steps
     cpu: dict[str, list[float]] = {c.mode: [] for c in contenders}
     wall: dict[str, list[float]] = {c.mode: [] for c in contenders}
     for r in range(rounds):
@@ -215,6 +224,35 @@ def _status_mb(key: str) -> float:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
+def _release_free_memory() -> None:
+    """Return the allocator's cached free memory to the system: glibc's ``malloc_trim``, and TCMalloc's
+    ``MallocExtension_ReleaseFreeMemory`` when it is the process's allocator (it keeps freed pages otherwise)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    release = getattr(ctypes.CDLL(None), "MallocExtension_ReleaseFreeMemory", None)
+    if release is not None:
+        release()
+
+
+def _under_allocator(wanted: str, argv: list[str] | None) -> str:
+    """Make sure this process runs under ``wanted`` (``client.allocator``): re-execute the script (``argv``:
+    its arguments; None when ``main`` was called in-process, which is never replaced) with the site's
+    environment when it does not. Returns the allocator the bench measures under."""
+    active = active_allocator()
+    if active == wanted or active == "unknown" or argv is None or os.environ.get("ATOLL_BENCH_REEXEC"):
+        return active
+    env = site_env({**os.environ, CHOICE_ENV: wanted})
+    if wanted == "system":
+        env["LD_PRELOAD"] = " ".join(p for p in env.get("LD_PRELOAD", "").split() if LIBRARY not in p)
+    elif LIBRARY not in env.get("LD_PRELOAD", ""):
+        print("note: TCMalloc is not installed (Debian/Ubuntu: apt-get install libtcmalloc-minimal4); "
+              "measuring under glibc's malloc", file=sys.stderr)
+        return active
+    env["ATOLL_BENCH_REEXEC"] = "1"
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *argv], env)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def _mem_child(row: Row, mode: str) -> None:
     """Subprocess body: peak resident-memory growth (MB) of 3 steps of one contender from a clean baseline."""
     x, y = _data(row, row.batch)
@@ -222,7 +260,7 @@ def _mem_child(row: Row, mode: str) -> None:
     c.step(row.batch)  # warm-up: lazy kernel/optimizer-state allocations are not the step's working set
     c.release()  # ... but the gradients and per-sample gradients it left behind are
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back so reuse cannot hide growth
+    _release_free_memory()  # hand freed heap back so reuse cannot hide growth
     base = _status_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark VmHWM to the current RSS
     for _ in range(3):
@@ -292,9 +330,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="interleaved repeats per row")
     ap.add_argument("--3d", dest="only_3d", action="store_true", help="only the 3D rows")
     ap.add_argument("--no-round", action="store_true", help="skip the train_local round")
+    ap.add_argument("--allocator", choices=CHOICES, default=None,
+                    help="memory allocator to measure under (default: the site's, client.allocator: tcmalloc "
+                         "where installed, else glibc's malloc; 'system' = glibc's malloc)")
     ap.add_argument("--_mem", nargs=2, metavar=("ROW", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if not args._mem:  # the memory children inherit the parent's allocator
+        allocator = _under_allocator(args.allocator or choice(), sys.argv[1:] if argv is None else None)
     if args._mem:
         _mem_child(_parse(args._mem[0]), args._mem[1])
         return 0
@@ -310,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     atoll_mode = resolve_grad_sample_mode(build_model(DEFAULT_MODEL))  # what train_local uses by default
     rounds = args.rounds or (8 if args.quick else 12)
     print(f"conditions: load {load_before} on {os.cpu_count()} CPUs, torch threads {args.threads}, "
-          f"Poisson rate {Q}, medians over interleaved rounds")
+          f"allocator {allocator}, Poisson rate {Q}, medians over interleaved rounds")
     results = []
     for row in rows:
         small = row.model == DEFAULT_MODEL and row.size == DEFAULT_IMAGE_SIZE
@@ -348,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         "round_ratio": None if rnd is None else rnd["ratio"],
         "quick": args.quick,
         "threads": args.threads,
+        "allocator": allocator,
         "cpus": os.cpu_count(),
         "load_before": load_before,
         "load_after": _load(),

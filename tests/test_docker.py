@@ -211,6 +211,19 @@ def test_images_set_flower_env_and_run_unprivileged(name):
     assert users and users[-1].split(":")[0] not in ("0", "root"), f"{name}: runs as root"
 
 
+def test_site_image_trains_under_tcmalloc():
+    """The site image installs TCMalloc and preloads it for every process (client/allocator.py says why),
+    with the large-allocation report silenced, as ``client.allocator.site_env`` does for local sites."""
+    from client.allocator import LIBRARY, QUIET_ENV
+
+    stage = _final_stage(_instructions(DOCKER / "Dockerfile.client"))
+    env = _env(stage)
+    assert env.get("LD_PRELOAD") == f"lib{LIBRARY}.so.4"
+    assert QUIET_ENV and all(env.get(k) == v for k, v in QUIET_ENV.items())
+    runs = " ".join(rest for k, rest in stage if k == "RUN")
+    assert "libtcmalloc-minimal4t64" in runs and "libtcmalloc-minimal4" in runs  # Ubuntu 24.04 and Debian 12
+
+
 @pytest.mark.parametrize("name", DOCKERFILES)
 def test_copied_sources_exist(name):
     for k, rest in _instructions(DOCKER / name):
