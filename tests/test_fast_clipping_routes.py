@@ -103,6 +103,12 @@ def test_recompute_rule_holds_the_smaller_of_inputs_and_per_sample_grads() -> No
     assert fcl.recompute_clipped_sum(shallow, a_sh, g_sh, "always")
     assert not fcl.recompute_clipped_sum(deep, a_deep, g_deep, "never")
     assert not fcl.recompute_clipped_sum(nn.GroupNorm(2, 8), a_sh, g_sh)  # only convs are recomputed
+    # DenseNet121's 1x1 convs on 8x8 maps keep their per-sample gradients (65,664 per sample vs 40,960 floats of
+    # a and g: within KEEP_FACTOR), which measured faster than a ghost norm plus a recomputed sum
+    pointwise = nn.Conv2d(512, 128, 1)
+    a_pw, g_pw = torch.zeros(2, 512, 8, 8), torch.zeros(2, 128, 8, 8)
+    assert fcl.KEEP_FACTOR * (a_pw.numel() + g_pw.numel()) > 2 * 65_664 > a_pw.numel() + g_pw.numel()
+    assert not fcl.recompute_clipped_sum(pointwise, a_pw, g_pw)
 
 
 def test_recompute_policy_is_validated() -> None:
