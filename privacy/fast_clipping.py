@@ -397,8 +397,8 @@ def recompute_clipped_sum(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, po
 
     The per-sample gradients of every instantiated layer are otherwise all alive at once at the end of the
     backward: n x (its parameters) floats each, which for DenseNet121 at batch 64 was most of fast clipping's
-    extra memory. ``auto`` recomputes when the layer's per-sample gradients would hold more than
-    ``KEEP_FACTOR`` times the floats of its input and output gradient (deep layers: few positions, many
+    extra memory. ``auto`` recomputes when the layer's per-sample gradients would hold more floats than its
+    input and output gradient (``KEEP_FACTOR`` times more for a pointwise conv; deep layers: few positions, many
     weights), at the price of one weight-gradient kernel; ``always`` / ``never`` force one route (tests).
     Only speed and memory change, never the result.
     """
@@ -407,14 +407,17 @@ def recompute_clipped_sum(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, po
     if policy == "always":
         return True
     per_sample = a.shape[0] * sum(p.numel() for p in (layer.weight, layer.bias) if p is not None and p.requires_grad)
-    return KEEP_FACTOR * (a.numel() + g.numel()) < per_sample
+    factor = KEEP_FACTOR if _is_pointwise(layer) else 1
+    return factor * (a.numel() + g.numel()) < per_sample
 
 
-#: ``recompute_clipped_sum`` keeps a conv's per-sample gradients while they hold at most this many times the
-#: floats of its input and output gradient. At 1 the rule only traded memory; at 2 DenseNet121's 1x1 convs on
-#: 8x8 maps (13 layers, 128-512 -> 128/256 channels, batch 64, 1 thread) keep theirs: 79 ms instantiated and
-#: kept vs 117 ms for ghost norm + recomputed sum, for about 150 MB more at the end of the backward
-#: (bench/dp_overhead.py: fast clipping's memory ratio stays well under its 1.5x target).
+#: ``recompute_clipped_sum`` keeps a pointwise conv's per-sample gradients while they hold at most this many
+#: times the floats of its input and output gradient (any other conv: at most as many). At 1 the rule only
+#: traded memory; at 2 DenseNet121's 1x1 convs on 8x8 maps (11 layers, 160-480 -> 128 channels, batch 64,
+#: 1 thread) keep theirs: 79 ms instantiated (one batched matmul each) and kept vs 117 ms for ghost norm +
+#: recomputed sum, for 110 MB more at the end of the backward (bench/dp_overhead.py: its memory ratio stays
+#: under the 1.5x target). A 3x3 conv in that band (AtollNet's stride-2 32 -> 64) gains little (its ghost norm
+#: comes from the Gram route) and would add a third to AtollNet's small step memory, so it keeps the 1x rule.
 KEEP_FACTOR = 2
 
 

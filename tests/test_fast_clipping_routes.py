@@ -109,6 +109,11 @@ def test_recompute_rule_holds_the_smaller_of_inputs_and_per_sample_grads() -> No
     a_pw, g_pw = torch.zeros(2, 512, 8, 8), torch.zeros(2, 128, 8, 8)
     assert fcl.KEEP_FACTOR * (a_pw.numel() + g_pw.numel()) > 2 * 65_664 > a_pw.numel() + g_pw.numel()
     assert not fcl.recompute_clipped_sum(pointwise, a_pw, g_pw)
+    # ... while a 3x3 conv in the same band (AtollNet's stride-2 32 -> 64: 18,560 per sample vs 9,408) recomputes
+    strided = nn.Conv2d(32, 64, 3, stride=2, padding=1)
+    a_st, g_st = torch.zeros(2, 32, 14, 14), torch.zeros(2, 64, 7, 7)
+    assert a_st.numel() + g_st.numel() < 2 * 18_560 <= fcl.KEEP_FACTOR * (a_st.numel() + g_st.numel())
+    assert fcl.recompute_clipped_sum(strided, a_st, g_st)
 
 
 def test_recompute_policy_is_validated() -> None:
