@@ -2,9 +2,9 @@
 
 Why: DP-SGD trains on Poisson batches, so every step allocates tensors of a new size. glibc's malloc fragments
 under that pattern: its heap keeps growing and each new page is a page fault the kernel must zero. Measured on
-DenseNet121 at 64 px, batch ~64, one thread (bench/dp_overhead.py): a step on a batch larger than any before
-cost 0.4-0.9 s of system time on top of a ~2 s step, and batches above the mean kept faulting 40,000+ pages a
-step after 24 steps; the plain step, always one size, settles after its first. With TCMalloc (gperftools'
+DenseNet121 at 64 px, Poisson batches around 64, one thread: steps on batches above the mean cost 0.3-0.9 s of
+system time on top of a ~2 s step, and the 21st step (a batch of 74, smaller than one seen before) still faulted
+54,000 pages; the plain step, always one size, settles after its first. With TCMalloc (gperftools'
 size-class allocator, which PyTorch's CPU performance guide recommends) the faults stop once the largest
 batch has been seen. Only speed and memory change: the arithmetic, and so every gradient and ε, is the same.
 
