@@ -28,7 +28,8 @@ Method
 * Time: all contenders of a row (the plain step and one ``privacy.dpsgd.PrivateStep`` per mode — the object
   ``train_local`` uses) live in ONE process; after a warm-up (one step at B, and each DP contender one more at
   the largest batch of the row's schedule: the allocator's steady state, which a site reaches in its first
-  steps), R rounds run each contender once in rotated order, in process CPU time (``time.process_time``: robust to a shared machine; wall time reported too).
+  steps), R rounds run each contender once in rotated order, in process CPU time (``time.process_time``:
+  robust to a shared machine; wall time reported too).
   ``ratio`` = median over rounds of (DP step on that round's Poisson batch / plain step of the same round).
 * Memory: one fresh subprocess per contender: build, one warm-up step, then a CLEAN baseline — gradients and
   Opacus' per-sample gradients released (``zero_grad(set_to_none=True)``), ``gc``, ``malloc_trim`` — VmRSS,
@@ -337,7 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not args._mem:  # the memory children inherit the parent's allocator
-        allocator = _under_allocator(args.allocator or choice(), sys.argv[1:] if argv is None else None)
+        try:
+            wanted = args.allocator or choice()
+        except ValueError as exc:  # a bad ATOLL_ALLOCATOR in the environment
+            ap.error(str(exc))
+        allocator = _under_allocator(wanted, sys.argv[1:] if argv is None else None)
     if args._mem:
         _mem_child(_parse(args._mem[0]), args._mem[1])
         return 0
