@@ -353,6 +353,15 @@ PY
         fi
     done
     [ "$dirty" = 0 ] || die "a site container wrote outside /state"
+    # the site's processes run under TCMalloc (client/allocator.py): a process started in each site container,
+    # with the image's environment as its PID 1 has (whose maps a capability-less container may not read), has
+    # the library mapped
+    for c in "${CONTAINERS[@]}"; do
+        [ "$c" = "$P-superlink" ] && continue
+        "$ENGINE" exec "$c" python3 -c 'import sys; sys.exit("libtcmalloc" not in open("/proc/self/maps").read())' \
+            || die "$c: its process does not run under TCMalloc (LD_PRELOAD)"
+        echo "ALLOCATOR $c: tcmalloc"
+    done
     echo "RUN: one round, ${#SITES[@]} sites, $(( $(date +%s) - start )) s (new PKI, sites, SuperLink; demo exports reused)"
 }
 

@@ -44,4 +44,6 @@ def test_smoke_script_builds_both_images_and_runs_a_round():
     # both hospitals' SuperNode and launcher containers, each with an empty `diff`
     clean = re.findall(r"^DIFF (\S+): empty", out, re.M)
     assert len(clean) == 4 and not re.search(r"^DIFF \S+: wrote", out, re.M), out[-3000:]
+    # ... and each runs under TCMalloc, the site's allocator
+    assert len(re.findall(r"^ALLOCATOR \S+: tcmalloc$", out, re.M)) == 4, out[-3000:]
     assert "RUN: one round, 2 sites" in out
