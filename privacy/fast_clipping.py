@@ -413,10 +413,10 @@ def recompute_clipped_sum(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, po
 
 #: ``recompute_clipped_sum`` keeps a pointwise conv's per-sample gradients while they hold at most this many
 #: times the floats of its input and output gradient (any other conv: at most as many). At 1 the rule only
-#: traded memory; at 2 DenseNet121's 1x1 convs on 8x8 maps (11 layers, 160-480 -> 128 channels, batch 64,
-#: 1 thread) keep theirs: 79 ms instantiated (one batched matmul each) and kept vs 117 ms for ghost norm +
-#: recomputed sum, for 110 MB more at the end of the backward (bench/dp_overhead.py: its memory ratio stays
-#: under the 1.5x target). A 3x3 conv in that band (AtollNet's stride-2 32 -> 64) gains little (its ghost norm
+#: traded memory; at 2 DenseNet121's 1x1 convs on 8x8 maps (11 layers, 160-480 -> 128 channels) keep theirs
+#: (one batched matmul each) instead of a ghost norm + recomputed sum: the 13 1x1 convs on 8x8 maps took 117 ms
+#: before, 85 ms after (batch 64, 1 thread), for 110 MB more at the end of the backward (bench/dp_overhead.py:
+#: its memory ratio stays under the 1.5x target). A 3x3 conv in that band (AtollNet's stride-2 32 -> 64) gains little (its ghost norm
 #: comes from the Gram route) and would add a third to AtollNet's small step memory, so it keeps the 1x rule.
 KEEP_FACTOR = 2
 
