@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -92,5 +93,16 @@ def test_local_consortium_starts_its_supernodes_under_the_site_allocator(tmp_pat
     with localnet.LocalConsortium(app_dir=tmp_path, site_configs=[cfg], insecure=True, workdir=tmp_path / "net") as net:
         superlink, supernode = net.superlink, net.procs[-1]
         assert supernode is not superlink and supernode.poll() is None
-        assert active_allocator(Path(f"/proc/{supernode.pid}/maps")) == "tcmalloc"
-        assert active_allocator(Path(f"/proc/{superlink.pid}/maps")) == "system"
+        assert active_allocator(_running_maps(supernode.pid)) == "tcmalloc"
+        assert active_allocator(_running_maps(superlink.pid)) == "system"
+
+
+def _running_maps(pid: int, timeout: float = 60.0) -> Path:
+    """/proc/PID/maps once the interpreter runs (an extension module is mapped): right after exec the dynamic
+    linker has not yet mapped the preloaded library, and a read then would say 'system' for any process."""
+    maps = Path(f"/proc/{pid}/maps")
+    deadline = time.monotonic() + timeout
+    while ".cpython-" not in maps.read_text():
+        assert time.monotonic() < deadline, f"process {pid} did not start its interpreter in {timeout} s"
+        time.sleep(0.1)
+    return maps
