@@ -69,7 +69,7 @@ def site_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     lib = tcmalloc_library()
     if lib is None:
         return out
-    preload = [p for p in out.get("LD_PRELOAD", "").replace(":", " ").split() if p]
+    preload = out.get("LD_PRELOAD", "").replace(":", " ").split()
     if not any(LIBRARY in Path(p).name for p in preload):
         out["LD_PRELOAD"] = " ".join([lib, *preload])
     for k, v in QUIET_ENV.items():
@@ -84,4 +84,4 @@ def active_allocator(maps: Path = Path("/proc/self/maps")) -> str:
         text = maps.read_text()
     except OSError:
         return "unknown"
-    return "tcmalloc" if f"lib{LIBRARY}" in text or "libtcmalloc" in text else "system"
+    return "tcmalloc" if "libtcmalloc" in text else "system"

@@ -416,8 +416,9 @@ def recompute_clipped_sum(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, po
 #: traded memory; at 2 DenseNet121's 1x1 convs on 8x8 maps (11 layers, 160-480 -> 128 channels) keep theirs
 #: (one batched matmul each) instead of a ghost norm + recomputed sum: the 13 1x1 convs on 8x8 maps took 117 ms
 #: before, 85 ms after (batch 64, 1 thread), for 110 MB more at the end of the backward (bench/dp_overhead.py:
-#: its memory ratio stays under the 1.5x target). A 3x3 conv in that band (AtollNet's stride-2 32 -> 64) gains little (its ghost norm
-#: comes from the Gram route) and would add a third to AtollNet's small step memory, so it keeps the 1x rule.
+#: its memory ratio stays under the 1.5x target). A 3x3 conv in that band (AtollNet's stride-2 32 -> 64) gains
+#: little (its ghost norm comes from the Gram route) and would add a third to AtollNet's small step memory, so it
+#: keeps the factor 1.
 KEEP_FACTOR = 2
 
 
